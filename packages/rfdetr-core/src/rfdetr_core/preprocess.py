@@ -1,0 +1,233 @@
+"""The one pre-processing path, shared by predict, validation, export and serve.
+
+Input types (see :func:`to_float_rgb`):
+
+* a path (``str`` / ``os.PathLike``) to an image file,
+* a ``PIL.Image`` of any mode (greyscale, RGBA, palette, 16-bit ``I;16``),
+* a numpy array, **RGB** ``HxWx3`` (or ``HxW`` / ``HxWx1`` greyscale, ``HxWx4`` RGBA), dtype uint8,
+  uint16 or float in [0, 1],
+* a torch tensor ``[3,H,W]`` (or ``[1,H,W]``), uint8 or float in [0, 1].
+
+Fixed rules: greyscale is repeated to three channels; alpha is dropped; integer images are divided by the
+maximum of their dtype (8-bit by 255, **16-bit by 65535**), so 16-bit data keep their full range.
+The resize and normalisation settings are a :class:`PreprocessConfig`, recorded in every checkpoint and
+export so that all paths see the same pixels.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rfdetr_core.errors import ImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_MODES = ("stretch",)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How images become model input.
+
+    ``resize="stretch"`` resizes straight to the model's ``H x W`` (no letterbox, as upstream RF-DETR
+    trains and predicts); ``antialias`` low-pass filters when shrinking (bilinear).
+    """
+
+    resize: str = "stretch"
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
+    std: tuple[float, float, float] = field(default=IMAGENET_STD)
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(
+                f"interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> PreprocessConfig:
+        if not data:
+            return cls()
+        unknown = set(data) - {"resize", "interpolation", "antialias", "mean", "std"}
+        if unknown:
+            raise ValueError(f"Unknown preprocessing keys {sorted(unknown)}")
+        d = dict(data)
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(float(x) for x in d[k])
+        return cls(**d)
+
+
+def open_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None):
+    """Open an image file as PIL; returns ``(image, (source_height, source_width))``.
+
+    With ``min_size`` (H, W), JPEGs are decoded at reduced scale ("draft" mode skips DCT work) while keeping
+    at least ``min_size`` pixels per side, so the network input barely changes; the returned source size is
+    always the file's own size.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        img = Image.open(path)
+        source_size = (img.height, img.width)
+        if min_size is not None and img.format == "JPEG" and img.mode in ("RGB", "L"):
+            img.draft(img.mode, (int(min_size[1]), int(min_size[0])))
+        img.load()
+    except FileNotFoundError as exc:
+        raise ImageError(f"Image file not found: {path}") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageError(f"Cannot read image {path}: {exc}. Is it a valid image file?") from exc
+    return img, source_size
+
+
+def _pil_to_array(img) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(img, dtype=np.uint16)
+    if mode == "I":  # 32-bit int PIL mode, used for 16-bit PNGs by some PIL versions
+        arr = np.asarray(img)
+        return (
+            arr.astype(np.uint16)
+            if arr.max(initial=0) <= 65535
+            else arr.astype(np.float32) / float(arr.max())
+        )
+    if mode == "F":
+        return np.asarray(img, dtype=np.float32)
+    if mode in ("L", "RGB"):
+        return np.asarray(img)
+    return np.asarray(img.convert("RGB"))
+
+
+def _array_to_float(arr: np.ndarray) -> np.ndarray:
+    """numpy image -> float32 ``HxWx3`` in [0, 1]."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ImageError(
+            f"numpy images must be HxW, HxWx1, HxWx3 (RGB) or HxWx4, got shape {arr.shape}. "
+            "Channel-first arrays must be transposed to HWC first."
+        )
+    if arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    if arr.dtype == np.uint8:
+        out = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        out = arr.astype(np.float32) / 65535.0
+    elif arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.floating):
+        out = arr.astype(np.float32)
+    else:
+        raise ImageError(f"Unsupported image dtype {arr.dtype}; use uint8, uint16 or float in [0, 1].")
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    return out
+
+
+def to_float_rgb(image: Any, min_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Any supported image -> float32 tensor ``[3, H, W]`` in [0, 1] (RGB).
+
+    For paths, ``min_size`` allows reduced-scale JPEG decoding (see :func:`open_image`); use
+    :func:`load_image` to also get the file's own size.
+    """
+    return load_image(image, min_size)[0]
+
+
+def load_image(image: Any, min_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Like :func:`to_float_rgb`, and also the source size ``(h, w)`` (the file's size for paths)."""
+    source_size = None
+    if isinstance(image, (str, os.PathLike)):
+        image, source_size = open_image(image, min_size)
+    t = _to_tensor(image)
+    return t, source_size or (int(t.shape[1]), int(t.shape[2]))
+
+
+def _to_tensor(image: Any) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        t = image.detach()
+        if t.ndim == 2:
+            t = t[None]
+        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+            raise ImageError(f"Tensor images must be [3,H,W] (or [1,H,W]), got shape {tuple(image.shape)}.")
+        t = t[:3]
+        if t.dtype == torch.uint8:
+            t = t.float() / 255.0
+        elif t.dtype == torch.uint16:
+            t = t.float() / 65535.0
+        elif t.is_floating_point():
+            t = t.float()
+        else:
+            raise ImageError(f"Unsupported tensor dtype {t.dtype}; use uint8 or float in [0, 1].")
+        return t.expand(3, -1, -1) if t.shape[0] == 1 else t
+    if isinstance(image, np.ndarray):
+        arr = _array_to_float(image)
+    else:
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover - pillow is a dependency
+            Image = None
+        if Image is None or not isinstance(image, Image.Image):
+            raise ImageError(
+                f"Unsupported image input of type {type(image).__name__}: pass a file path, PIL image, "
+                "numpy HxWx3 RGB array or a [3,H,W] tensor."
+            )
+        arr = _array_to_float(_pil_to_array(image))
+    # HWC -> CHW
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def resize_normalize(
+    image: torch.Tensor, size: tuple[int, int], config: PreprocessConfig = PreprocessConfig()
+) -> torch.Tensor:
+    """``[3,h,w]`` or ``[B,3,h,w]`` float in [0,1] -> normalised ``[B,3,H,W]`` at ``size = (H, W)``."""
+    x = image[None] if image.ndim == 3 else image
+    if tuple(x.shape[-2:]) != tuple(size):
+        kwargs = {"align_corners": False} if config.interpolation != "nearest" else {}
+        aa = config.antialias and config.interpolation != "nearest"
+        x = F.interpolate(x, size=tuple(size), mode=config.interpolation, antialias=aa, **kwargs)
+    mean = torch.tensor(config.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def preprocess(
+    images: Any | Sequence[Any],
+    size: tuple[int, int],
+    config: PreprocessConfig = PreprocessConfig(),
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Images -> model input ``[B, 3, H, W]`` (normalised) and their source sizes ``[(h, w), ...]``.
+
+    ``images`` is one image or a list of them (any type :func:`to_float_rgb` takes); a 4-d tensor is a batch.
+    """
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        items: list[Any] = list(images)
+    elif isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        items = [images]
+    if not items:
+        raise ImageError("No images given.")
+    batch, sizes = [], []
+    for item in items:
+        t, source_size = load_image(item, min_size=size)
+        if device is not None:
+            t = t.to(device)
+        sizes.append(source_size)
+        batch.append(resize_normalize(t, size, config))
+    return torch.cat(batch), sizes

@@ -1,0 +1,7 @@
+"""Allow ``python -m rfdetr_serve``."""
+
+import sys
+
+from rfdetr_serve.cli import main
+
+sys.exit(main())
