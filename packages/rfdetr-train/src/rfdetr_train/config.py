@@ -1,35 +1,25 @@
 """The typed configuration schema of rfdetr-train.
 
 CLI flags, YAML files (``--config FILE.yaml``) and the Python API (``rfdetr_train.train(...)``) all map onto
-these pydantic models. Unknown keys are errors that name the key. Each section is filled by the issue that
-owns it: :class:`DataConfig` (datasets and augmentation), :class:`EvalConfig` (evaluation and reports),
-:class:`TrainConfig` (optimisation, engine and run directory).
+these pydantic models; unknown keys are errors that name the key. Each section lives beside the code it
+configures: :class:`~rfdetr_train.data.config.DataConfig`, :class:`~rfdetr_train.evaluation.config.EvalConfig`
+and :class:`~rfdetr_train.engine.config.TrainConfig`.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from rfdetr_train.config_base import ConfigSection
+from rfdetr_train.data.config import DataConfig
+from rfdetr_train.engine.config import TrainConfig
+from rfdetr_train.evaluation.config import EvalConfig
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DataConfig(_Section):
-    """Dataset location, format and augmentation (filled by the data issue)."""
-
-
-class EvalConfig(_Section):
-    """Evaluation settings and report writers (filled by the evaluation issue)."""
-
-
-class TrainConfig(_Section):
-    """Model, optimisation, engine and run-directory settings (filled by the training issue)."""
-
-
-class RunConfig(_Section):
+class RunConfig(ConfigSection):
     """Everything one training or validation run needs."""
 
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     train: TrainConfig = TrainConfig()
+
+
+__all__ = ["DataConfig", "EvalConfig", "RunConfig", "TrainConfig"]

@@ -1,0 +1,1 @@
+"""Datasets, augmentation and the dataset checker of rfdetr-train."""

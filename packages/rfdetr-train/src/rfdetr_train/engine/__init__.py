@@ -1,0 +1,1 @@
+"""The Accelerate-driven training and validation engine of rfdetr-train."""

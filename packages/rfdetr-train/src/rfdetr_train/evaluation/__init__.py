@@ -1,0 +1,1 @@
+"""COCO box/mask evaluation, per-class tables and reports of rfdetr-train."""

@@ -1,0 +1,1 @@
+"""Losses and Hungarian matching of rfdetr-train."""
