@@ -1,0 +1,177 @@
+"""Raw model outputs -> per-image detections in source-image pixels.
+
+The selection rule is upstream RF-DETR's ``PostProcess`` (rfdetr 1.11.2; rfdetr-upstream.md section 4), so
+evaluation numbers match: sigmoid over every query x slot pair, a stable descending sort of the flattened
+``Q*K`` scores, the first ``num_select`` pairs kept; ``slot = index % K``, ``query = index // K`` (one query can
+give several detections with different classes). Boxes go from normalised cxcywh to xyxy in source pixels,
+clamped to the image.
+
+Masks are only computed for detections that survive the score threshold (and, in ``predict``, whose slot
+maps to a class): each needed query's mask logits are upsampled once, bilinearly (``align_corners=False``)
+to the source size, and thresholded at logit 0. Upsampling runs in chunks sized by a pixel budget, so a
+1080p image never holds hundreds of float masks at once, and small chunks stay in the CPU cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Float elements per interpolation chunk. On CPU about 4M (16 MB of float32) keeps the chunk's output in
+# cache; measured 2x faster than 32 masks per chunk at 640x480 on 2 cores. GPUs prefer larger launches.
+_CPU_CHUNK_ELEMENTS = 4 * 2**20
+_GPU_CHUNK_ELEMENTS = 64 * 2**20
+
+
+def select_topk(logits: torch.Tensor, num_select: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top ``num_select`` (query, slot) pairs per image, as upstream's ``PostProcess`` picks them.
+
+    Args:
+        logits: ``[B, Q, K]`` class logits.
+        num_select: pairs to keep per image (capped at ``Q*K``).
+
+    Returns:
+        ``scores [B, N]`` (sigmoid, descending), ``slots [B, N]`` and ``queries [B, N]`` (int64), with
+        ``N = min(num_select, Q*K)``. Ties keep the lower flattened index first (stable sort).
+    """
+    if logits.ndim != 3:
+        raise ValueError(f"pred_logits must be [B, Q, K], got shape {tuple(logits.shape)}")
+    if num_select < 0:
+        raise ValueError(f"num_select must be >= 0, got {num_select}")
+    batch, _, num_slots = logits.shape
+    probs = logits.sigmoid().reshape(batch, -1)  # [B, Q*K]
+    n = min(int(num_select), probs.shape[1])
+    order = torch.argsort(probs, dim=1, descending=True, stable=True)[:, :n]  # [B, N]
+    scores = probs.gather(1, order)
+    return scores, order % num_slots, order // num_slots
+
+
+def boxes_to_pixels(
+    boxes_cxcywh: torch.Tensor, queries: torch.Tensor, source_sizes: torch.Tensor
+) -> torch.Tensor:
+    """Selected boxes as xyxy in source pixels, clamped to the image.
+
+    Args:
+        boxes_cxcywh: ``[B, Q, 4]`` normalised (cx, cy, w, h).
+        queries: ``[B, N]`` selected query indexes.
+        source_sizes: ``[B, 2]`` (height, width) of each source image.
+
+    Returns:
+        ``[B, N, 4]`` (x0, y0, x1, y1) with ``0 <= x <= width``, ``0 <= y <= height``.
+    """
+    picked = boxes_cxcywh.gather(1, queries.unsqueeze(-1).expand(-1, -1, 4))  # [B, N, 4]
+    cx, cy, w, h = picked.unbind(-1)
+    # A negative width/height is treated as 0, as upstream's cxcywh -> xyxy does.
+    w, h = w.clamp_min(0.0), h.clamp_min(0.0)
+    xyxy = torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+    height, width = source_sizes.to(xyxy.dtype).unbind(1)
+    scale = torch.stack((width, height, width, height), dim=1)[:, None, :]  # [B, 1, 4]
+    # Box regression is unbounded; clamp to the image like upstream.
+    return torch.minimum((xyxy * scale).clamp_min(0.0), scale)
+
+
+def upsample_masks(
+    mask_logits: torch.Tensor, size: tuple[int, int], chunk_elements: int | None = None
+) -> torch.Tensor:
+    """Mask logits ``[N, h, w]`` -> bool masks ``[N, H, W]`` at ``size = (H, W)``.
+
+    Bilinear (``align_corners=False``) upsampling of the logits, then ``> 0``: the same pixels as upstream.
+    Runs in chunks of about ``chunk_elements`` output floats (a device-dependent default) so memory stays
+    bounded for large images.
+    """
+    if mask_logits.ndim != 3:
+        raise ValueError(f"mask logits must be [N, h, w], got shape {tuple(mask_logits.shape)}")
+    height, width = int(size[0]), int(size[1])
+    n = mask_logits.shape[0]
+    out = torch.empty((n, height, width), dtype=torch.bool, device=mask_logits.device)
+    if n == 0:
+        return out
+    if tuple(mask_logits.shape[-2:]) == (height, width):
+        return torch.gt(mask_logits, 0.0, out=out)
+    if chunk_elements is None:
+        chunk_elements = _GPU_CHUNK_ELEMENTS if mask_logits.device.type == "cuda" else _CPU_CHUNK_ELEMENTS
+    step = max(1, chunk_elements // max(1, height * width))
+    for start in range(0, n, step):
+        part = mask_logits[start : start + step].unsqueeze(1)  # [n, 1, h, w]
+        up = F.interpolate(part, size=(height, width), mode="bilinear", align_corners=False)
+        torch.gt(up.squeeze(1), 0.0, out=out[start : start + step])
+    return out
+
+
+def _as_size_tensor(source_sizes, batch: int, device) -> torch.Tensor:
+    sizes = torch.as_tensor(source_sizes, dtype=torch.float32)
+    if sizes.shape != (batch, 2):
+        raise ValueError(
+            f"source_sizes must hold {batch} (height, width) pairs, got shape {tuple(sizes.shape)}"
+        )
+    return sizes.to(device)
+
+
+def postprocess(
+    outputs: Mapping[str, torch.Tensor],
+    source_sizes: Sequence[tuple[int, int]] | torch.Tensor,
+    num_select: int,
+    threshold: float | None = None,
+    valid_slots: torch.Tensor | None = None,
+    with_masks: bool = True,
+    chunk_elements: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Per-image detections from a batch of raw outputs (images may have different source sizes).
+
+    Args:
+        outputs: ``pred_logits [B, Q, K]``, ``pred_boxes [B, Q, 4]`` (normalised cxcywh) and optionally
+            ``pred_masks [B, Q, h, w]`` (logits).
+        source_sizes: ``B`` pairs (height, width) of the source images (a list or a ``[B, 2]`` tensor).
+        num_select: (query, slot) pairs kept per image before thresholding (upstream: ``num_queries``).
+        threshold: keep only ``score > threshold`` (strict, as upstream); ``None`` keeps all ``num_select``.
+        valid_slots: optional ``[K]`` bool; detections whose slot is False are dropped (before masks).
+        with_masks: compute masks when the outputs have them.
+        chunk_elements: mask upsampling chunk budget (see :func:`upsample_masks`).
+
+    Returns:
+        One dict per image, rows in descending score order: ``scores [N]``, ``labels [N]`` (slots, int64),
+        ``queries [N]`` (int64), ``boxes [N, 4]`` xyxy source pixels, and ``masks [N, H, W]`` bool at the
+        source size when masks were computed.
+    """
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    masks = outputs.get("pred_masks") if with_masks else None
+    batch = logits.shape[0]
+    sizes = _as_size_tensor(source_sizes, batch, logits.device)
+    scores, slots, queries = select_topk(logits, num_select)
+    pixel_boxes = boxes_to_pixels(boxes, queries, sizes)
+    size_list = [(int(h), int(w)) for h, w in sizes.round().long().tolist()]
+
+    keep_all = threshold is None and valid_slots is None
+    results = []
+    for i in range(batch):
+        s_i, l_i, q_i, b_i = scores[i], slots[i], queries[i], pixel_boxes[i]
+        if not keep_all:
+            keep = torch.ones_like(s_i, dtype=torch.bool)
+            if threshold is not None:
+                keep &= s_i > threshold
+            if valid_slots is not None:
+                keep &= valid_slots.to(l_i.device)[l_i]
+            idx = keep.nonzero(as_tuple=True)[0]  # one sync per image, then cheap integer indexing
+            s_i, l_i, q_i, b_i = s_i[idx], l_i[idx], q_i[idx], b_i[idx]
+        res = {"scores": s_i, "labels": l_i, "queries": q_i, "boxes": b_i}
+        if masks is not None:
+            res["masks"] = _masks_for_queries(masks[i], q_i, size_list[i], chunk_elements)
+        results.append(res)
+    return results
+
+
+def _masks_for_queries(
+    mask_logits: torch.Tensor, queries: torch.Tensor, size: tuple[int, int], chunk_elements: int | None
+) -> torch.Tensor:
+    """Bool masks ``[N, H, W]`` for the selected ``queries`` of one image (``mask_logits [Q, h, w]``).
+
+    A query picked with several classes is upsampled once and its mask repeated.
+    """
+    if queries.numel() == 0:
+        return torch.empty((0, *size), dtype=torch.bool, device=mask_logits.device)
+    unique, inverse = torch.unique(queries, return_inverse=True)
+    up = upsample_masks(mask_logits.index_select(0, unique), size, chunk_elements)  # [U, H, W]
+    # ``unique`` is sorted: map back to the score order of ``queries`` (a copy only when needed)
+    return up if torch.equal(unique, queries) else up.index_select(0, inverse)
