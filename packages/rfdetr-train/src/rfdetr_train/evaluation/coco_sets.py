@@ -1,0 +1,176 @@
+"""Ground truth and detections as flat arrays, the input of both COCO evaluation backends.
+
+Boxes are COCO ``[x, y, w, h]`` in source pixels; masks are compressed COCO RLE dicts at source size.
+Areas follow pycocotools: ground truth uses the annotation's own ``area`` field; a detection's area is its
+mask area for ``segm`` and ``w * h`` for ``bbox`` (detectron2 drops ``bbox`` from segm results for the same
+reason: pycocotools' ``loadRes`` would otherwise take the box area).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rfdetr_core.errors import RFDETRError
+
+
+@dataclass
+class GroundTruthSet:
+    """All ground-truth annotations of a dataset (the dataset's own image, category and annotation ids).
+
+    Attributes:
+        image_id, category_id, ann_id: ``[G]`` int64.
+        area: ``[G]`` float64, the annotation's ``area`` field.
+        iscrowd: ``[G]`` bool.
+        bbox: ``[G, 4]`` float64 xywh.
+        rles: ``G`` compressed RLE dicts (``None`` until :meth:`ensure_rles`; polygons are rasterised then).
+        image_sizes: image id -> (height, width).
+        categories: category id -> name, in the dataset's order.
+        coco: the ``pycocotools.coco.COCO`` object it came from (rasterisation, reference backend).
+    """
+
+    image_id: np.ndarray
+    category_id: np.ndarray
+    ann_id: np.ndarray
+    area: np.ndarray
+    iscrowd: np.ndarray
+    bbox: np.ndarray
+    image_sizes: dict[int, tuple[int, int]]
+    categories: dict[int, str]
+    coco: object
+    rles: list | None = None
+
+    @classmethod
+    def from_coco(cls, gt) -> GroundTruthSet:
+        """From a ``pycocotools.coco.COCO`` object or a COCO dict (a dict is indexed without printing)."""
+        coco = coco_from_dict(gt) if isinstance(gt, dict) else gt
+        anns = list(coco.anns.values())
+        n = len(anns)
+        bbox = np.zeros((n, 4), dtype=np.float64)
+        for i, a in enumerate(anns):
+            bbox[i] = a.get("bbox", (0.0, 0.0, 0.0, 0.0))
+        return cls(
+            image_id=np.array([a["image_id"] for a in anns], dtype=np.int64),
+            category_id=np.array([a["category_id"] for a in anns], dtype=np.int64),
+            ann_id=np.array([a["id"] for a in anns], dtype=np.int64),
+            area=np.array([float(a.get("area", 0.0)) for a in anns], dtype=np.float64),
+            iscrowd=np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool),
+            bbox=bbox,
+            image_sizes={int(i): (int(im["height"]), int(im["width"])) for i, im in coco.imgs.items()},
+            categories={
+                int(c["id"]): str(c.get("name", c["id"])) for c in coco.dataset.get("categories", [])
+            },
+            coco=coco,
+        )
+
+    def ensure_rles(self) -> list:
+        """Compressed RLE of every annotation (polygons and uncompressed RLE converted once)."""
+        if self.rles is None:
+            self.rles = [self.coco.annToRLE(a) for a in self.coco.anns.values()]
+        return self.rles
+
+
+@dataclass
+class DetectionSet:
+    """Detections of many images.
+
+    Attributes:
+        image_id, category_id: ``[D]`` int64 (dataset ids).
+        score: ``[D]`` float64.
+        bbox: ``[D, 4]`` float64 xywh in source pixels.
+        rles: ``D`` compressed RLE dicts at source size, or ``None`` for box-only results.
+        mask_area: ``[D]`` float64 mask areas (``None`` without masks).
+    """
+
+    image_id: np.ndarray
+    category_id: np.ndarray
+    score: np.ndarray
+    bbox: np.ndarray
+    rles: list | None = None
+    mask_area: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.score.shape[0])
+
+    @classmethod
+    def empty(cls, with_masks: bool) -> DetectionSet:
+        z = np.zeros(0, dtype=np.int64)
+        return cls(
+            z,
+            z.copy(),
+            np.zeros(0),
+            np.zeros((0, 4)),
+            [] if with_masks else None,
+            np.zeros(0) if with_masks else None,
+        )
+
+    def area(self, iou_type: str) -> np.ndarray:
+        if iou_type == "bbox":
+            return self.bbox[:, 2] * self.bbox[:, 3]
+        if self.mask_area is None:
+            raise RFDETRError("Mask metrics need detections with masks ('segmentation' in the results).")
+        return self.mask_area
+
+    @classmethod
+    def concatenate(cls, parts: list[DetectionSet]) -> DetectionSet:
+        parts = [p for p in parts if len(p)] or parts[:1]
+        if not parts:
+            return cls.empty(with_masks=False)
+        with_masks = all(p.rles is not None for p in parts)
+        return cls(
+            np.concatenate([p.image_id for p in parts]).astype(np.int64),
+            np.concatenate([p.category_id for p in parts]).astype(np.int64),
+            np.concatenate([p.score for p in parts]).astype(np.float64),
+            np.concatenate([p.bbox.reshape(-1, 4) for p in parts]).astype(np.float64),
+            [r for p in parts for r in p.rles] if with_masks else None,
+            np.concatenate([p.mask_area for p in parts]).astype(np.float64) if with_masks else None,
+        )
+
+    def to_coco_results(self, iou_type: str | None = None) -> list[dict]:
+        """COCO results list (``bbox`` and, with masks, ``segmentation``; ``iou_type='segm'`` drops bbox)."""
+        out = []
+        for i in range(len(self)):
+            r = {
+                "image_id": int(self.image_id[i]),
+                "category_id": int(self.category_id[i]),
+                "score": float(self.score[i]),
+            }
+            if iou_type != "segm":
+                r["bbox"] = [float(v) for v in self.bbox[i]]
+            if self.rles is not None and iou_type != "bbox":
+                rle = self.rles[i]
+                counts = rle["counts"]
+                r["segmentation"] = {
+                    "size": list(rle["size"]),
+                    "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+                }
+            out.append(r)
+        return out
+
+
+def coco_from_dict(dataset: dict):
+    """A ``pycocotools.coco.COCO`` indexed from an in-memory dict, without pycocotools' prints."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def rle_area(rles: list[dict]) -> np.ndarray:
+    """``[N]`` float64 pixel areas of compressed RLEs.
+
+    ``pycocotools.mask.area`` builds its output from a uint8 array of length one holding N, which
+    overflows under NumPy 2 for N > 255; it is called in chunks of 255.
+    """
+    from pycocotools import mask as mask_utils
+
+    parts = [mask_utils.area(rles[i : i + 255]) for i in range(0, len(rles), 255)]
+    return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
