@@ -11,4 +11,30 @@ from rfdetr_core.variants import Variant, get_variant, list_variants
 
 __version__ = "0.1.0"
 
-__all__ = ["ClassMap", "RFDETRError", "Variant", "__version__", "get_variant", "list_variants"]
+__all__ = [
+    "RFDETR",
+    "ClassMap",
+    "Detections",
+    "RFDETRError",
+    "Variant",
+    "__version__",
+    "create_model",
+    "get_variant",
+    "list_variants",
+]
+
+# Imported on first use: the model and weight loaders are heavier than the registry.
+_LAZY = {
+    "RFDETR": "rfdetr_core.predict",
+    "Detections": "rfdetr_core.detections",
+    "create_model": "rfdetr_core.factory",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rfdetr_core' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

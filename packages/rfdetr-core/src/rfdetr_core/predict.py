@@ -1,0 +1,204 @@
+"""The ``RFDETR`` facade: load a model once, then ``predict`` on paths, PIL images, arrays or tensors.
+
+::
+
+    model = RFDETR.from_pretrained("seg-medium")          # official COCO weights (downloaded once)
+    dets = model.predict("street.jpg", threshold=0.5)     # one Detections
+    dets.save("street_pred.jpg"); coco = dets.to_coco(image_id=1)
+
+Images pass through :func:`rfdetr_core.preprocess.preprocess` (the one preprocessing path), the model, and
+:func:`rfdetr_core.postprocess.postprocess`; detections whose slot maps to no class are dropped before masks
+are upsampled, and everything returned is in source-image pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from rfdetr_core.detections import Detections
+from rfdetr_core.errors import ImageError
+from rfdetr_core.factory import LoadedModel, load_model
+from rfdetr_core.postprocess import postprocess
+from rfdetr_core.preprocess import preprocess
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class RFDETR:
+    """An RF-DETR(-Seg) model ready for inference.
+
+    Build it with :meth:`from_pretrained` (official weights), :meth:`from_checkpoint` (any weights file) or
+    ``RFDETR(variant)`` (random weights, for tests and benchmarks: it warns that it is untrained).
+
+    Args:
+        variant: registered variant name, e.g. ``"seg-nano"``.
+        num_classes: logit slots (default: the variant's 91-slot COCO layout).
+        device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
+        dtype: model precision (default float32; ``torch.float16`` / ``torch.bfloat16`` on GPUs).
+        resolution: input ``(H, W)`` or one int (default: the weights' or the variant's).
+    """
+
+    def __init__(
+        self,
+        variant: str = "seg-nano",
+        num_classes: int | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        resolution: int | tuple[int, int] | None = None,
+    ):
+        warnings.warn(
+            f"RFDETR({variant!r}) has random, untrained weights: its predictions are noise. Use "
+            "RFDETR.from_pretrained(name) or RFDETR.from_checkpoint(path) for a trained model.",
+            UserWarning,
+            stacklevel=2,
+        )
+        loaded = load_model(variant, num_classes, None)
+        self._setup(loaded, device, dtype, resolution)
+
+    @classmethod
+    def _from_loaded(cls, loaded: LoadedModel, device, dtype, resolution) -> RFDETR:
+        self = cls.__new__(cls)
+        self._setup(loaded, device, dtype, resolution)
+        return self
+
+    def _setup(self, loaded: LoadedModel, device, dtype, resolution) -> None:
+        self.device = _resolve_device(device)
+        self.dtype = dtype or torch.float32
+        self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
+        self.variant = loaded.variant
+        self.class_map = loaded.class_map
+        self.preprocess_config = loaded.preprocess
+        self.weights_path = loaded.source
+        if resolution is None:
+            resolution = loaded.resolution
+        elif isinstance(resolution, int):
+            resolution = (resolution, resolution)
+        self.resolution = self.variant.check_resolution(int(resolution[0]), int(resolution[1]))
+        table = self.class_map.slot_to_category_table()
+        self._slot_category = torch.tensor(table, dtype=torch.int64)  # [K], -1 = no class
+        self._slot_valid = self._slot_category >= 0
+        self._slot_names = [self.class_map.name(s) or "" for s in range(len(table))]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str = "seg-nano",
+        *,
+        accept_license: bool = False,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        resolution: int | tuple[int, int] | None = None,
+    ) -> RFDETR:
+        """Official weights by name (``"seg-medium"``, ``"rf-detr-seg-medium.pt"``), downloaded once and
+        md5-checked into ``$RFDETR_HOME/weights``. PML-1.0 weights need ``accept_license=True``."""
+        from rfdetr_core.weights.download import download_weights, resolve_official_name
+
+        path = download_weights(name, accept_license=accept_license)
+        v = resolve_official_name(name)
+        loaded = load_model(v, None, path)
+        return cls._from_loaded(loaded, device, dtype, resolution)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        *,
+        variant: str | None = None,
+        num_classes: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        resolution: int | tuple[int, int] | None = None,
+    ) -> RFDETR:
+        """Any weights file: ours (safetensors), upstream ``.pth``/``.pt`` or Lightning ``.ckpt``.
+
+        ``variant`` is needed only when the file does not tell (a bare upstream state dict whose shapes fit
+        several variants). Pickles are read with ``torch.load(weights_only=True)``: no code runs.
+        """
+        loaded = load_model(variant, num_classes, path)
+        return cls._from_loaded(loaded, device, dtype, resolution)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.class_map.names
+
+    def __repr__(self) -> str:
+        return (
+            f"RFDETR({self.variant.name}, {len(self.class_map)} classes, {self.resolution[0]}x"
+            f"{self.resolution[1]}, {self.device}, {str(self.dtype).removeprefix('torch.')})"
+        )
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        source: Any,
+        threshold: float = 0.5,
+        batch_size: int = 8,
+        num_select: int | None = None,
+    ) -> Detections | list[Detections]:
+        """Detect and segment objects.
+
+        Args:
+            source: one image or a list of them. An image is a path, a ``PIL.Image``, a numpy ``HxWx3`` RGB
+                array (uint8, uint16 or float in [0, 1]) or a ``[3, H, W]`` tensor; a ``[B, 3, H, W]``
+                tensor is a list of B images.
+            threshold: keep detections with score ``> threshold``.
+            batch_size: images per forward pass.
+            num_select: top (query, class) pairs considered per image (default: the model's query count,
+                as upstream).
+
+        Returns:
+            One :class:`Detections` for a single image; a list (same order) for a list or a 4-d tensor.
+            Boxes xyxy and bool masks ``[N, H, W]`` are at each image's source size; ``category_ids`` are
+            the dataset's category ids from the class map.
+        """
+        single = not isinstance(source, (list, tuple)) and not (
+            isinstance(source, torch.Tensor) and source.ndim == 4
+        )
+        items: Sequence[Any] = [source] if single else list(source)
+        if not items:
+            raise ImageError("predict() got an empty list of images.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n_select = int(num_select) if num_select is not None else int(self.model.num_queries)
+        results: list[Detections] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            results.extend(self._predict_batch(chunk, float(threshold), n_select))
+        return results[0] if single else results
+
+    def _predict_batch(self, items: Sequence[Any], threshold: float, num_select: int) -> list[Detections]:
+        x, sizes = preprocess(items, self.resolution, self.preprocess_config, device=self.device)
+        outputs = self.model(x.to(self.dtype))  # x: [B, 3, H, W]
+        if self.dtype != torch.float32:
+            # scores, boxes and the mask threshold in float32: low-precision sigmoid/interpolation would shift
+            # detections across the threshold
+            outputs = {k: v.float() for k, v in outputs.items() if isinstance(v, torch.Tensor)}
+        per_image = postprocess(
+            outputs, sizes, num_select, threshold=threshold, valid_slots=self._slot_valid.to(self.device)
+        )
+        return [self._to_detections(res, size, item) for res, size, item in zip(per_image, sizes, items)]
+
+    def _to_detections(self, res: dict[str, torch.Tensor], size: tuple[int, int], item: Any) -> Detections:
+        slots = res["labels"].cpu()
+        masks = res.get("masks")
+        return Detections(
+            boxes=res["boxes"].float().cpu().numpy().astype(np.float32),
+            scores=res["scores"].float().cpu().numpy().astype(np.float32),
+            category_ids=self._slot_category[slots].numpy(),
+            class_names=[self._slot_names[s] for s in slots.tolist()],
+            masks=masks.cpu().numpy() if masks is not None else None,
+            slots=slots.numpy(),
+            image_size=(int(size[0]), int(size[1])),
+            source=item,
+        )

@@ -1,0 +1,200 @@
+"""RFDETR facade and create_model on the real (small) model: every input type, class map, files, exports."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rfdetr_core import RFDETR, Detections, create_model
+from rfdetr_core.checkpoint import save_checkpoint
+from rfdetr_core.class_map import ClassEntry, ClassMap
+from rfdetr_core.errors import CheckpointError, ImageError
+from rfdetr_core.postprocess import postprocess
+from rfdetr_core.preprocess import PreprocessConfig, preprocess
+
+VARIANT = "seg-tiny"
+RES = (64, 96)  # small valid input (multiples of 16) keeps the tests fast
+# slots 0..2 -> sparse dataset ids; slot 3 (the model has 4) belongs to no class
+CLASS_MAP = ClassMap([ClassEntry(0, 10, "ten"), ClassEntry(1, 20, "twenty"), ClassEntry(2, 30, "thirty")], 4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model(VARIANT)
+    with torch.no_grad():
+        # favour the unmapped slot 3 so dropping it is exercised
+        model.class_embed.bias.copy_(torch.tensor([0.0, 0.5, -0.5, 1.0]))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    meta = {
+        "variant": VARIANT,
+        "resolution": list(RES),
+        "class_map": CLASS_MAP.to_json(),
+        "preprocess": PreprocessConfig().to_json(),
+    }
+    save_checkpoint(path, model.state_dict(), meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rfdetr(checkpoint):
+    return RFDETR.from_checkpoint(checkpoint, device="cpu")
+
+
+def _image(h, w, seed=0):
+    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def _check(det: Detections, size):
+    assert isinstance(det, Detections)
+    n = len(det)
+    assert det.masks.dtype == np.bool_ and det.masks.shape == (n, *size)
+    assert det.boxes.shape == (n, 4) and det.image_size == size
+    assert (det.boxes[:, [0, 2]] <= size[1]).all() and (det.boxes[:, [1, 3]] <= size[0]).all()
+    assert (det.boxes >= 0).all()
+    assert set(det.category_ids.tolist()) <= {10, 20, 30}
+    names = {10: "ten", 20: "twenty", 30: "thirty"}
+    assert det.class_names == [names[c] for c in det.category_ids.tolist()]
+    assert (np.diff(det.scores) <= 0).all()
+
+
+def test_checkpoint_settings_are_used(rfdetr):
+    assert rfdetr.resolution == RES and rfdetr.class_map == CLASS_MAP
+    assert not rfdetr.model.training
+
+
+def test_every_input_type(rfdetr, tmp_path):
+    arr = _image(50, 70)
+    png = tmp_path / "img.png"
+    Image.fromarray(arr).save(png)
+    inputs = {
+        "path": str(png),
+        "pathlib": png,
+        "pil": Image.fromarray(arr),
+        "numpy": arr,
+        "tensor": torch.from_numpy(arr).permute(2, 0, 1).contiguous(),  # [3, H, W] uint8
+    }
+    results = {k: rfdetr.predict(v, threshold=0.0) for k, v in inputs.items()}
+    for det in results.values():
+        _check(det, (50, 70))
+        assert len(det) > 0
+    # the same pixels give the same detections whatever the container
+    ref = results["numpy"]
+    for det in results.values():
+        np.testing.assert_allclose(det.scores, ref.scores, rtol=1e-5)
+        np.testing.assert_array_equal(det.category_ids, ref.category_ids)
+    # lists and 4-d tensors give lists, in order, at each image's own size
+    many = rfdetr.predict(
+        [str(png), _image(33, 41, 1), Image.fromarray(_image(80, 20, 2))], 0.0, batch_size=2
+    )
+    assert isinstance(many, list) and [d.image_size for d in many] == [(50, 70), (33, 41), (80, 20)]
+    for d in many:
+        _check(d, d.image_size)
+    np.testing.assert_allclose(many[0].scores, ref.scores, rtol=1e-4, atol=1e-5)
+    batch = torch.rand(2, 3, 40, 30)
+    assert [d.image_size for d in rfdetr.predict(batch, 0.0)] == [(40, 30), (40, 30)]
+
+
+def test_matches_manual_pipeline_and_drops_unmapped_slots(rfdetr):
+    arr = _image(45, 60, 3)
+    det = rfdetr.predict(arr, threshold=0.0)
+    x, sizes = preprocess([arr], RES, rfdetr.preprocess_config)
+    with torch.no_grad():
+        out = rfdetr.model(x)
+    raw = postprocess(out, sizes, num_select=rfdetr.model.num_queries)[0]
+    assert (raw["labels"] == 3).any()  # the unmapped slot was selected by top-k ...
+    keep = raw["labels"] != 3  # ... and predict drops it
+    np.testing.assert_array_equal(det.slots, raw["labels"][keep].numpy())
+    np.testing.assert_allclose(det.scores, raw["scores"][keep].numpy())
+    np.testing.assert_allclose(det.boxes, raw["boxes"][keep].numpy())
+    np.testing.assert_array_equal(det.masks, raw["masks"][keep].numpy())
+
+
+def test_threshold_filters(rfdetr):
+    arr = _image(30, 30)
+    all_det = rfdetr.predict(arr, threshold=0.0)
+    cut = float(np.median(all_det.scores))
+    det = rfdetr.predict(arr, threshold=cut)
+    assert len(det) == int((all_det.scores > cut).sum()) and (det.scores > cut).all()
+
+
+def test_to_coco_rle_round_trip(rfdetr):
+    mask_api = pytest.importorskip("pycocotools.mask")
+    det = rfdetr.predict(_image(37, 53), threshold=0.0)
+    coco = det.to_coco(image_id=7)
+    assert len(coco) == len(det)
+    first = coco[0]
+    assert first["image_id"] == 7 and first["category_id"] == int(det.category_ids[0])
+    x0, y0, x1, y1 = det.boxes[0]
+    np.testing.assert_allclose(first["bbox"], [x0, y0, x1 - x0, y1 - y0], rtol=1e-6)
+    assert isinstance(first["segmentation"]["counts"], str)
+    decoded = mask_api.decode(
+        [{**c["segmentation"], "counts": c["segmentation"]["counts"].encode()} for c in coco]
+    )
+    np.testing.assert_array_equal(decoded.transpose(2, 0, 1).astype(bool), det.masks)
+
+
+def test_to_supervision(rfdetr):
+    pytest.importorskip("supervision")
+    det = rfdetr.predict(_image(20, 24), threshold=0.0)
+    sv = det.to_supervision()
+    assert len(sv) == len(det)
+    np.testing.assert_array_equal(sv.class_id, det.category_ids)
+    assert list(sv.data["class_name"]) == det.class_names
+
+
+def test_plot_and_save(rfdetr, tmp_path):
+    arr = _image(40, 64)
+    det = rfdetr.predict(arr, threshold=0.0)
+    img = det.plot()
+    assert img.size == (64, 40) and img.mode == "RGB"
+    assert (np.asarray(img) != arr).any()  # something was drawn
+    out = det.save(tmp_path / "out" / "pred.png")
+    assert Image.open(out).size == (64, 40)
+    with pytest.raises(ImageError, match="detections are for"):
+        det.plot(_image(10, 10))
+
+
+def test_low_precision_dtype(checkpoint):
+    model = RFDETR.from_checkpoint(checkpoint, device="cpu", dtype=torch.bfloat16)
+    assert next(model.model.parameters()).dtype == torch.bfloat16
+    det = model.predict(_image(30, 40), threshold=0.0)
+    _check(det, (30, 40))
+    assert det.scores.dtype == np.float32
+
+
+def test_random_init_warns_and_uses_coco_layout():
+    with pytest.warns(UserWarning, match="untrained"):
+        m = RFDETR(VARIANT, resolution=RES)
+    assert m.model.num_slots == 4 and len(m.class_map) == 4
+    assert len(m.predict(_image(16, 16), threshold=0.0)) > 0
+
+
+def test_create_model_resizes_heads_with_warning(checkpoint):
+    with pytest.warns(UserWarning, match="resized to 6 slots"):
+        model = create_model(VARIANT, num_classes=6, weights=checkpoint)
+    assert model.num_slots == 6 and not model.training
+    src = create_model(VARIANT, weights=checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same class count: no warning
+        create_model(VARIANT, weights=checkpoint)
+    assert torch.equal(model.class_embed.weight[:4], src.class_embed.weight)
+    assert torch.equal(
+        model.backbone.state_dict()["patch_embed.weight"], src.backbone.state_dict()["patch_embed.weight"]
+    )
+
+
+def test_create_model_errors(checkpoint):
+    with pytest.raises(CheckpointError, match="not the name of official weights"):
+        create_model(VARIANT, weights="no/such/file.pth")
+    with pytest.raises(CheckpointError, match="seg-tiny weights, not seg-nano"):
+        create_model("seg-nano", weights=checkpoint)
+
+
+def test_empty_input_rejected(rfdetr):
+    with pytest.raises(ImageError, match="empty"):
+        rfdetr.predict([])
