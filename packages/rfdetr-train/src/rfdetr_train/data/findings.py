@@ -1,0 +1,95 @@
+"""Findings of the dataset checks: one record per problem, naming the file, the image or annotation id and
+the fix. Errors stop training (unless ``--skip-invalid``); warnings are reported and training goes on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from rfdetr_core.errors import RFDETRError
+
+ERROR = "error"
+WARNING = "warning"
+
+
+class DatasetError(RFDETRError):
+    """A dataset that cannot be used as it is; the message lists the problems and the fixes."""
+
+    def __init__(self, message: str, findings: list[Finding] | None = None):
+        super().__init__(message)
+        self.findings = list(findings or [])
+
+
+@dataclass
+class Finding:
+    """One problem found in a dataset.
+
+    ``code`` is a stable kebab-case key (e.g. ``"polygon-too-short"``) for tests and JSON reports;
+    ``message`` is the full sentence for people. ``dropped`` counts the annotations (or images) that
+    ``--skip-invalid`` removes because of it.
+    """
+
+    level: str
+    code: str
+    message: str
+    file: str | None = None
+    split: str | None = None
+    image_id: int | str | None = None
+    ann_id: int | str | None = None
+    dropped: int = 0
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def format(self) -> str:
+        where = f"[{self.split}] " if self.split else ""
+        return f"{self.level.upper()} {where}{self.message}"
+
+
+@dataclass
+class FindingList:
+    """Findings of one dataset, with helpers to count and format them."""
+
+    items: list[Finding] = field(default_factory=list)
+
+    def add(self, level: str, code: str, message: str, **where) -> Finding:
+        f = Finding(level, code, message, **where)
+        self.items.append(f)
+        return f
+
+    def error(self, code: str, message: str, **where) -> Finding:
+        return self.add(ERROR, code, message, **where)
+
+    def warning(self, code: str, message: str, **where) -> Finding:
+        return self.add(WARNING, code, message, **where)
+
+    def extend(self, other: FindingList | list[Finding]) -> None:
+        self.items.extend(other.items if isinstance(other, FindingList) else other)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.items if f.level == ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.items if f.level == WARNING]
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def raise_for_errors(findings: FindingList, source: str, limit: int = 10) -> None:
+    """Raise :class:`DatasetError` listing (up to ``limit``) errors, with the two ways out."""
+    errors = findings.errors
+    if not errors:
+        return
+    lines = [f"  - {f.format()}" for f in errors[:limit]]
+    more = f"\n  ... and {len(errors) - limit} more" if len(errors) > limit else ""
+    raise DatasetError(
+        f"The dataset at {source} has {len(errors)} error(s):\n" + "\n".join(lines) + more + "\n"
+        f"Fix them (`rfdetr-train check {source}` prints the full report), or pass --skip-invalid to drop "
+        "the bad annotations and images.",
+        errors,
+    )
