@@ -1,0 +1,330 @@
+"""The training criterion of RF-DETR-Seg: IoU-aware BCE classes, L1 + GIoU boxes, point-sampled mask BCE + Dice.
+
+Every output layer is matched and supervised on its own: the final decoder layer (no suffix), each earlier
+decoder layer (``aux_outputs`` -> ``_0`` ... ``_{L-2}``) and the two-stage encoder proposals (``enc_outputs`` ->
+``_enc``). Losses are sums over matched pairs (or all queries x classes for the class loss) divided by
+``num_boxes`` = objects in the batch x DETR groups, averaged over processes, at least 1. Formulas and default
+weights follow upstream RF-DETR 1.11.2 (see ``rfdetr-upstream.md`` section 3); the parity test checks them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, matched_box_iou, matched_generalized_box_iou
+from rfdetr_train.losses.matcher import HungarianMatcher
+from rfdetr_train.losses.point_sampling import (
+    ImportancePointSampler,
+    MatchPointSampler,
+    PointSampler,
+    loss_num_points,
+    sample_mask_points,
+    sample_points,
+)
+from rfdetr_train.losses.targets import LayerMatches, TargetBatch, TargetFormatError
+
+LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou", "loss_mask_ce", "loss_mask_dice")
+
+
+class SetCriterion(nn.Module):
+    """Set-prediction losses for all decoder layers and the two-stage output.
+
+    Args:
+        num_classes: class slots K of the model (``pred_logits [..., K]``); targets hold slots in ``[0, K)``.
+        group_detr: query groups G in training (upstream 13). In ``eval()`` mode one group is used, as the
+            model then emits only group 0.
+        weight_class, weight_bbox, weight_giou, weight_mask_ce, weight_mask_dice: loss weights (upstream
+            1, 5, 2, 5, 5), in :attr:`weight_dict` and applied by :meth:`total_loss`.
+        segmentation: compute mask costs and losses (targets then need ``masks``).
+        focal_alpha: IA-BCE exponent alpha: target score ``t = p^alpha * IoU^(1-alpha)``; also the focal alpha
+            of the matcher's class cost.
+        focal_gamma: the negatives' weight ``p^gamma``.
+        mask_point_sample_ratio: loss points per mask ``max(h, h*w // ratio)``; matcher points ``h*w // ratio``.
+        point_sampler: ``(mask_logits [M, 1, h, w], num_points) -> [M, num_points, 2]`` loss points, called once
+            per layer with that layer's matched mask logits (no grad). Default: PointRend importance sampling.
+        match_point_sampler: ``(num_points, device) -> [num_points, 2]``, the matcher's shared points.
+        matcher: a ready :class:`HungarianMatcher` (then the two previous arguments and costs are its own).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        group_detr: int = 13,
+        *,
+        weight_class: float = 1.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+        weight_mask_ce: float = 5.0,
+        weight_mask_dice: float = 5.0,
+        segmentation: bool = True,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        mask_point_sample_ratio: int = 16,
+        point_sampler: PointSampler | None = None,
+        match_point_sampler: MatchPointSampler | None = None,
+        matcher: HungarianMatcher | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if group_detr < 1:
+            raise ValueError(f"group_detr must be >= 1, got {group_detr}")
+        self.num_classes = num_classes
+        self.group_detr = group_detr
+        self.segmentation = segmentation
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.mask_point_sample_ratio = mask_point_sample_ratio
+        self.point_sampler = point_sampler or ImportancePointSampler()
+        self.matcher = matcher or HungarianMatcher(
+            focal_alpha=focal_alpha,
+            mask_point_sample_ratio=mask_point_sample_ratio,
+            match_point_sampler=match_point_sampler,
+        )
+        self.weight_dict: dict[str, float] = {
+            "loss_ce": weight_class,
+            "loss_bbox": weight_bbox,
+            "loss_giou": weight_giou,
+        }
+        if segmentation:
+            self.weight_dict.update({"loss_mask_ce": weight_mask_ce, "loss_mask_dice": weight_mask_dice})
+
+    # -- public API -------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        outputs: dict[str, Any],
+        targets: Sequence[dict[str, Tensor]],
+        *,
+        matches: Sequence[LayerMatches] | None = None,
+    ) -> dict[str, Tensor]:
+        """Unweighted losses of every layer.
+
+        Args:
+            outputs: ``pred_logits [B, G*Q, K]``, ``pred_boxes [B, G*Q, 4]`` (normalised cxcywh), ``pred_masks``
+                (lazy ``{"spatial_features": [B, C, h, w], "query_features": [B, G*Q, C], "bias": [1]}`` or dense
+                ``[B, G*Q, h, w]`` logits), optional ``aux_outputs`` (list of such dicts, earlier decoder
+                layers first) and ``enc_outputs`` (one such dict).
+            targets: per image ``labels [N]`` int64 slots, ``boxes [N, 4]`` normalised cxcywh, ``masks [N, h', w']``
+                bool (any resolution; sampled in normalised coordinates). N may be 0.
+            matches: precomputed :meth:`match` result (one per layer, in :meth:`layers` order); None = match now.
+
+        Returns:
+            ``{"loss_ce", "loss_bbox", "loss_giou", "loss_mask_ce", "loss_mask_dice"}`` scalars for the final
+            layer, the same with ``_0`` ... for ``aux_outputs`` and ``_enc`` for ``enc_outputs``. A NaN/inf
+            in the outputs gives a non-finite loss: check ``torch.isfinite(total)`` and skip the step.
+        """
+        layers = self.layers(outputs)
+        device = layers[0][1]["pred_logits"].device
+        # Losses in float32 whatever the autocast context: sums over thousands of queries x classes are
+        # where half precision loses the signal.
+        with torch.autocast(device_type=device.type, enabled=False):
+            batch = TargetBatch.from_targets(targets, device, need_masks=self.segmentation)
+            if matches is None:
+                matches = self.matcher.match([out for _, out in layers], batch, self.active_groups)
+            if len(matches) != len(layers):
+                raise ValueError(f"{len(matches)} layer matches given for {len(layers)} output layers")
+            num_boxes = self.num_boxes(batch, device)
+            losses: dict[str, Tensor] = {}
+            for (suffix, out), layer_matches in zip(layers, matches):
+                layer_losses = self._layer_losses(out, batch, layer_matches, num_boxes)
+                losses.update({name + suffix: value for name, value in layer_losses.items()})
+        return losses
+
+    def match(self, outputs: dict[str, Any], targets: Sequence[dict[str, Tensor]]) -> list[LayerMatches]:
+        """The Hungarian matches of every layer (what :meth:`forward` computes when ``matches`` is None)."""
+        layers = self.layers(outputs)
+        device = layers[0][1]["pred_logits"].device
+        batch = TargetBatch.from_targets(targets, device, need_masks=self.segmentation)
+        return self.matcher.match([out for _, out in layers], batch, self.active_groups)
+
+    @staticmethod
+    def layers(outputs: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """``(suffix, output dict)`` of every supervised layer: final, ``aux_outputs`` in order, ``enc_outputs``."""
+        for key in ("pred_logits", "pred_boxes"):
+            if key not in outputs:
+                raise TargetFormatError(f"model outputs have no '{key}' (keys: {sorted(outputs)})")
+        layers = [("", outputs)]
+        layers += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs") or ())]
+        if outputs.get("enc_outputs") is not None:
+            layers.append(("_enc", outputs["enc_outputs"]))
+        return layers
+
+    @property
+    def active_groups(self) -> int:
+        return self.group_detr if self.training else 1
+
+    def num_boxes(self, batch: TargetBatch, device: torch.device) -> Tensor:
+        """Loss normaliser: objects x active groups, averaged over processes (all-reduce), at least 1."""
+        count = torch.tensor(float(batch.total * self.active_groups), device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(count)
+            count = count / torch.distributed.get_world_size()
+        return count.clamp(min=1.0)
+
+    def weight_for(self, key: str) -> float:
+        """Weight of a loss key with or without a layer suffix (``loss_giou_2`` -> weight of ``loss_giou``)."""
+        for name, weight in self.weight_dict.items():
+            if key == name or (key.startswith(name + "_") and _is_layer_suffix(key[len(name) + 1 :])):
+                return weight
+        raise KeyError(f"no weight for loss '{key}' (weighted losses: {sorted(self.weight_dict)})")
+
+    def total_loss(self, loss_dict: dict[str, Tensor]) -> Tensor:
+        """Weighted sum of every loss in ``loss_dict`` (the scalar to backpropagate)."""
+        if not loss_dict:
+            raise ValueError("no losses to sum")
+        return sum(self.weight_for(key) * value for key, value in loss_dict.items())
+
+    # -- per layer --------------------------------------------------------------------------------------
+
+    def _layer_losses(
+        self, out: dict[str, Any], batch: TargetBatch, matches: LayerMatches, num_boxes: Tensor
+    ) -> dict[str, Tensor]:
+        logits = out["pred_logits"].float()  # [B, GQ, K]
+        boxes = out["pred_boxes"].float()  # [B, GQ, 4]
+        if logits.shape[2] != self.num_classes:
+            raise TargetFormatError(
+                f"pred_logits have {logits.shape[2]} class slots but the criterion was built for "
+                f"num_classes={self.num_classes}"
+            )
+        b, q = matches.batch_idx, matches.query_idx
+        src_boxes = boxes[b, q]  # [M, 4]
+        tgt_boxes = batch.boxes[matches.flat_target_idx]  # [M, 4]
+        tgt_labels = batch.labels[matches.flat_target_idx]  # [M]
+        src_xyxy, tgt_xyxy = box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)
+
+        losses = {
+            "loss_ce": self._ia_bce(logits, (b, q, tgt_labels), src_xyxy.detach(), tgt_xyxy) / num_boxes
+        }
+        losses["loss_bbox"] = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
+        losses["loss_giou"] = (1 - matched_generalized_box_iou(src_xyxy, tgt_xyxy)).sum() / num_boxes
+        if self.segmentation:
+            if "pred_masks" not in out:
+                raise TargetFormatError("segmentation losses need 'pred_masks' in every output layer")
+            losses.update(self._mask_losses(out["pred_masks"], batch, matches, num_boxes))
+        return losses
+
+    def _ia_bce(
+        self, logits: Tensor, cells: tuple[Tensor, Tensor, Tensor], src_xyxy: Tensor, tgt_xyxy: Tensor
+    ) -> Tensor:
+        """IoU-aware BCE summed over all queries x classes (not yet normalised).
+
+        At a matched (query, class) cell the target score is ``t = clamp(p^alpha * IoU^(1-alpha), 0.01)``
+        (detached), with weights ``t`` on ``-log p`` and ``1 - t`` on ``-log(1-p)``; every other cell is a
+        negative weighted by ``p^gamma`` (not detached, as upstream).
+        """
+        prob = logits.sigmoid()
+        iou = matched_box_iou(src_xyxy, tgt_xyxy)[0]  # [M], boxes already detached
+        t = (prob[cells].pow(self.focal_alpha) * iou.pow(1 - self.focal_alpha)).clamp(min=0.01).detach()
+        pos_weight = torch.zeros_like(logits).index_put(cells, t)
+        neg_weight = prob.pow(self.focal_gamma).index_put(cells, 1 - t)
+        # -w+ log p - w- log(1-p) with log(1-p) = log p - x, written with the stable logsigmoid.
+        return (neg_weight * logits - F.logsigmoid(logits) * (pos_weight + neg_weight)).sum()
+
+    def _matched_mask_logits(self, pred_masks: Any, matches: LayerMatches) -> Tensor:
+        """Mask logits of the matched queries only: -> ``[M, h, w]``."""
+        if isinstance(pred_masks, Tensor):
+            return pred_masks.float()[matches.batch_idx, matches.query_idx]
+        spatial = pred_masks["spatial_features"].float()  # [B, C, h, w]
+        query = pred_masks["query_features"].float()  # [B, GQ, C]
+        height, width = spatial.shape[-2:]
+        parts, start = [], 0
+        for b, n in enumerate(matches.counts):
+            if n:
+                q = query[b, matches.query_idx[start : start + n]]  # [n, C]
+                parts.append((q @ spatial[b].flatten(1)).view(n, height, width))  # [n, h*w] -> [n, h, w]
+            start += n
+        return torch.cat(parts) + pred_masks["bias"].float()
+
+    def _mask_losses(
+        self, pred_masks: Any, batch: TargetBatch, matches: LayerMatches, num_boxes: Tensor
+    ) -> dict[str, Tensor]:
+        if matches.num_pairs == 0:
+            # Zero that still reaches every mask-head output, so no parameter goes without a gradient
+            # (DDP without find_unused_parameters would otherwise stop on a batch without objects).
+            if isinstance(pred_masks, Tensor):
+                zero = pred_masks.sum() * 0.0
+            else:
+                zero = sum(pred_masks[k].sum() for k in ("spatial_features", "query_features", "bias")) * 0.0
+            return {"loss_mask_ce": zero.float(), "loss_mask_dice": zero.float()}
+        logits = self._matched_mask_logits(pred_masks, matches).unsqueeze(1)  # [M, 1, h, w]
+        num_points = loss_num_points(logits.shape[-2], logits.shape[-1], self.mask_point_sample_ratio)
+        with torch.no_grad():
+            points = self.point_sampler(logits.detach(), num_points).to(logits.dtype)  # [M, P, 2]
+        point_logits = sample_points(logits, points)[:, 0]  # [M, P]
+        with torch.no_grad():
+            labels = torch.cat(
+                [
+                    sample_mask_points(batch.masks[b], matches.target_idx[s:e], points[s:e])
+                    for b, (s, e) in enumerate(_spans(matches.counts))
+                    if e > s
+                ]
+            )  # [M, P]
+        bce = F.binary_cross_entropy_with_logits(point_logits, labels, reduction="none").mean(1)  # [M]
+        prob = point_logits.sigmoid()
+        dice = 1 - (2 * (prob * labels).sum(-1) + 1) / (prob.sum(-1) + labels.sum(-1) + 1)  # [M]
+        return {"loss_mask_ce": bce.sum() / num_boxes, "loss_mask_dice": dice.sum() / num_boxes}
+
+
+def _spans(counts: Sequence[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for n in counts:
+        out.append((start, start + n))
+        start += n
+    return out
+
+
+def _is_layer_suffix(text: str) -> bool:
+    return text == "enc" or text.isdigit()
+
+
+def build_criterion(
+    num_classes: int,
+    group_detr: int = 13,
+    *,
+    segmentation: bool = True,
+    weight_class: float = 1.0,
+    weight_bbox: float = 5.0,
+    weight_giou: float = 2.0,
+    weight_mask_ce: float = 5.0,
+    weight_mask_dice: float = 5.0,
+    cost_class: float = 2.0,
+    cost_bbox: float = 5.0,
+    cost_giou: float = 2.0,
+    cost_mask_ce: float = 5.0,
+    cost_mask_dice: float = 5.0,
+    focal_alpha: float = 0.25,
+    mask_point_sample_ratio: int = 16,
+    point_sampler: PointSampler | None = None,
+    match_point_sampler: MatchPointSampler | None = None,
+) -> SetCriterion:
+    """The criterion with its matcher; defaults are upstream RF-DETR-Seg's fine-tuning values."""
+    matcher = HungarianMatcher(
+        cost_class=cost_class,
+        cost_bbox=cost_bbox,
+        cost_giou=cost_giou,
+        cost_mask_ce=cost_mask_ce if segmentation else 0.0,
+        cost_mask_dice=cost_mask_dice if segmentation else 0.0,
+        focal_alpha=focal_alpha,
+        mask_point_sample_ratio=mask_point_sample_ratio,
+        match_point_sampler=match_point_sampler,
+    )
+    return SetCriterion(
+        num_classes,
+        group_detr,
+        weight_class=weight_class,
+        weight_bbox=weight_bbox,
+        weight_giou=weight_giou,
+        weight_mask_ce=weight_mask_ce,
+        weight_mask_dice=weight_mask_dice,
+        segmentation=segmentation,
+        focal_alpha=focal_alpha,
+        mask_point_sample_ratio=mask_point_sample_ratio,
+        point_sampler=point_sampler,
+        matcher=matcher,
+    )

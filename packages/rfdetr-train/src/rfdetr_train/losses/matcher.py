@@ -1,0 +1,247 @@
+"""Hungarian matching of predictions to ground truth, for every output layer and DETR group at once.
+
+Cost of assigning query q to object t (DETR, Carion et al., ECCV 2020, arXiv 2005.12872; weights and terms as
+upstream RF-DETR): ``5 * L1(box) + 2 * focal class cost + 2 * (-GIoU)`` plus, for segmentation,
+``5 * mask BCE + 5 * mask Dice`` on uniform points shared by the batch. Group DETR (Chen et al., ICCV 2023,
+arXiv 2207.13085): the ``G*Q`` queries are ``G`` independent groups of ``Q`` and every object is matched once in
+each group.
+
+Speed: cost matrices are built batched on the outputs' device (targets padded to the largest image), all
+layers' matrices leave the device in ONE transfer (the step's only host sync), then SciPy's
+``linear_sum_assignment`` solves each (layer, image, group) problem on the host, and all indices go back to
+the device in one non-blocking copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, pairwise_generalized_box_iou
+from rfdetr_train.losses.point_sampling import (
+    MatchPointSampler,
+    UniformPointSampler,
+    match_num_points,
+    nearest_pixel_index,
+    sample_points,
+)
+from rfdetr_train.losses.targets import LayerMatches, TargetBatch, TargetFormatError
+
+
+class HungarianMatcher:
+    """One-to-one assignment of queries to objects per (layer, image, group).
+
+    Args:
+        cost_class: weight of the focal classification cost (upstream 2).
+        cost_bbox: weight of the L1 distance of cxcywh boxes (upstream 5).
+        cost_giou: weight of ``-GIoU`` (upstream 2).
+        cost_mask_ce: weight of the point-sampled mask BCE (upstream 5); used when outputs carry masks.
+        cost_mask_dice: weight of the point-sampled mask Dice cost (upstream 5).
+        focal_alpha: focal alpha of the class cost.
+        focal_gamma: focal gamma of the class cost.
+        mask_point_sample_ratio: the mask costs use ``h*w // ratio`` points (h, w: prediction mask size).
+        match_point_sampler: ``(num_points, device) -> [num_points, 2]`` points in [0, 1]; called once per
+            layer; default uniform from torch's global RNG.
+    """
+
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        cost_mask_ce: float = 5.0,
+        cost_mask_dice: float = 5.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        mask_point_sample_ratio: int = 16,
+        match_point_sampler: MatchPointSampler | None = None,
+    ) -> None:
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("the class, box and GIoU matching costs cannot all be 0")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.cost_mask_ce = cost_mask_ce
+        self.cost_mask_dice = cost_mask_dice
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.mask_point_sample_ratio = mask_point_sample_ratio
+        self.match_point_sampler = match_point_sampler or UniformPointSampler()
+
+    # -- costs ------------------------------------------------------------------------------------------
+
+    def _class_cost(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Focal cost at each object's class: ``[B, GQ, K]`` logits, ``[B, T]`` labels -> ``[B, GQ, T]``."""
+        x = logits.gather(2, labels.unsqueeze(1).expand(-1, logits.shape[1], -1))  # [B, GQ, T]
+        p = x.sigmoid()
+        # -log(p) = softplus(-x), -log(1-p) = softplus(x): stable for large |x|.
+        positive = self.focal_alpha * (1 - p).pow(self.focal_gamma) * F.softplus(-x)
+        negative = (1 - self.focal_alpha) * p.pow(self.focal_gamma) * F.softplus(x)
+        return positive - negative
+
+    def _mask_point_logits(self, pred_masks: Any, points: Tensor) -> Tensor:
+        """Prediction logits at shared points: lazy entry or dense ``[B, GQ, h, w]`` -> ``[B, GQ, P]``."""
+        if isinstance(pred_masks, Tensor):
+            batch = pred_masks.shape[0]
+            return sample_points(pred_masks.float(), points.expand(batch, -1, -1))
+        spatial = pred_masks["spatial_features"].float()  # [B, C, h, w]
+        query = pred_masks["query_features"].float()  # [B, GQ, C]
+        # Bilinear sampling is linear, so sampling the features then projecting equals projecting then
+        # sampling, at C*P instead of GQ*h*w work.
+        feats = sample_points(spatial, points.expand(spatial.shape[0], -1, -1))  # [B, C, P]
+        return torch.bmm(query, feats) + pred_masks["bias"].float()  # [B, GQ, P]
+
+    def _mask_costs(self, pred_masks: Any, batch: TargetBatch, tmax: int) -> tuple[Tensor, Tensor]:
+        """Pairwise mean BCE and Dice costs on uniform points: -> two ``[B, GQ, Tmax]``."""
+        ref = pred_masks if isinstance(pred_masks, Tensor) else pred_masks["spatial_features"]
+        height, width = ref.shape[-2:]
+        points = self.match_point_sampler(
+            match_num_points(height, width, self.mask_point_sample_ratio), ref.device
+        )
+        points = points.to(device=ref.device, dtype=torch.float32).reshape(-1, 2)  # [P, 2]
+        x = self._mask_point_logits(pred_masks, points.unsqueeze(0))  # [B, GQ, P]
+        gt = x.new_zeros(x.shape[0], tmax, x.shape[2])  # [B, Tmax, P], zero rows for padding
+        for b, masks in enumerate(batch.masks or ()):
+            if masks.shape[0]:
+                h, w = masks.shape[-2:]
+                pixel = nearest_pixel_index(points, h, w)  # [P]
+                gt[b, : masks.shape[0]] = masks.reshape(masks.shape[0], h * w)[:, pixel].float()
+        num_points = x.shape[2]
+        # BCE(x, 1) = softplus(-x), BCE(x, 0) = softplus(x); mean over points for every (query, object) pair.
+        bce = (
+            torch.bmm(F.softplus(-x), gt.transpose(1, 2)) + torch.bmm(F.softplus(x), (1 - gt).transpose(1, 2))
+        ) / (num_points)
+        prob = x.sigmoid()
+        overlap = 2 * torch.bmm(prob, gt.transpose(1, 2))  # [B, GQ, Tmax]
+        total = prob.sum(-1).unsqueeze(2) + gt.sum(-1).unsqueeze(1)
+        dice = 1 - (overlap + 1) / (total + 1)
+        return bce, dice
+
+    @torch.no_grad()
+    def cost_matrix(self, outputs: dict[str, Any], batch: TargetBatch) -> Tensor:
+        """Weighted matching cost of one layer, batched: -> ``[B, GQ, Tmax]`` float32 on the outputs' device.
+
+        Columns past an image's object count are padding; non-finite entries are left as they are
+        (:meth:`match` replaces them).
+        """
+        logits = outputs["pred_logits"].float()  # [B, GQ, K]
+        boxes = outputs["pred_boxes"].float()  # [B, GQ, 4]
+        num_classes = logits.shape[2]
+        # Out-of-range labels are reported after the transfer in match(); clamp so the gather cannot fault.
+        labels = batch.padded_labels.clamp(0, num_classes - 1)  # [B, Tmax]
+        tgt_boxes = batch.padded_boxes  # [B, Tmax, 4]
+        cost_bbox = (boxes.unsqueeze(2) - tgt_boxes.unsqueeze(1)).abs().sum(-1)  # [B, GQ, Tmax]
+        cost_class = self._class_cost(logits, labels)
+        cost_giou = -pairwise_generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        if batch.masks is not None and (self.cost_mask_ce or self.cost_mask_dice):
+            if "pred_masks" not in outputs:
+                raise TargetFormatError("segmentation matching needs 'pred_masks' in every output layer")
+            cost_ce, cost_dice = self._mask_costs(outputs["pred_masks"], batch, tgt_boxes.shape[1])
+            cost = cost + self.cost_mask_ce * cost_ce + self.cost_mask_dice * cost_dice
+        return cost
+
+    # -- assignment -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def match(
+        self, layers: Sequence[dict[str, Any]], batch: TargetBatch, group_detr: int = 1
+    ) -> list[LayerMatches]:
+        """Match every layer's queries to the objects, each DETR group independently.
+
+        Args:
+            layers: output dicts (``pred_logits [B, G*Q, K]``, ``pred_boxes [B, G*Q, 4]`` normalised cxcywh,
+                optional ``pred_masks``: lazy ``{"spatial_features", "query_features", "bias"}`` or dense
+                ``[B, G*Q, h, w]``).
+            batch: the packed targets.
+            group_detr: number of query groups G.
+
+        Returns:
+            One :class:`LayerMatches` per layer (``min(Q, n_b)`` pairs per image and group).
+        """
+        from scipy.optimize import linear_sum_assignment
+
+        if not layers:
+            return []
+        device = layers[0]["pred_logits"].device
+        shapes = []
+        for i, out in enumerate(layers):
+            logits, boxes = out["pred_logits"], out["pred_boxes"]
+            if logits.dim() != 3 or boxes.shape != (*logits.shape[:2], 4):
+                raise TargetFormatError(
+                    f"layer {i}: pred_logits must be [B, G*Q, K] and pred_boxes [B, G*Q, 4], got "
+                    f"{tuple(logits.shape)} and {tuple(boxes.shape)}"
+                )
+            if logits.shape[0] != len(batch.sizes):
+                raise TargetFormatError(
+                    f"layer {i}: batch of {logits.shape[0]} outputs but {len(batch.sizes)} targets"
+                )
+            if logits.shape[1] % group_detr:
+                raise TargetFormatError(
+                    f"layer {i}: {logits.shape[1]} queries do not split into group_detr={group_detr} groups"
+                )
+            shapes.append(tuple(logits.shape[:2]))
+        if batch.total == 0:  # nothing to match: no cost, no transfer, no sync
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return [LayerMatches(empty, empty, empty, empty, (0,) * len(batch.sizes)) for _ in layers]
+
+        tmax = batch.padded_labels.shape[1]
+        flat = torch.cat([self.cost_matrix(out, batch).reshape(-1) for out in layers])
+        # A NaN/inf cost (diverging outputs) would make the solver fail; replace it with a finite value above
+        # every finite cost so such pairs are taken only when nothing else is left.
+        finite = torch.isfinite(flat)
+        sentinel = (flat.abs().masked_fill(~finite, 0).amax() * 2 + 1).clamp(max=1e30)
+        flat = torch.where(finite, flat, sentinel)
+        # Label range rides along with the costs: checked after the one transfer, no extra sync.
+        label_range = torch.stack([batch.labels.min(), batch.labels.max()]).to(flat.dtype)
+        host = torch.cat([flat, label_range]).cpu().numpy()  # the step's single device -> host sync
+        lo, hi = int(host[-2]), int(host[-1])
+        for i, out in enumerate(layers):
+            k = out["pred_logits"].shape[2]
+            if lo < 0 or hi >= k:
+                raise TargetFormatError(
+                    f"target labels span [{lo}, {hi}] but layer {i} has {k} class slots; labels must be training "
+                    f"ids in [0, {k - 1}] (check the dataset's class map and the model's num_classes)"
+                )
+
+        offsets = batch.offsets
+        columns, counts_per_layer, start = [], [], 0
+        for bsz, gq in shapes:
+            cost = host[start : start + bsz * gq * tmax].reshape(bsz, gq, tmax)
+            start += bsz * gq * tmax
+            q = gq // group_detr
+            counts = []
+            for b, n in enumerate(batch.sizes):
+                if n == 0:
+                    counts.append(0)
+                    continue
+                pairs = 0
+                for g in range(group_detr):
+                    rows, cols = linear_sum_assignment(cost[b, g * q : (g + 1) * q, :n])
+                    # columns: image, query over all groups, object in image, object in the batch
+                    columns.append(np.stack([np.full_like(rows, b), rows + g * q, cols, cols + offsets[b]]))
+                    pairs += rows.size
+                counts.append(pairs)
+            counts_per_layer.append(tuple(counts))
+        index = torch.from_numpy(np.concatenate(columns, axis=1).astype(np.int64))  # [4, sum of pairs]
+        if device.type == "cuda":
+            index = index.pin_memory().to(device, non_blocking=True)
+        else:
+            index = index.to(device)
+        result, start = [], 0
+        for counts in counts_per_layer:
+            m = sum(counts)
+            part = index[:, start : start + m]
+            start += m
+            result.append(LayerMatches(part[0], part[1], part[2], part[3], counts))
+        return result
+
+    def __call__(
+        self, layers: Sequence[dict[str, Any]], batch: TargetBatch, group_detr: int = 1
+    ) -> list[LayerMatches]:
+        return self.match(layers, batch, group_detr)

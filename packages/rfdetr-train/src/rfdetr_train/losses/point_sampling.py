@@ -1,0 +1,147 @@
+"""Point sampling for the mask losses and the mask matching costs.
+
+Mask losses are evaluated on a few hundred points per mask rather than on the whole ``h x w`` grid
+(PointRend, Kirillov et al., CVPR 2020, arXiv 1912.08193; adopted by Mask2Former, arXiv 2112.01527).
+Points are ``(x, y)`` pairs in normalised ``[0, 1]`` image coordinates, so predictions and ground-truth masks
+of different resolutions are sampled at the same places: predictions bilinearly, ground truth with nearest.
+
+The samplers are plain callables so tests (and the parity test against upstream RF-DETR) can fix the points:
+
+- loss points: ``point_sampler(mask_logits [M, 1, h, w], num_points) -> [M, num_points, 2]``
+- matcher points: ``match_point_sampler(num_points, device) -> [num_points, 2]`` (shared by the whole batch)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PointSampler = Callable[[Tensor, int], Tensor]
+MatchPointSampler = Callable[[int, torch.device], Tensor]
+
+
+def sample_points(maps: Tensor, coords: Tensor) -> Tensor:
+    """Bilinearly sample feature maps at normalised points.
+
+    Args:
+        maps: ``[N, C, H, W]``.
+        coords: ``[N, P, 2]`` (x, y) in ``[0, 1]``; pixel centres sit at ``(i + 0.5) / W`` (align_corners False),
+            points outside the outermost centres take the border value.
+
+    Returns:
+        ``[N, C, P]``.
+    """
+    grid = (2.0 * coords - 1.0).unsqueeze(2)  # [N, P, 1, 2] in grid_sample's [-1, 1]
+    sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled.squeeze(3)  # [N, C, P, 1] -> [N, C, P]
+
+
+def nearest_pixel_index(coords: Tensor, height: int, width: int) -> Tensor:
+    """Flat pixel index ``y * width + x`` of the pixel nearest to each normalised point.
+
+    The arithmetic follows ``grid_sample(mode="nearest", align_corners=False, padding_mode="border")`` step for
+    step (map to [-1, 1], unnormalise, round half to even, clamp), so indexing a boolean mask with it equals
+    sampling the mask as a float image, without converting whole masks to float.
+
+    Args:
+        coords: ``[..., 2]`` (x, y) in ``[0, 1]``.
+        height: mask height.
+        width: mask width.
+
+    Returns:
+        ``[...]`` int64 flat indices into a ``height * width`` mask.
+    """
+    grid = 2.0 * coords - 1.0
+    x = ((grid[..., 0] + 1.0) * width - 1.0) / 2.0
+    y = ((grid[..., 1] + 1.0) * height - 1.0) / 2.0
+    xi = torch.round(x).long().clamp_(0, width - 1)
+    yi = torch.round(y).long().clamp_(0, height - 1)
+    return yi * width + xi
+
+
+def sample_mask_points(masks: Tensor, target_idx: Tensor, coords: Tensor) -> Tensor:
+    """Nearest-sample ground-truth masks at per-row points.
+
+    Args:
+        masks: ``[N, H, W]`` bool (or any dtype) masks of one image.
+        target_idx: ``[M]`` int64 rows of ``masks`` to sample.
+        coords: ``[M, P, 2]`` points (x, y) in ``[0, 1]``, one set per row, or ``[P, 2]`` shared by all rows.
+
+    Returns:
+        ``[M, P]`` float32 in {0, 1}.
+    """
+    height, width = masks.shape[-2:]
+    pixel = nearest_pixel_index(coords, height, width)  # [M, P] or [P]
+    if pixel.dim() == 1:
+        # Shared points: pick the pixel columns first, then the rows (never copies whole masks).
+        return masks.reshape(masks.shape[0], height * width)[:, pixel][target_idx].float()  # [M, P]
+    flat_index = target_idx.unsqueeze(1) * (height * width) + pixel  # [M, P] into the flattened [N*H*W]
+    return masks.reshape(-1)[flat_index].float()
+
+
+class ImportancePointSampler:
+    """PointRend importance sampling of loss points, on no-grad logits.
+
+    Draw ``oversample_ratio x P`` uniform candidates, keep the ``importance_ratio x P`` most uncertain ones
+    (uncertainty ``-|logit|`` at the bilinearly sampled point, i.e. closest to the decision boundary) and fill
+    the rest with fresh uniform points. Defaults 3 and 0.75 are upstream RF-DETR's (and Mask2Former's). The
+    draws come from ``generator`` (``None`` = torch's global RNG, which the engine seeds and checkpoints).
+
+    Call: ``sampler(mask_logits [M, 1, h, w], num_points) -> [M, num_points, 2]``.
+    """
+
+    def __init__(
+        self,
+        oversample_ratio: float = 3.0,
+        importance_ratio: float = 0.75,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if oversample_ratio < 1.0:
+            raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}")
+        if not 0.0 <= importance_ratio <= 1.0:
+            raise ValueError(f"importance_ratio must be in [0, 1], got {importance_ratio}")
+        self.oversample_ratio = oversample_ratio
+        self.importance_ratio = importance_ratio
+        self.generator = generator
+
+    @torch.no_grad()
+    def __call__(self, mask_logits: Tensor, num_points: int) -> Tensor:
+        num_masks = mask_logits.shape[0]
+        device = mask_logits.device
+        num_candidates = int(num_points * self.oversample_ratio)
+        candidates = torch.rand(num_masks, num_candidates, 2, device=device, generator=self.generator)
+        uncertainty = -sample_points(mask_logits, candidates)[:, 0].abs()  # [M, num_candidates]
+        num_uncertain = int(self.importance_ratio * num_points)
+        top = uncertainty.topk(num_uncertain, dim=1).indices  # [M, num_uncertain]
+        points = candidates.gather(1, top.unsqueeze(-1).expand(-1, -1, 2))  # [M, num_uncertain, 2]
+        num_random = num_points - num_uncertain
+        if num_random > 0:
+            fresh = torch.rand(num_masks, num_random, 2, device=device, generator=self.generator)
+            points = torch.cat([points, fresh], dim=1)
+        return points
+
+
+class UniformPointSampler:
+    """Uniform points shared by every prediction and target of a batch (the matcher's mask costs).
+
+    Call: ``sampler(num_points, device) -> [num_points, 2]``.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def __call__(self, num_points: int, device: torch.device) -> Tensor:
+        return torch.rand(num_points, 2, device=device, generator=self.generator)
+
+
+def loss_num_points(height: int, width: int, ratio: int) -> int:
+    """Points per matched mask in the loss: ``max(h, h*w // ratio)`` (upstream RF-DETR's rule)."""
+    return max(height, height * width // ratio)
+
+
+def match_num_points(height: int, width: int, ratio: int) -> int:
+    """Points shared by the batch in the matcher's mask costs: ``h*w // ratio`` (at least 1)."""
+    return max(1, height * width // ratio)
