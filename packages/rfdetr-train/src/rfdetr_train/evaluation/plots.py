@@ -1,0 +1,117 @@
+"""PNG plots of one validation: confusion matrix, precision-recall and F1-confidence curves (matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rfdetr_core.atomic_io import atomic_path
+from rfdetr_train.evaluation.coco_matching import REC_THRS
+from rfdetr_train.evaluation.confusion import ConfusionMatrix
+from rfdetr_train.evaluation.per_class import CONF_GRID, class_matches, f1_confidence_curve
+
+MAX_LABELLED = 30  # beyond this many classes, curves are drawn without a legend entry each
+
+
+def _figure(size=(7, 5)):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt, plt.figure(figsize=size, dpi=110)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(cm: ConfusionMatrix, path: str | Path) -> Path:
+    """Counts in each cell, colour = share of the true class's column (so rare classes stay readable)."""
+    labels = [*cm.names, "background"]
+    n = len(labels)
+    size = min(4 + 0.35 * n, 24)
+    plt, fig = _figure((size + 1, size))
+    ax = fig.add_subplot(111)
+    col = cm.matrix.sum(axis=0, keepdims=True)
+    share = np.divide(cm.matrix, np.maximum(col, 1))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if n <= 40:
+        for i in range(n):
+            for j in range(n):
+                v = int(cm.matrix[i, j])
+                if v:
+                    ax.text(
+                        j,
+                        i,
+                        str(v),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="k" if share[i, j] < 0.6 else "w",
+                    )
+    ticks = np.arange(n)
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
+    ax.set_yticks(ticks, labels, fontsize=7)
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    ax.set_title(f"confusion matrix (IoU {cm.iou:g}, best-F1 confidence per class)")
+    return _save(plt, fig, Path(path))
+
+
+def plot_pr_curves(report, kind: str, path: str | Path) -> Path:
+    """COCO-interpolated precision against recall at IoU 0.5, per class and mean."""
+    res = report.results[kind]
+    prec = res.precision[0, :, :, 0, -1]  # [R, K] IoU 0.5, area all, largest maxDets
+    plt, fig = _figure()
+    ax = fig.add_subplot(111)
+    valid = [k for k in range(prec.shape[1]) if prec[0, k] > -1]
+    names = [r.name for r in report.per_class[kind]]
+    for k in valid:
+        lbl = f"{names[k]} {np.mean(prec[:, k]):.3f}" if len(valid) <= MAX_LABELLED else None
+        ax.plot(REC_THRS, prec[:, k], lw=0.8, label=lbl)
+    if valid:
+        mean = prec[:, valid].mean(axis=1)
+        ax.plot(REC_THRS, mean, lw=2.5, color="k", label=f"all classes {mean.mean():.3f} AP50")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"precision-recall ({kind}, IoU 0.5)")
+    ax.legend(fontsize=6, loc="lower left")
+    return _save(plt, fig, Path(path))
+
+
+def plot_f1_curves(report, kind: str, path: str | Path) -> Path:
+    """F1 against the confidence threshold at IoU 0.5, per class and mean."""
+    res = report.results[kind]
+    plt, fig = _figure()
+    ax = fig.add_subplot(111)
+    names = [r.name for r in report.per_class[kind]]
+    curves = []
+    for k in range(len(res.cat_ids)):
+        n_gt = int(res.matches.num_gt[k])
+        if n_gt == 0:
+            continue
+        scores, tp = class_matches(res, k)
+        f1 = f1_confidence_curve(scores, tp, n_gt)
+        curves.append(f1)
+        ax.plot(CONF_GRID, f1, lw=0.8, label=names[k] if len(names) <= MAX_LABELLED else None)
+    if curves:
+        mean = np.mean(curves, axis=0)
+        best = int(np.argmax(mean))
+        ax.plot(
+            CONF_GRID, mean, lw=2.5, color="k", label=f"all classes {mean[best]:.2f} at {CONF_GRID[best]:.2f}"
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("F1")
+    ax.set_title(f"F1-confidence ({kind}, IoU 0.5)")
+    ax.legend(fontsize=6, loc="lower left")
+    return _save(plt, fig, Path(path))
