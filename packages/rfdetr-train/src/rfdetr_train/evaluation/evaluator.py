@@ -244,6 +244,13 @@ class Evaluator:
             )
         )
 
+    def add_detection_set(self, detections: DetectionSet, image_ids) -> None:
+        """Add detections of many images at once (e.g. a results file); ``image_ids`` are the evaluated
+        images, including those without detections."""
+        self._seen.extend(int(i) for i in image_ids)
+        self._with_masks = detections.rles is not None
+        self._parts.append(detections)
+
     # -- results -----------------------------------------------------------------------------------------
     def _gathered(self) -> tuple[DetectionSet, list[int]]:
         parts, seen = self._parts, self._seen

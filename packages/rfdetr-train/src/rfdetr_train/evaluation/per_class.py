@@ -29,6 +29,7 @@ class ClassRow:
     name: str
     images: int
     instances: int
+    detections: int
     AP: float
     AP50: float
     AP75: float
@@ -45,7 +46,9 @@ def best_f1(scores: np.ndarray, tp: np.ndarray, num_gt: int) -> tuple[float, flo
         scores: ``[n]`` scores of the (non-ignored) detections; tp: ``[n]`` bool true positives.
         num_gt: ground truths to find. Returns zeros and ``nan`` confidence when nothing can be found.
     """
-    if scores.size == 0 or num_gt == 0:
+    if num_gt == 0:  # recall undefined; precision is 0 when the class was predicted anyway
+        return (0.0 if scores.size else math.nan), math.nan, math.nan, math.nan
+    if scores.size == 0:
         return 0.0, 0.0, 0.0, math.nan
     order = np.argsort(-scores, kind="mergesort")
     s, t = scores[order], tp[order]
@@ -104,6 +107,7 @@ def per_class_table(result: CocoResult, gt: GroundTruthSet) -> list[ClassRow]:
                 name=gt.categories.get(int(cat), str(cat)),
                 images=len(set(gt.image_id[of_cat].tolist())),
                 instances=int(np.count_nonzero(of_cat)),
+                detections=int(np.count_nonzero(result.matches.cat_index == k)),
                 AP=mean(prec),
                 AP50=mean(prec[0]),
                 AP75=mean(prec[t75]),
@@ -123,12 +127,16 @@ def overall_best_f1(result: CocoResult) -> tuple[float, float, float, float]:
     return best_f1(m.score[sel], m.matched_gt[sel] >= 0, int(m.num_gt.sum()))
 
 
-def format_table(rows: list[ClassRow], title: str = "") -> str:
-    """A fixed-width terminal table (numbers as in COCO, 3 decimals; ``-`` for undefined)."""
+def format_table(rows: list[ClassRow], title: str = "", skip_empty: bool = True) -> str:
+    """A fixed-width terminal table (3 decimals; ``-`` for undefined); ``skip_empty`` leaves out classes
+    with neither ground truth nor detections (the CSV keeps them)."""
+    if skip_empty:
+        hidden = sum(1 for r in rows if r.instances == 0 and r.detections == 0)
+        rows = [r for r in rows if r.instances or r.detections]
     width = max([len("class"), *(len(r.name) for r in rows)]) if rows else 5
     width = min(width, 28)
     head = (
-        f"{'class':<{width}} {'images':>7} {'inst':>7} {'AP':>6} {'AP50':>6} {'AP75':>6} "
+        f"{'class':<{width}} {'images':>7} {'inst':>7} {'dets':>7} {'AP':>6} {'AP50':>6} {'AP75':>6} "
         f"{'P':>6} {'R':>6} {'F1':>6} {'conf':>6}"
     )
 
@@ -139,9 +147,11 @@ def format_table(rows: list[ClassRow], title: str = "") -> str:
     for r in rows:
         name = r.name if len(r.name) <= width else r.name[: width - 1] + "~"
         lines.append(
-            f"{name:<{width}} {r.images:>7d} {r.instances:>7d} {f(r.AP)} {f(r.AP50)} {f(r.AP75)} "
+            f"{name:<{width}} {r.images:>7d} {r.instances:>7d} {r.detections:>7d} {f(r.AP)} {f(r.AP50)} {f(r.AP75)} "
             f"{f(r.precision)} {f(r.recall)} {f(r.f1)} {f(r.confidence)}"
         )
+    if skip_empty and hidden:
+        lines.append(f"({hidden} classes without ground truth or detections not shown)")
     return "\n".join(lines)
 
 
