@@ -1,0 +1,136 @@
+"""``rfdetr_train.train(...)`` and ``rfdetr_train.val(...)``: the Python API the CLI also goes through."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rfdetr_core.atomic_io import atomic_write_text
+from rfdetr_core.errors import RFDETRError
+from rfdetr_train.engine import recipes
+from rfdetr_train.engine.options import build_run_config, dump_yaml, load_saved
+from rfdetr_train.engine.run_dir import new_run_dir, resolve_resume, run_dir_of
+
+log = logging.getLogger("rfdetr_train")
+
+
+def _setup_logging(main: bool) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if main else logging.WARNING)
+
+
+@dataclass
+class Parts:
+    """What the :class:`~rfdetr_train.engine.trainer.Trainer` runs on."""
+
+    accelerator: Any
+    variant: Any
+    model: Any
+    resolution: tuple[int, int]
+    preprocess: Any
+    class_map: Any
+    data: Any
+    train_loader: Any
+    val_loader: Any
+    criterion: Any
+    evaluator: Any
+
+
+def _broadcast(accelerator, value):
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def train(config: str | os.PathLike | None = None, **options: Any):
+    """Train a model; returns a :class:`~rfdetr_train.engine.trainer.TrainResult`.
+
+    Options are those of ``python -m rfdetr_train`` in snake_case (``data``, ``model``, ``weights``,
+    ``epochs`` or ``steps``, ``batch_size``, ``grad_accum``, ``lr``, ``resolution``, ``ema_decay``,
+    ``num_queries``, ``eval_max_dets``, ``seed``, ``device``, ``workers``, ``steps_per_validation``,
+    ``test_limit``, ``output``, ``name``, ``resume``, ``skip_invalid``, ...), plus every field of
+    :class:`~rfdetr_train.config.RunConfig`; ``config`` is a YAML file of the same options. Without any
+    option it trains ``seg-tiny`` on the built-in synthetic dataset (the CPU demo).
+    """
+    import torch
+
+    from rfdetr_train.engine.setup import (
+        build_criterion_for,
+        build_loaders,
+        build_train_model,
+        load_data,
+        make_accelerator,
+        resolve_variant,
+    )
+    from rfdetr_train.engine.state import TrainingState
+    from rfdetr_train.engine.trainer import Trainer
+
+    run = build_run_config(options, config)
+    resume_state = None
+    if run.train.resume is not None:
+        last = resolve_resume(run.train.resume, run.train.output)
+        run_dir = run_dir_of(last)
+        saved = load_saved(run_dir / "config.yaml")
+        ignored = sorted(k for k, v in options.items() if v is not None and k not in ("resume", "output"))
+        if ignored:
+            log.warning("--resume continues %s with its saved configuration; ignoring %s.", run_dir, ignored)
+        run = saved.model_copy(update={"train": saved.train.model_copy(update={"resume": str(last)})})
+        resume_state = TrainingState(last)
+    variant = resolve_variant(run.train.model, run.train.weights, run.train.num_queries)
+    run = run.model_copy(update={"train": recipes.resolve(run.train, variant)})
+    cfg = run.train
+    if cfg.drop_path:
+        raise RFDETRError("drop_path is not supported by this version of the model; leave it at 0.")
+    acc = make_accelerator(cfg.device, cfg.mixed_precision, cfg.grad_accum)
+    _setup_logging(acc.is_main_process)
+    torch.manual_seed(cfg.seed)  # same initial weights in every process (DDP also broadcasts them)
+    if resume_state is None:
+        run_dir = Path(
+            _broadcast(acc, str(new_run_dir(cfg.output, cfg.name)) if acc.is_main_process else None)
+        )
+    if acc.is_main_process:
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(run))
+        log.info("run directory: %s", run_dir)
+    data = load_data(run, variant)
+    built = build_train_model(variant, len(data.class_map), cfg.weights, cfg.parsed_resolution())
+    train_loader, val_loader = build_loaders(run, data, variant, built.resolution, built.preprocess, acc)
+    evaluator = None
+    if val_loader is not None:
+        from rfdetr_train.evaluation.evaluator import Evaluator
+
+        evaluator = Evaluator.from_config(
+            data.coco_gt("val"), run.eval, class_map=data.class_map, accelerator=acc, training=True
+        )
+    if acc.is_main_process:
+        what = f"from {cfg.weights}" if cfg.weights else "from scratch"
+        log.info(
+            "training %s (%s recipe, %s) at %dx%d on %s: %d classes, %d train images, batch %d x %d accum x %d "
+            "processes, mixed precision %s",
+            variant.name, cfg.recipe, what, built.resolution[0], built.resolution[1], acc.device,
+            len(data.class_map), len(train_loader.dataset), cfg.batch_size, cfg.grad_accum, acc.num_processes,
+            acc.mixed_precision,
+        )  # fmt: skip
+    parts = Parts(
+        accelerator=acc,
+        variant=variant,
+        model=built.model,
+        resolution=built.resolution,
+        preprocess=built.preprocess,
+        class_map=data.class_map,
+        data=data,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        criterion=build_criterion_for(variant, len(data.class_map)),
+        evaluator=evaluator,
+    )
+    return Trainer(run, run_dir, parts, resume_state).fit()

@@ -1,0 +1,72 @@
+"""``rfdetr-train val``: validate a weights file on a dataset split and write the reports."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from rfdetr_core.errors import RFDETRError
+
+log = logging.getLogger("rfdetr_train")
+
+
+def val(weights: str, split: str = "val", config: str | None = None, **options: Any):
+    """Validate ``weights`` on ``split`` of ``data`` (default: the synthetic dataset); returns the
+    :class:`~rfdetr_train.evaluation.evaluator.EvalReport`.
+
+    Options: ``data`` (and the other data options), ``batch_size``, ``device``, ``workers``,
+    ``eval_max_dets``, ``output`` (reports folder; default ``runs/val``, ``runs/val2``, ...).
+    """
+    from rfdetr_core.factory import load_model
+    from rfdetr_train.data import build_val_loader
+    from rfdetr_train.engine.api import _setup_logging
+    from rfdetr_train.engine.options import build_run_config
+    from rfdetr_train.engine.run_dir import next_free_dir
+    from rfdetr_train.engine.setup import load_data, make_accelerator
+    from rfdetr_train.engine.validation import evaluate, image_loader_for, summary_line, write_reports
+    from rfdetr_train.evaluation.evaluator import Evaluator
+
+    output = options.pop("output", None)
+    batch_size = options.pop("batch_size", None) or 8
+    run = build_run_config(options, config)
+    acc = make_accelerator(run.train.device, run.train.mixed_precision, 1)
+    _setup_logging(acc.is_main_process)
+    loaded = load_model(weights=weights)
+    data = load_data(run, loaded.variant)
+    gt_cats = {c.category_id: c.name for c in data.class_map.entries}
+    model_cats = {c.category_id: c.name for c in loaded.class_map.entries}
+    if not set(gt_cats) & set(model_cats):
+        raise RFDETRError(
+            f"{weights} predicts category ids {sorted(model_cats)[:10]} but the dataset has "
+            f"{sorted(gt_cats)[:10]}: these weights were not trained on this dataset's classes."
+        )
+    workers = run.data.workers if run.data.workers is not None else 0
+    loader = build_val_loader(
+        data,
+        resolution=loaded.resolution,
+        batch_size=batch_size,
+        split=split,
+        workers=workers,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        preprocess=loaded.preprocess,
+        pin_memory=acc.device.type == "cuda",
+    )
+    evaluator = Evaluator.from_config(
+        data.coco_gt(split), run.eval, class_map=loaded.class_map, accelerator=acc, training=False
+    )
+    model = loaded.model.to(acc.device)
+    report = evaluate(model, loader, evaluator, acc)
+    if acc.is_main_process:
+        out = Path(output) if output else next_free_dir(Path(run.train.output), "val")
+        out.mkdir(parents=True, exist_ok=True)
+        print(
+            f"{Path(weights).name} on {split} ({len(loader.image_ids)} images): {summary_line(report.metrics)}"
+        )
+        print(report.summary_text())
+        print(report.per_class_text())
+        write_reports(out, report, {"weights": str(weights), "split": split}, run.eval, "segm/AP", True,
+                      load_image=image_loader_for(data, split))  # fmt: skip
+        print(f"reports written to {out}")
+    return report

@@ -1,0 +1,186 @@
+"""Everything a run needs, built from a resolved :class:`~rfdetr_train.config.RunConfig`.
+
+The accelerator (device, processes, mixed precision), the dataset and its loaders (sharded per process), the
+model (random init or ``--weights``, heads sized to the dataset's classes), the criterion and the evaluator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rfdetr_core.errors import RFDETRError
+from rfdetr_core.preprocess import PreprocessConfig
+from rfdetr_core.variants import Variant, get_variant
+
+log = logging.getLogger("rfdetr_train")
+
+DEFAULT_VARIANT = "seg-tiny"
+
+
+def pick_mixed_precision(requested: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA cards with native bf16, fp16 on older cards, fp32 (``no``) on CPU."""
+    if requested != "auto":
+        if requested in ("bf16", "fp16") and device.type == "cpu" and requested == "fp16":
+            raise RFDETRError(
+                "fp16 mixed precision needs a CUDA device; use --mixed-precision bf16 or no on CPU."
+            )
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "no"
+
+
+def make_accelerator(device: str | None, mixed_precision: str, grad_accum: int):
+    """An ``accelerate.Accelerator`` on ``device`` (``cpu``, ``cuda``, ``cuda:1``; None = Accelerate's choice).
+
+    ``accelerate launch`` decides the device of each process; ``--device`` then may only say ``cpu``/``cuda``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cpu = device is not None and device.strip().lower() == "cpu"
+    if device and not cpu:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RFDETRError(f"--device {device}: CUDA is not available on this machine; use --device cpu.")
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if dev.index is not None and not launched:
+            # a single process on a chosen card; under `accelerate launch` each process picks its own card
+            os.environ["ACCELERATE_TORCH_DEVICE"] = str(dev)
+    probe = torch.device("cpu") if cpu or not torch.cuda.is_available() else torch.device("cuda")
+    # Every parameter takes part in every step (the criterion keeps empty-target images in the graph), so
+    # DDP does not need the slow unused-parameter search.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=pick_mixed_precision(mixed_precision, probe),
+        gradient_accumulation_steps=grad_accum,
+        kwargs_handlers=[ddp],
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def resolve_variant(model: str | None, weights: str | None, num_queries: int | None) -> Variant:
+    """The variant: ``--model``, else the one the weights name or file says, else seg-tiny."""
+    if model is not None:
+        v = get_variant(model)
+    elif weights is not None:
+        v = _variant_of_weights(weights)
+    else:
+        v = get_variant(DEFAULT_VARIANT)
+    if num_queries is not None and num_queries != v.num_queries:
+        v = v.with_overrides(num_queries=num_queries)
+    return v
+
+
+def _variant_of_weights(weights: str) -> Variant:
+    from pathlib import Path
+
+    if not Path(weights).expanduser().is_file():
+        from rfdetr_core.weights.download import resolve_official_name
+
+        v = resolve_official_name(weights)
+        if v is None:
+            raise RFDETRError(
+                f"--weights {weights!r}: no such file, and not the name of official weights (e.g. seg-nano)."
+            )
+        return v
+    from rfdetr_core.weights.files import read_weights_file
+
+    wf = read_weights_file(weights)
+    if wf.variant is None:
+        raise RFDETRError(f"{weights}: cannot tell which variant these weights are for; pass --model.")
+    return get_variant(wf.variant)
+
+
+@dataclass
+class ModelSetup:
+    model: nn.Module
+    variant: Variant
+    resolution: tuple[int, int]
+    preprocess: PreprocessConfig
+
+
+def build_train_model(
+    variant: Variant, num_classes: int, weights: str | None, resolution: tuple[int, int] | None
+) -> ModelSetup:
+    """The model to train: random init, or ``weights`` with class heads resized to ``num_classes``."""
+    if weights is None:
+        from rfdetr_core.models import build_model
+
+        model = build_model(variant, num_classes=num_classes, num_queries=variant.num_queries)
+        res = resolution or (variant.resolution, variant.resolution)
+        preprocess = PreprocessConfig()
+    else:
+        from rfdetr_core.factory import load_model
+
+        loaded = load_model(variant.name, num_classes=num_classes, weights=weights)
+        model = loaded.model
+        if model.num_queries != variant.num_queries:
+            raise RFDETRError(
+                f"--num-queries {variant.num_queries} differs from the {model.num_queries} queries of "
+                f"{weights}; fine-tuning keeps the file's query count."
+            )
+        res = resolution or loaded.resolution
+        preprocess = loaded.preprocess
+    variant.check_resolution(*res)
+    return ModelSetup(model, variant, tuple(res), preprocess)
+
+
+def load_data(run, variant: Variant):
+    """The checked dataset of ``run.data`` (the synthetic one without a path) and its class map."""
+    from rfdetr_train.data import load_from_config
+
+    return load_from_config(run.data, max_instances=variant.num_queries)
+
+
+def build_loaders(run, data, variant: Variant, resolution, preprocess: PreprocessConfig, accelerator):
+    """Training and validation loaders of this process's shard (validation: ``None`` without a val split)."""
+    from rfdetr_train.data import build_train_loader, build_val_loader, default_workers
+
+    cfg = run.train
+    workers = run.data.workers if run.data.workers is not None else default_workers()
+    pin = accelerator.device.type == "cuda"
+    train_loader = build_train_loader(
+        data,
+        resolution=resolution,
+        size_multiple=variant.size_multiple,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        workers=workers,
+        transforms=run.data.transforms,
+        multi_scale=run.data.multi_scale,
+        multi_scale_steps=run.data.multi_scale_steps,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        preprocess=preprocess,
+        pin_memory=pin,
+    )
+    val_loader = None
+    if "val" in data.splits:
+        val_loader = build_val_loader(
+            data,
+            resolution=resolution,
+            batch_size=cfg.val_batch_size or 2 * cfg.batch_size,
+            split="val",
+            limit=cfg.test_limit,
+            workers=min(workers, 2),
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            preprocess=preprocess,
+            pin_memory=pin,
+        )
+    else:
+        log.warning("The dataset has no validation split: no validation, best.safetensors = last weights.")
+    return train_loader, val_loader
+
+
+def build_criterion_for(variant: Variant, num_classes: int):
+    from rfdetr_train.losses import build_criterion
+
+    return build_criterion(num_classes, variant.group_detr, segmentation=variant.is_segmentation)
