@@ -2,49 +2,90 @@
 
 ``torch.ops.rfdetr.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)`` is the
 single entry point that ``rfdetr_core.models`` calls (so ``models/`` imports only torch). Shapes are those of
-:func:`rfdetr_core.ops.deform_attn.ms_deform_attn_pytorch`.
+:func:`rfdetr_core.ops.deform_attn.ms_deform_attn_pytorch`; the three tensors are promoted to one common
+dtype, which the output has.
 
-The pure-PyTorch implementation is registered as ``CompositeImplicitAutograd``: autograd, ``torch.compile``
-and ONNX export trace straight through it. ``RFDETR_DEFORM_ATTN=auto|cuda|pytorch`` chooses the backend
-(see :func:`deform_attn_backend`); the CUDA kernel from ``csrc/`` plugs in through the same op.
+The op is registered as ``CompositeImplicitAutograd``: CPU tensors, and CUDA tensors when
+``RFDETR_DEFORM_ATTN=pytorch`` (or ``auto`` with no buildable kernel), run the pure-PyTorch path, which
+autograd, ``torch.compile`` and ONNX export trace straight through. Other CUDA tensors go to the kernel from
+``csrc/`` (``torch.ops.rfdetr._ms_deform_attn_cuda``, built just in time, autograd in C++, fake
+implementations for ``torch.compile``); see :mod:`rfdetr_core.ops.cuda_ext`.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from rfdetr_core.ops.cuda_ext import (
+    BACKEND_ENV,
+    KernelBuildError,
+    check_kernel_inputs,
+    kernel_loaded,
+    requested_backend,
+    use_cuda_kernel,
+)
 from rfdetr_core.ops.deform_attn import ms_deform_attn_pytorch
 
-BACKEND_ENV = "RFDETR_DEFORM_ATTN"
-_BACKENDS = ("auto", "cuda", "pytorch")
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention on the backend chosen by ``RFDETR_DEFORM_ATTN``.
+
+    Args:
+        value: ``[B, S, M, D]``, ``S = sum(H_l * W_l)``.
+        spatial_shapes: flat ``[H_0, W_0, H_1, W_1, ...]``.
+        sampling_locations: ``[B, Q, M, L, P, 2]`` (x, y) in [0, 1].
+        attention_weights: ``[B, Q, M, L, P]``.
+
+    Returns:
+        ``[B, Q, M * D]`` in the common dtype of the three tensors.
+    """
+    dtype = torch.promote_types(
+        torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
+    )
+    # Casts are no-ops in the usual single-dtype case; they stay outside the kernel so autograd sees them.
+    value, sampling_locations, attention_weights = (
+        value.to(dtype),
+        sampling_locations.to(dtype),
+        attention_weights.to(dtype),
+    )
+    if value.is_cuda and use_cuda_kernel():
+        check_kernel_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+        return torch.ops.rfdetr._ms_deform_attn_cuda(
+            value, spatial_shapes, sampling_locations, attention_weights
+        )
+    return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+
 
 _lib = torch.library.Library("rfdetr", "DEF")
 _lib.define(
     "ms_deform_attn(Tensor value, SymInt[] spatial_shapes, Tensor sampling_locations, "
     "Tensor attention_weights) -> Tensor"
 )
-_lib.impl("ms_deform_attn", ms_deform_attn_pytorch, "CompositeImplicitAutograd")
-
-
-def requested_backend() -> str:
-    """The backend asked for by ``$RFDETR_DEFORM_ATTN`` (default ``auto``)."""
-    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if choice not in _BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={choice!r} is not one of {', '.join(_BACKENDS)}.")
-    return choice
+_lib.impl("ms_deform_attn", ms_deform_attn, "CompositeImplicitAutograd")
 
 
 def deform_attn_backend() -> str:
-    """The backend actually in use: ``"pytorch"`` until the CUDA extension is built and loaded."""
-    choice = requested_backend()
-    if choice == "cuda":
-        raise RuntimeError(
-            f"{BACKEND_ENV}=cuda but the CUDA deformable-attention extension is not available in this "
-            "build of rfdetr-core. Unset it or use RFDETR_DEFORM_ATTN=pytorch."
-        )
-    return "pytorch"
+    """The implementation CUDA tensors use now: ``"cuda"`` or ``"pytorch"``.
+
+    Resolves ``RFDETR_DEFORM_ATTN`` like a call on a CUDA tensor would (building the kernel if needed, raising
+    :class:`KernelBuildError` for ``cuda`` when it cannot be built); ``"pytorch"`` without a CUDA device.
+    """
+    if requested_backend() != "cuda" and not torch.cuda.is_available():
+        return "pytorch"
+    return "cuda" if use_cuda_kernel() else "pytorch"
 
 
-__all__ = ["BACKEND_ENV", "deform_attn_backend", "ms_deform_attn_pytorch", "requested_backend"]
+__all__ = [
+    "BACKEND_ENV",
+    "KernelBuildError",
+    "deform_attn_backend",
+    "kernel_loaded",
+    "ms_deform_attn",
+    "ms_deform_attn_pytorch",
+    "requested_backend",
+]
