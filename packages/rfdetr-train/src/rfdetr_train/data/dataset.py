@@ -9,6 +9,7 @@ sees the same samples.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -176,15 +177,17 @@ class InstanceDataset(torch.utils.data.Dataset):
         if plan.flip:
             out = out.flip(-1)
         masks = torch.zeros((len(rec.instances), oh, ow), dtype=torch.bool)
+        unflipped = replace(plan, flip=False)  # rasterise, then mirror: an exact flip, as for the image
         for i, inst in enumerate(rec.instances):
             if isinstance(inst.segmentation, tuple):
-                polys = [plan.map_points(p) for p in inst.segmentation]
+                polys = [unflipped.map_points(p) for p in inst.segmentation]
                 masks[i] = torch.from_numpy(rasterize_polygons(polys, oh, ow))
             else:
                 full = torch.from_numpy(decode(inst.segmentation, rec.height, rec.width))
                 part = full[y0:y1, x0:x1][None, None].to(torch.uint8)  # [1, 1, ch, cw]
-                m = F.interpolate(part, size=(oh, ow), mode="nearest-exact")[0, 0].bool()
-                masks[i] = m.flip(-1) if plan.flip else m
+                masks[i] = F.interpolate(part, size=(oh, ow), mode="nearest-exact")[0, 0].bool()
+        if plan.flip:
+            masks = masks.flip(-1)
         labels = torch.tensor([inst.slot for inst in rec.instances], dtype=torch.int64)
         return out, masks, labels
 

@@ -84,7 +84,9 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def _render(rng: np.random.Generator):
     """One image -> (PIL image, [(class, polygon [K,2], visible mask [h,w] bool, occluded)])."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
+
+    from rfdetr_train.data.masks import rasterize_polygons
 
     w, h = (int(v) for v in rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1, size=2))
     img = _background(rng, h, w)
@@ -98,10 +100,10 @@ def _render(rng: np.random.Generator):
         extent = rng.uniform(*EXTENT_RANGE) * min(h, w)
         radius = extent / 2
         cx, cy = rng.uniform(radius, w - radius), rng.uniform(radius, h - radius)
-        poly = _shape_polygon(cls, cx, cy, radius, rng.uniform(0, 2 * np.pi))
-        m_img = Image.new("L", (w, h), 0)
-        ImageDraw.Draw(m_img).polygon([tuple(p) for p in poly], fill=1)
-        mask = np.asarray(m_img, dtype=bool)
+        # rounded as stored in the JSON, so the stored polygon rasterises to exactly the painted pixels
+        poly = np.round(_shape_polygon(cls, cx, cy, radius, rng.uniform(0, 2 * np.pi)), 2)
+        # COCO's own rasteriser, so the painted pixels are exactly the annotation's mask
+        mask = rasterize_polygons([poly], h, w)
         if mask.sum() < 16:
             continue
         # every earlier object must keep MIN_VISIBLE of its pixels once this one is on top
@@ -143,7 +145,7 @@ def generate_split(out_dir: Path, split: str, seed: int, count: int) -> dict:
             if occluded:
                 seg = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
             else:
-                seg = [[round(float(v), 2) for v in poly.reshape(-1)]]
+                seg = [[float(v) for v in poly.reshape(-1)]]
             coco["annotations"].append(
                 {
                     "id": len(coco["annotations"]) + 1,
