@@ -122,9 +122,12 @@ class Trackers:
     def wandb_id(self) -> str | None:
         return next((t.id for t in self.items if isinstance(t, WandbTracker)), None)
 
-    def log(self, row: dict, step: int) -> None:
+    def log(self, row: dict, step: int, csv: bool = True) -> None:
+        """Log ``row`` everywhere; ``csv=False`` keeps it out of ``train_log.csv`` (validation metrics, which
+        ``results.csv`` holds)."""
         for t in self.items:
-            t.log(row, step)
+            if csv or not isinstance(t, CSVTracker):
+                t.log(row, step)
 
     def close(self) -> None:
         for t in self.items:

@@ -245,7 +245,7 @@ class Trainer:
                     self.eval_model.state_dict(),
                     self._meta(metrics=metrics),
                 )
-            self.trackers.log({f"val/{k}": v for k, v in _flat(metrics).items()}, self.step)
+            self.trackers.log({f"val/{k}": v for k, v in _flat(metrics).items()}, self.step, csv=False)
         self.acc.wait_for_everyone()
         return self.early.should_stop
 

@@ -1,0 +1,80 @@
+"""A tiny end-to-end run: run directory layout, weights files loadable by RFDETR.from_checkpoint, periodic
+validation with the per-class table, the `val` subcommand, and --resume path errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rfdetr_core.checkpoint import read_metadata
+from rfdetr_train.cli import main
+from rfdetr_train.data.synthetic import generate
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("synthetic"), seed=7, sizes={"train": 4, "val": 3, "test": 2})
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    import rfdetr_train
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("runs")
+    result = rfdetr_train.train(
+        data=str(dataset), output=str(out), steps=4, batch_size=2, resolution=64, workers=0,
+        steps_per_validation=2, test_limit=2, progress=False, plots=False, gallery_images=0,
+    )  # fmt: skip
+    return result
+
+
+def test_run_directory_layout_and_weights(trained, dataset):
+    run = trained.run_dir
+    assert run.name == "train" and trained.step == 4 and trained.stopped == "completed"
+    for name in ("config.yaml", "last.safetensors", "best.safetensors", "results.csv", "metrics.json",
+                 "train_log.csv", "per_class_segm.csv", "checkpoints/last/state.json",
+                 "checkpoints/last/model.safetensors", "checkpoints/last/optimizer.safetensors",
+                 "checkpoints/last/ema.safetensors", "checkpoints/last/rng_rank0.safetensors"):  # fmt: skip
+        assert (run / name).is_file(), name
+    assert not list(run.rglob("*.pt*")) and not list(run.rglob("*.pkl"))
+    # validated every 2 steps on the first 2 validation images
+    results = (run / "results.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in results[1:]] == ["2", "4"]
+    assert [h[0] for h in trained.history] == [2, 4]
+    meta = read_metadata(run / "best.safetensors")
+    assert meta["variant"] == "seg-tiny" and meta["resolution"] == [64, 64]
+    names = [c["name"] for c in meta["class_map"]["classes"]]
+    assert names == ["circle", "triangle", "star"]
+    assert json.loads((run / "metrics.json").read_text())["last"]["step"] == 4
+
+    from rfdetr_core.predict import RFDETR
+
+    model = RFDETR.from_checkpoint(run / "last.safetensors", device="cpu")
+    assert model.class_names == names and model.resolution == (64, 64)
+    dets = model.predict(str(dataset / "images" / "val" / "00000.jpg"), threshold=0.0)
+    assert dets is not None
+
+
+def test_periodic_validation_prints_per_class_table(dataset, tmp_path, capsys):
+    code = main(["--data", str(dataset), "--output", str(tmp_path), "--steps", "2", "--batch-size", "2",
+                 "--resolution", "64", "--workers", "0", "--steps-per-validation", "1", "--test-limit", "2"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "validation at step 1" in out and "validation at step 2" in out
+    assert out.count("per class (segm)") == 2 and "triangle" in out
+
+
+def test_val_subcommand_and_resume_errors(trained, dataset, tmp_path, capsys):
+    code = main(["val", "--weights", str(trained.run_dir / "best.safetensors"), "--data", str(dataset),
+                 "--split", "test", "--workers", "0", "--output", str(tmp_path / "v")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "per class (segm)" in out and (tmp_path / "v" / "metrics.json").is_file()
+    code = main(["--resume", str(trained.run_dir / "best.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 1 and "--weights" in err
+    code = main(["--resume", "--output", str(tmp_path / "empty")])
+    assert code == 1 and "no run" in capsys.readouterr().err

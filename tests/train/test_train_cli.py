@@ -1,0 +1,67 @@
+"""CLI / YAML / Python options -> RunConfig, recipes, and the train/val handlers end to end (tiny runs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rfdetr_core.variants import get_variant
+from rfdetr_train.cli import build_parser, normalize_argv
+from rfdetr_train.engine import recipes
+from rfdetr_train.engine.commands import _options
+from rfdetr_train.engine.config import TrainConfig, parse_resolution
+from rfdetr_train.engine.options import ConfigError, build_run_config, route
+
+
+def _parse(*argv):
+    return build_parser().parse_args(normalize_argv(list(argv)))
+
+
+def test_cli_flags_land_in_their_sections():
+    args = _parse(
+        "--data", "ds", "--steps", "40", "--batch_size", "3", "--eval-max-dets", "50", "--test-limit", "20",
+        "--steps-per-validation", "20", "--workers", "0", "--skip-invalid", "--resolution", "96x128",
+        "--resume",
+    )  # fmt: skip
+    run = build_run_config(_options(args))
+    assert run.data.path == "ds" and run.data.workers == 0 and run.data.skip_invalid
+    assert run.eval.max_dets == 50
+    t = run.train
+    assert (t.steps, t.batch_size, t.test_limit, t.steps_per_validation) == (40, 3, 20, 20)
+    assert t.parsed_resolution() == (96, 128)
+    assert t.resume == ""  # --resume alone: the newest run
+    assert not _parse().skip_invalid and build_run_config(_options(_parse())).data.skip_invalid is False
+
+
+def test_yaml_file_nested_or_flat_and_cli_wins(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "lr: 0.002\nmax_dets: 30\ntrain:\n  steps: 7\n  warmup_steps: 3\ndata:\n  transforms: none\n"
+    )
+    run = build_run_config({"steps": 9}, f)
+    assert (run.train.lr, run.train.steps, run.train.warmup_steps) == (0.002, 9, 3)
+    assert run.eval.max_dets == 30 and run.data.transforms == "none"
+
+
+def test_unknown_and_invalid_options_are_named():
+    with pytest.raises(ConfigError, match="'batch_sise'.*batch_size"):
+        route({"batch_sise": 4})
+    with pytest.raises(ConfigError, match="batch_size"):
+        build_run_config({"batch_size": 0})
+    with pytest.raises(ConfigError, match="epochs.*steps|either"):
+        build_run_config({"epochs": 2, "steps": 3})
+    with pytest.raises(Exception, match="HxW"):
+        parse_resolution("12by3")
+
+
+def test_recipes_fill_only_what_is_unset():
+    tiny = get_variant("seg-tiny")
+    r = recipes.resolve(TrainConfig(), tiny)
+    assert r.recipe == "scratch" and r.steps == recipes.SCRATCH["steps"] and r.epochs is None
+    assert r.lr_vit_layer_decay == 1.0
+    nano = get_variant("seg-nano")
+    f = recipes.resolve(TrainConfig(weights="seg-nano", lr=2e-4, batch_size=2), nano)
+    assert f.recipe == "finetune" and f.epochs == 100 and f.steps is None
+    assert (f.batch_size, f.grad_accum, f.lr_vit_layer_decay, f.lr_component_decay) == (2, 4, 0.8, 0.7)
+    assert f.lr_encoder == pytest.approx(3e-4)  # upstream ratio 1.5 kept when only --lr is given
+    assert (f.ema_decay, f.ema_tau, f.clip_grad_norm) == (0.993, 100.0, 0.1)
+    assert recipes.resolve(TrainConfig(epochs=3), tiny).steps is None
