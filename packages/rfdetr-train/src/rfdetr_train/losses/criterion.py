@@ -161,7 +161,8 @@ class SetCriterion(nn.Module):
 
     def num_boxes(self, batch: TargetBatch, device: torch.device) -> Tensor:
         """Loss normaliser: objects x active groups, averaged over processes (all-reduce), at least 1."""
-        count = torch.tensor(float(batch.total * self.active_groups), device=device)
+        # torch.full fills on the device; torch.tensor(value, device=cuda) would copy from pageable host memory.
+        count = torch.full((), float(batch.total * self.active_groups), device=device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(count)
             count = count / torch.distributed.get_world_size()

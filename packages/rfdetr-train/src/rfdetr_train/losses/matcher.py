@@ -112,10 +112,11 @@ class HungarianMatcher:
                 pixel = nearest_pixel_index(points, h, w)  # [P]
                 gt[b, : masks.shape[0]] = masks.reshape(masks.shape[0], h * w)[:, pixel].float()
         num_points = x.shape[2]
-        # BCE(x, 1) = softplus(-x), BCE(x, 0) = softplus(x); mean over points for every (query, object) pair.
+        # Mean BCE over points of every (query, object) pair. BCE(x, 0) = softplus(x) and BCE(x, 1) = softplus(x) - x,
+        # so the sum over points is rowsum(softplus(x)) - x . t: one elementwise pass and one product.
         bce = (
-            torch.bmm(F.softplus(-x), gt.transpose(1, 2)) + torch.bmm(F.softplus(x), (1 - gt).transpose(1, 2))
-        ) / (num_points)
+            F.softplus(x).sum(-1).unsqueeze(2) - torch.bmm(x, gt.transpose(1, 2))
+        ) / num_points  # [B, GQ, Tmax]
         prob = x.sigmoid()
         overlap = 2 * torch.bmm(prob, gt.transpose(1, 2))  # [B, GQ, Tmax]
         total = prob.sum(-1).unsqueeze(2) + gt.sum(-1).unsqueeze(1)
