@@ -90,18 +90,20 @@ def crop_runs(
         that continue from the bottom of one column into the top of the next merged.
     """
     n, hc, wc = crop.shape
-    col_major = crop.transpose(1, 2)  # [N, wc, hc]: nonzero() then walks each mask in COCO order
-    pad = torch.zeros((n, wc, 1), dtype=torch.bool, device=crop.device)
-    prev = torch.cat([pad, col_major[:, :, :-1]], dim=2)
-    nxt = torch.cat([col_major[:, :, 1:], pad], dim=2)
-    s = torch.nonzero(col_major & ~prev).cpu().numpy()  # [S, 3] (mask, col, row)
-    e = torch.nonzero(col_major & ~nxt).cpu().numpy()
+    col_major = crop.transpose(1, 2).to(torch.int8)  # [N, wc, hc]: nonzero() walks masks in COCO order
+    edges = torch.diff(
+        col_major, dim=2, prepend=col_major.new_zeros(n, wc, 1), append=col_major.new_zeros(n, wc, 1)
+    )
+    nz = torch.nonzero(edges)  # [E, 3] (mask, col, row): +1 = a run starts at row, -1 = it ends before row
+    sign = edges[nz[:, 0], nz[:, 1], nz[:, 2]].cpu().numpy()
+    nz = nz.cpu().numpy()
     r0, c0 = row0.cpu().numpy(), col0.cpu().numpy()
-    s_flat = (c0[s[:, 0]] + s[:, 1]) * height + r0[s[:, 0]] + s[:, 2]
-    e_flat = (c0[e[:, 0]] + e[:, 1]) * height + r0[e[:, 0]] + e[:, 2] + 1
-    s_mask, e_mask = s[:, 0], e[:, 0]
+    flat = (c0[nz[:, 0]] + nz[:, 1]) * height + r0[nz[:, 0]] + nz[:, 2]
+    is_start = sign > 0
+    s_mask, s_flat = nz[is_start, 0], flat[is_start]
+    e_mask, e_flat = nz[~is_start, 0], flat[~is_start]
     # A run ending on a column's last row and one starting on the next column's first row are one run.
-    if s_flat.size:
+    if s_flat.size and hc == height:
         stride = np.int64(height) * (int(c0.max()) + wc + 1)
         joined = np.intersect1d(e_mask * stride + e_flat, s_mask * stride + s_flat, assume_unique=True)
         if joined.size:
@@ -109,6 +111,33 @@ def crop_runs(
             keep_e = ~np.isin(e_mask * stride + e_flat, joined, assume_unique=True)
             s_mask, s_flat, e_mask, e_flat = s_mask[keep_s], s_flat[keep_s], e_mask[keep_e], e_flat[keep_e]
     return s_mask, s_flat, e_mask, e_flat
+
+
+def _interp_matrix(index0, index1, lam1, origin, size: int) -> torch.Tensor:
+    """``[c, n_out, size]`` bilinear weights of a crop: row ``j`` holds ``1 - lam1`` at ``index0 - origin``
+    and ``lam1`` at ``index1 - origin`` (the same cell twice at the image edge, weights adding to 1)."""
+    c, n_out = index0.shape
+    mat = torch.zeros((c, n_out, size), dtype=torch.float32, device=index0.device)
+    mat.scatter_add_(2, (index0 - origin[:, None]).clamp(0, size - 1)[..., None], (1.0 - lam1)[..., None])
+    mat.scatter_add_(2, (index1 - origin[:, None]).clamp(0, size - 1)[..., None], lam1[..., None])
+    return mat
+
+
+def _chunks(order: np.ndarray, hc: np.ndarray, wc: np.ndarray, budget: int):
+    """Group crops (sorted by area) so that padding every crop of a group to the group's largest height and
+    width costs at most about twice the real pixels, and a group stays within ``budget`` pixels."""
+    i = 0
+    while i < order.size:
+        j, mh, mw, real = i, 0, 0, 0
+        while j < order.size:
+            k = order[j]
+            nh, nw = max(mh, int(hc[k])), max(mw, int(wc[k]))
+            padded = nh * nw * (j - i + 1)
+            if j > i and (padded > budget or padded > 2 * (real + int(hc[k]) * int(wc[k])) + 65536):
+                break
+            mh, mw, real, j = nh, nw, real + int(hc[k]) * int(wc[k]), j + 1
+        yield order[i:j], mh, mw
+        i = j
 
 
 def logits_to_rle(
@@ -149,41 +178,30 @@ def logits_to_rle(
     ends_all: list[np.ndarray] = [np.zeros(0, np.int64)] * n
     order = np.argsort(area_crop, kind="stable")
     order = order[area_crop[order] > 0]
-    i = 0
-    while i < order.size:
-        # grow the chunk while padded size x count stays within budget (crops sorted by area)
-        j, mh, mw = i, 0, 0
-        while j < order.size:
-            nh, nw = max(mh, int(hc[order[j]])), max(mw, int(wc[order[j]]))
-            if j > i and nh * nw * (j - i + 1) > pixel_budget:
-                break
-            mh, mw, j = nh, nw, j + 1
-        idx = torch.as_tensor(order[i:j], device=device)
-        i = j
-        rows = r_lo[idx, None] + torch.arange(mh, device=device)  # [c, mh] source rows
-        cols = c_lo[idx, None] + torch.arange(mw, device=device)  # [c, mw]
-        row_ok = rows < r_hi[idx, None]
-        col_ok = cols < c_hi[idx, None]
-        rows, cols = rows.clamp(max=height - 1), cols.clamp(max=width - 1)
-        xc = x[idx]  # [c, h, w]
-        ar = torch.arange(idx.numel(), device=device)[:, None]
-        top, bot = xc[ar, yi0[rows]], xc[ar, yi1[rows]]  # [c, mh, w]
-        ly1 = ylam[rows][:, :, None]  # [c, mh, 1]
-        ly0 = 1.0 - ly1
-        lx1 = xlam[cols][:, None, :]  # [c, 1, mw]
-        lx0 = 1.0 - lx1
-        ar3 = ar[:, :, None]
-        c0i, c1i = xi0[cols][:, None, :], xi1[cols][:, None, :]  # [c, 1, mw]
-        r_ix = torch.arange(mh, device=device)[None, :, None]
-        # same association as PyTorch's kernel: rows' weights outside, columns' inside
-        val = ly0 * (lx0 * top[ar3, r_ix, c0i] + lx1 * top[ar3, r_ix, c1i]) + ly1 * (
-            lx0 * bot[ar3, r_ix, c0i] + lx1 * bot[ar3, r_ix, c1i]
-        )  # [c, mh, mw]
+    for members, mh, mw in _chunks(order, hc, wc, pixel_budget):
+        idx = torch.as_tensor(members, device=device)
+        c = idx.numel()
+        rows = (r_lo[idx, None] + torch.arange(mh, device=device)).clamp(
+            max=height - 1
+        )  # [c, mh] source rows
+        cols = (c_lo[idx, None] + torch.arange(mw, device=device)).clamp(max=width - 1)  # [c, mw]
+        row_ok = (r_lo[idx, None] + torch.arange(mh, device=device)) < r_hi[idx, None]
+        col_ok = (c_lo[idx, None] + torch.arange(mw, device=device)) < c_hi[idx, None]
+        # the grid cells a crop reads: rows gy0 .. gy0 + hs - 1, columns gx0 .. gx0 + ws - 1
+        gy0, gx0 = yi0[rows[:, 0]], xi0[cols[:, 0]]  # [c]
+        hs = int((yi1[rows[:, -1]] - gy0).max()) + 1
+        ws = int((xi1[cols[:, -1]] - gx0).max()) + 1
+        gy = (gy0[:, None] + torch.arange(hs, device=device)).clamp(max=h - 1)  # [c, hs]
+        gx = (gx0[:, None] + torch.arange(ws, device=device)).clamp(max=w - 1)  # [c, ws]
+        sub = x[idx[:, None, None], gy[:, :, None], gx[:, None, :]]  # [c, hs, ws]
+        wy = _interp_matrix(yi0[rows], yi1[rows], ylam[rows], gy0, hs)  # [c, mh, hs]
+        wx = _interp_matrix(xi0[cols], xi1[cols], xlam[cols], gx0, ws)  # [c, mw, ws]
+        # columns interpolated first, then rows, as PyTorch's bilinear kernel associates them
+        val = torch.bmm(wy, torch.bmm(sub, wx.transpose(1, 2)))  # [c, mh, mw]
         crop = (val > threshold) & row_ok[:, :, None] & col_ok[:, None, :]
         s_m, s_f, e_m, e_f = crop_runs(crop, r_lo[idx], c_lo[idx], height)
-        members = order[i - idx.numel() : i]
-        s_split = np.searchsorted(s_m, np.arange(idx.numel() + 1))
-        e_split = np.searchsorted(e_m, np.arange(idx.numel() + 1))
+        s_split = np.searchsorted(s_m, np.arange(c + 1))
+        e_split = np.searchsorted(e_m, np.arange(c + 1))
         for k, m in enumerate(members):
             starts_all[m] = s_f[s_split[k] : s_split[k + 1]]
             ends_all[m] = e_f[e_split[k] : e_split[k + 1]]
