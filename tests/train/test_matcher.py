@@ -244,3 +244,18 @@ def test_one_host_sync_per_match_on_cuda():
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, [str(w.message) for w in syncs]
     assert all(m.counts == (65, 0, 117, 39) for m in matches)
+
+
+def test_threaded_solver_gives_the_serial_result(monkeypatch):
+    import rfdetr_train.losses.matcher as matcher_module
+
+    out, targets = _case([3, 0, 4], nq=3 * 6, seed=10)
+    matcher = HungarianMatcher(match_point_sampler=_fixed_points)
+    monkeypatch.setattr(matcher_module, "_solver_threads", lambda: 1)
+    serial = matcher.match([out, out], _pack(targets), group_detr=3)
+    monkeypatch.setattr(matcher_module, "_solver_threads", lambda: 4)
+    monkeypatch.setattr(matcher_module, "_MIN_PROBLEMS_FOR_THREADS", 2)
+    threaded = matcher.match([out, out], _pack(targets), group_detr=3)
+    for a, b in zip(serial, threaded):
+        assert torch.equal(a.query_idx, b.query_idx) and torch.equal(a.target_idx, b.target_idx)
+        assert a.counts == b.counts == (9, 0, 12)

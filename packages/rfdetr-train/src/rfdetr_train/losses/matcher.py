@@ -14,6 +14,7 @@ the device in one non-blocking copy.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -165,8 +166,6 @@ class HungarianMatcher:
         Returns:
             One :class:`LayerMatches` per layer (``min(Q, n_b)`` pairs per image and group).
         """
-        from scipy.optimize import linear_sum_assignment
-
         if not layers:
             return []
         device = layers[0]["pred_logits"].device
@@ -200,7 +199,7 @@ class HungarianMatcher:
         flat = torch.where(finite, flat, sentinel)
         # Label range rides along with the costs: checked after the one transfer, no extra sync.
         label_range = torch.stack([batch.labels.min(), batch.labels.max()]).to(flat.dtype)
-        host = torch.cat([flat, label_range]).cpu().numpy()  # the step's single device -> host sync
+        host = _to_host(torch.cat([flat, label_range])).numpy()  # the step's single device -> host sync
         lo, hi = int(host[-2]), int(host[-1])
         for i, out in enumerate(layers):
             k = out["pred_logits"].shape[2]
@@ -210,25 +209,25 @@ class HungarianMatcher:
                     f"ids in [0, {k - 1}] (check the dataset's class map and the model's num_classes)"
                 )
 
-        offsets = batch.offsets
-        columns, counts_per_layer, start = [], [], 0
+        # One (layer, image, group) problem per entry: [Q, n_b] cost views into the host buffer.
+        problems, keys, counts_per_layer, start = [], [], [], 0
         for bsz, gq in shapes:
             cost = host[start : start + bsz * gq * tmax].reshape(bsz, gq, tmax)
             start += bsz * gq * tmax
             q = gq // group_detr
             counts = []
             for b, n in enumerate(batch.sizes):
-                if n == 0:
-                    counts.append(0)
-                    continue
-                pairs = 0
-                for g in range(group_detr):
-                    rows, cols = linear_sum_assignment(cost[b, g * q : (g + 1) * q, :n])
-                    # columns: image, query over all groups, object in image, object in the batch
-                    columns.append(np.stack([np.full_like(rows, b), rows + g * q, cols, cols + offsets[b]]))
-                    pairs += rows.size
-                counts.append(pairs)
+                for g in range(group_detr if n else 0):
+                    problems.append(cost[b, g * q : (g + 1) * q, :n])
+                    keys.append((b, g * q))
+                counts.append(group_detr * min(q, n))
             counts_per_layer.append(tuple(counts))
+        offsets = batch.offsets
+        columns = [
+            # rows: image, query over all groups, object in its image, object in the batch
+            np.stack([np.full_like(rows, b), rows + query_offset, cols, cols + offsets[b]])
+            for (b, query_offset), (rows, cols) in zip(keys, _solve_all(problems))
+        ]
         index = torch.from_numpy(np.concatenate(columns, axis=1).astype(np.int64))  # [4, sum of pairs]
         if device.type == "cuda":
             index = index.pin_memory().to(device, non_blocking=True)
@@ -246,3 +245,46 @@ class HungarianMatcher:
         self, layers: Sequence[dict[str, Any]], batch: TargetBatch, group_detr: int = 1
     ) -> list[LayerMatches]:
         return self.match(layers, batch, group_detr)
+
+
+def _to_host(values: Tensor) -> Tensor:
+    """Device -> host copy; from CUDA through pinned memory (faster than a pageable copy), one stream sync."""
+    if values.device.type != "cuda":
+        return values.cpu()
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    torch.cuda.current_stream(values.device).synchronize()
+    return host
+
+
+# SciPy's solver releases the GIL, so problems solve in parallel threads. Below this many problems the thread
+# hand-off costs more than it saves.
+_MIN_PROBLEMS_FOR_THREADS = 32
+_MAX_SOLVER_THREADS = 8
+_solver_pool = None
+
+
+def _solver_threads() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(_MAX_SOLVER_THREADS, cpus // 2))
+
+
+def _solve_all(problems: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``linear_sum_assignment`` of every cost matrix, in order (rows sorted ascending in each result)."""
+    from scipy.optimize import linear_sum_assignment
+
+    global _solver_pool
+    threads = _solver_threads()
+    if threads < 2 or len(problems) < _MIN_PROBLEMS_FOR_THREADS:
+        return [linear_sum_assignment(p) for p in problems]
+    if _solver_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _solver_pool = ThreadPoolExecutor(threads, thread_name_prefix="rfdetr-lsa")
+    chunk = -(-len(problems) // threads)  # ceil: one batch of problems per thread
+    parts = [problems[i : i + chunk] for i in range(0, len(problems), chunk)]
+    solved = _solver_pool.map(lambda part: [linear_sum_assignment(p) for p in part], parts)
+    return [result for part in solved for result in part]
