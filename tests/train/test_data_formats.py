@@ -138,9 +138,15 @@ def test_folder_of_split_jsons_and_images_flag(tmp_path):
 
 def test_roboflow_export(tmp_path):
     for sub in ("train", "valid", "test"):
-        _write(tmp_path / sub / "_annotations.coco.json", _tiny_split(tmp_path / sub))
+        coco = _tiny_split(tmp_path / sub)
+        # Roboflow's grouping category: id 0, the dataset name, supercategory of the real classes
+        coco["categories"] = [{"id": 0, "name": "shapes", "supercategory": "none"},
+                              {"id": 1, "name": "c1", "supercategory": "shapes"}]  # fmt: skip
+        _write(tmp_path / sub / "_annotations.coco.json", coco)
     data = load_dataset(tmp_path)
     assert data.source.layout == "Roboflow COCO export" and set(data.splits) == {"train", "val", "test"}
+    assert data.class_map.category_ids == [1] and data.class_map.names == ["c1"]
+    assert any("only groups the other categories" in n for n in data.report()["notes"])
     assert len(data.dataset("val", ValTransform(), (H, W))) == 2
 
 

@@ -25,6 +25,13 @@ submodules load lazily, so ``rfdetr-train check`` stays light)::
     val = build_val_loader(data, resolution=variant.resolution, batch_size=8, split="val", limit=None)
     val.image_ids                            # the images covered (limit = first N)
 
+Several processes: pass ``rank=`` / ``world_size=`` to both builders (each rank gets a disjoint slice of
+every global batch, all ranks the same multi-scale size) and do not hand these loaders to
+``accelerator.prepare`` (it would shard them a second time). Call :func:`load_from_config` on the main
+process first (``accelerator.main_process_first()``) so the synthetic dataset is generated once (a file lock
+makes it safe anyway). ``data.report()`` is the ``check`` report of what was loaded (with ``skip_invalid``:
+what was dropped); print it with ``rfdetr_train.data.report.format_report``.
+
 Targets (one dict per image): ``labels [N]`` int64 training ids, ``boxes [N, 4]`` normalised cxcywh (the
 extents of the augmented masks), ``masks [N, H, W]`` bool at the input size, ``image_id`` (int, the
 dataset's), ``orig_size`` int64 [2] (source h, w), ``size`` int64 [2] (input h, w). Crowd annotations are

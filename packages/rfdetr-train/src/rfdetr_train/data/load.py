@@ -38,6 +38,13 @@ class LoadedDataset:
     def findings(self):
         return self.source.findings
 
+    def report(self) -> dict:
+        """The ``rfdetr-train check`` report (JSON-able dict) of what was loaded, with the findings and, with
+        ``skip_invalid``, the dropped counts; :func:`rfdetr_train.data.report.format_report` prints it."""
+        from rfdetr_train.data.report import build_report
+
+        return build_report(self.source, self.splits)
+
     def split(self, name: str) -> CheckedSplit:
         """The split ``name`` (``"train"``, ``"val"``, ``"test"``), or an error naming those found."""
         if name not in self.splits:
@@ -135,6 +142,17 @@ def load_dataset(
     for s in checked.values():
         for c in s.coco["categories"]:
             cats.setdefault(c["id"], c)
+    # Roboflow exports add a "grouping" category (the dataset's name, the supercategory of all the others)
+    # that no annotation uses; as a class it would only be a slot that is never trained.
+    used = {a["category_id"] for s in checked.values() for a in s.coco["annotations"]}
+    supers = {c.get("supercategory") for c in cats.values()}
+    for cid, c in list(cats.items()):
+        if cid not in used and c.get("name") in supers and len(cats) > 1:
+            del cats[cid]
+            source.notes.append(
+                f"Category {cid} ({c['name']!r}) only groups the other categories and has no annotations; "
+                "it is not a training class."
+            )
     if not cats:
         raise DatasetError(f"The dataset at {label} defines no categories.")
     return LoadedDataset(source, checked, ClassMap.from_coco_categories(cats.values()))
