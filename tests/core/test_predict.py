@@ -198,3 +198,71 @@ def test_create_model_errors(checkpoint):
 def test_empty_input_rejected(rfdetr):
     with pytest.raises(ImageError, match="empty"):
         rfdetr.predict([])
+
+
+@pytest.fixture(scope="module")
+def upstream_nano(tmp_path_factory):
+    """Upstream RFDETRSegNano with random weights (nothing downloaded) and its weights as an upstream .pth."""
+    rfdetr = pytest.importorskip("rfdetr")
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        up = rfdetr.RFDETRSegNano(pretrain_weights=None, device="cpu")
+    folder = tmp_path_factory.mktemp("upstream")
+    return up, folder
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_upstream_file_predicts_like_upstream(upstream_nano):
+    """An upstream fine-tuned-style .pth: its class_names become the class map and predict agrees with
+    upstream's predict on the same image (scores, boxes, masks)."""
+    up, folder = upstream_nano
+    sd = up.model.model.state_dict()
+    names = [f"thing{i}" for i in range(91)]
+    path = folder / "finetuned.pth"
+    import argparse
+
+    torch.save({"model": sd, "args": argparse.Namespace(class_names=names, resolution=312)}, path)
+    ours = RFDETR.from_checkpoint(path, device="cpu", resolution=156)  # half size: faster, same code path
+    assert ours.variant.name == "seg-nano" and ours.class_names == names
+    img = _image(90, 120, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = up.predict(img, threshold=0.0, shape=(156, 156))
+    det = ours.predict(img, threshold=0.0)
+    assert len(det) == len(ref) > 0
+    np.testing.assert_allclose(det.scores, ref.confidence, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(det.boxes, ref.xyxy, atol=1e-2)
+    np.testing.assert_array_equal(det.slots, ref.class_id)
+    assert det.class_names == [names[i] for i in ref.class_id]
+    agree = (det.masks == ref.mask).mean()
+    assert agree > 0.999, agree  # float noise may flip a few pixels whose logit is ~0
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_from_pretrained_downloads_converts_and_uses_coco_ids(upstream_nano, monkeypatch, tmp_path):
+    """from_pretrained('seg-nano') through a file:// mirror: md5 checked, upstream keys converted, COCO ids."""
+    import dataclasses
+    import hashlib
+
+    from rfdetr_core import variants
+
+    up, folder = upstream_nano
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    nano = variants.get_variant("seg-nano")
+    blob = mirror / nano.weights.remote
+    torch.save({"model": up.model.model.state_dict(), "args": {"num_classes": 90}}, blob)
+    md5 = hashlib.md5(blob.read_bytes()).hexdigest()
+    patched = dataclasses.replace(nano, weights=dataclasses.replace(nano.weights, md5=md5))
+    monkeypatch.setitem(variants._REGISTRY, "seg-nano", patched)
+    monkeypatch.setenv("RFDETR_WEIGHTS_URL", mirror.as_uri())
+    monkeypatch.setenv("RFDETR_HOME", str(tmp_path / "home"))
+    model = RFDETR.from_pretrained("rf-detr-seg-nano.pt", device="cpu", resolution=156)
+    assert model.weights_path == tmp_path / "home" / "weights" / "rf-detr-seg-nano.pt"
+    assert model.class_map.num_slots == 91 and model.class_map.name(1) == "person"
+    det = model.predict(_image(40, 50), threshold=0.0)
+    assert len(det) > 0 and set(det.category_ids.tolist()) <= {c for c in range(1, 91) if c != 12}
+    assert all(model.class_map.slot(c) == c for c in det.category_ids.tolist())
