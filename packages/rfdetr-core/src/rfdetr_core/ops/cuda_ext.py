@@ -13,6 +13,11 @@ The extension is compiled with ninja on first use (the first ``ms_deform_attn`` 
 CPU tensors always take the pure-PyTorch path. Loading registers ``torch.ops.rfdetr._ms_deform_attn_cuda``
 (autograd in C++) and ``_ms_deform_attn_cuda_backward``, plus their fake implementations for
 ``torch.compile``.
+
+The compilers are ``torch.utils.cpp_extension``'s: ``CXX``/``CC``/``CUDAHOSTCXX`` when set. A wrapper that links
+libstdc++ statically (seen: ``/opt/gcc/bin/g++`` on the GPU image) makes any C++ error raised inside the
+extension crash the process; inputs are therefore checked in Python first, and the system ``g++`` is the
+compiler to use there.
 """
 
 from __future__ import annotations
