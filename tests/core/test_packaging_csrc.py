@@ -49,3 +49,23 @@ def test_sdist_and_wheel_from_sdist_carry_cuda_sources(tmp_path):
     with zipfile.ZipFile(wheel) as whl:
         in_wheel = {Path(n).name for n in whl.namelist() if n.startswith("rfdetr_core/_csrc/")}
     assert set(CSRC) <= in_wheel
+
+
+def test_wheel_built_from_the_checkout_carries_cuda_sources(tmp_path):
+    uv = _uv()
+    env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never"}
+    env.pop("VIRTUAL_ENV", None)
+    dist = tmp_path / "dist"
+    proc = subprocess.run(
+        [uv, "build", "--wheel", "--out-dir", str(dist), "packages/rfdetr-core"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = dist.glob("rfdetr_core-*.whl")
+    with zipfile.ZipFile(wheel) as whl:
+        in_wheel = {Path(n).name for n in whl.namelist() if n.startswith("rfdetr_core/_csrc/")}
+    assert set(CSRC) <= in_wheel
