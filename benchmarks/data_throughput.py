@@ -1,5 +1,8 @@
 """Throughput and memory of the rfdetr-train data pipeline (CPU only).
 
+0. Per-sample cost of the training pipeline against upstream ``rfdetr`` 1.11.2 (its ``CocoDetection`` with
+   ``include_masks=True`` and its default square training transforms at the same size), same images, same
+   process, one thread, rounds alternating between the two; the best round of each is reported.
 1. Images/s of the training pipeline (built-in upstream recipe: flip, resize or shortest-side resize +
    crop; lazy masks; collate) on ``coco128_seg``'s train split at 432 px with 0, 1 and 2 loader workers;
    ratios against 0 workers, measured in this process. Also the share of time the consumer waited.
@@ -65,6 +68,44 @@ def throughput(data, workers: int, batches: int, batch_size: int, resolution: in
     del it, loader
     gc.collect()
     return {"workers": workers, "images": n, "seconds": round(dt, 3), "images_per_s": round(n / dt, 2)}
+
+
+def per_sample_vs_upstream(path: Path, resolution: int, rounds: int = 3) -> dict | None:
+    """Seconds per training sample: ours vs upstream rfdetr's dataset (None if rfdetr is not installed)."""
+    import warnings
+
+    try:
+        from rfdetr.datasets.coco import CocoDetection, make_coco_transforms_square_div_64
+    except ImportError:
+        return None
+    from rfdetr_train.data import SampleKey, TrainTransform, load_dataset
+
+    warnings.filterwarnings("ignore")
+    data = load_dataset(path)
+    ours = data.dataset("train", TrainTransform(), (resolution, resolution), seed=0)
+    tf = make_coco_transforms_square_div_64(
+        "train", resolution, multi_scale=False, patch_size=12, num_windows=2
+    )
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its index build
+        upstream = CocoDetection(str(path), str(path / "train.json"), transforms=tf, include_masks=True,
+                                 remap_category_ids=True)  # fmt: skip
+    n = len(ours)
+    assert n == len(upstream)
+    best = {"ours": float("inf"), "upstream": float("inf")}
+    for r in range(rounds):
+        t = time.perf_counter()
+        for i in range(n):
+            ours[SampleKey(i, r, (resolution, resolution))]
+        best["ours"] = min(best["ours"], (time.perf_counter() - t) / n)
+        t = time.perf_counter()
+        for i in range(n):
+            upstream[i]
+        best["upstream"] = min(best["upstream"], (time.perf_counter() - t) / n)
+    return {"images": n, "ours_ms": round(1000 * best["ours"], 1), "upstream_ms": round(1000 * best["upstream"], 1),
+            "speedup": round(best["upstream"] / best["ours"], 2)}  # fmt: skip
 
 
 def memory_growth(path: Path, batches: int, batch_size: int, resolution: int) -> dict:
@@ -133,6 +174,17 @@ def main(argv=None) -> int:
         "cpus": os.cpu_count(),
     }
     print(f"# data throughput  {env}")
+    cmp = per_sample_vs_upstream(Path(args.data), args.resolution)
+    if cmp is not None:
+        print(
+            f"\nper training sample, coco128_seg train ({cmp['images']} images), {args.resolution} px, 1 thread"
+        )
+        print("| pipeline | ms / sample | speed-up |")
+        print("|---|---|---|")
+        print(
+            f"| upstream rfdetr 1.11.2 CocoDetection + default train transforms | {cmp['upstream_ms']} | 1.00x |"
+        )
+        print(f"| rfdetr-train InstanceDataset + TrainTransform | {cmp['ours_ms']} | {cmp['speedup']:.2f}x |")
     data = load_dataset(args.data)
     rows = [throughput(data, w, args.batches, args.batch_size, args.resolution) for w in args.workers]
     base = rows[0]["images_per_s"]
@@ -172,7 +224,9 @@ def main(argv=None) -> int:
     rel = abs(b - a) / max(abs(a), abs(b), 1e-9)
     print(f"growth difference: {abs(b - a):.1f} MiB ({100 * rel:.0f}% of the larger)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"env": env, "throughput": rows, "memory": mem}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"env": env, "vs_upstream": cmp, "throughput": rows, "memory": mem}, indent=2)
+        )
     return 0
 
 
