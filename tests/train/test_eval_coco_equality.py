@@ -150,3 +150,14 @@ def test_no_detections_at_all():
     for iou_type in ("bbox", "segm"):
         ours = evaluate_coco(gt, DetectionSet.empty(with_masks=True), iou_type, img_ids)
         assert np.all(ours.stats[ours.stats > -1] == 0.0)
+
+
+def test_annotation_id_zero_is_matched():
+    # pycocotools stores the matched ground truth's *id* and tests it for truth, so id 0 counts as missed;
+    # ours matches it: renumbering the annotations from 0 must not change our numbers.
+    gt_dict, dt = make_dataset(5, n_img=10)
+    img_ids = [im["id"] for im in gt_dict["images"]]
+    ref = evaluate_coco_reference(GroundTruthSet.from_coco(gt_dict), dt, "bbox", img_ids)
+    shifted = {**gt_dict, "annotations": [{**a, "id": a["id"] - 1} for a in gt_dict["annotations"]]}
+    ours = evaluate_coco(GroundTruthSet.from_coco(shifted), dt, "bbox", img_ids)
+    np.testing.assert_allclose(ours.stats, ref.stats, rtol=0, atol=1e-9)

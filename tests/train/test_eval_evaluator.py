@@ -132,3 +132,30 @@ def test_from_config_and_errors():
     ev.reset()
     ev.update(outputs, targets)
     assert ev.compute().metrics["segm"]["AP"] == pytest.approx(1.0)
+
+
+def test_gather_across_processes_counts_each_image_once(monkeypatch):
+    """Two processes, the second also padded with image 40 (as distributed samplers do)."""
+    gt, outputs, targets = _scene()
+    cmap = ClassMap.from_coco_categories(CATS)
+    parts = []
+    for sel in ([0, 1], [2, 0]):
+        ev = Evaluator(gt, cmap)
+        ev.update({k: v[sel] for k, v in outputs.items()}, [targets[i] for i in sel])
+        parts.append((ev._parts, ev._seen))
+
+    import accelerate.utils
+
+    class FakeAccelerator:
+        num_processes = 2
+
+    from rfdetr_train.evaluation.coco_sets import DetectionSet
+
+    gathered = [(DetectionSet.concatenate(p), list(s)) for p, s in parts]
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda obj: gathered)
+    ev = Evaluator(gt, cmap, accelerator=FakeAccelerator())
+    ev._parts, ev._seen = parts[0]
+    rep = ev.compute()
+    assert rep.image_ids.tolist() == [40, 41, 42]
+    assert len(rep.detections) == 3 * 60  # image 40 once, not twice
+    assert rep.metrics["segm"]["AP"] == pytest.approx(1.0)

@@ -148,7 +148,6 @@ class Evaluator:
         """Forget all detections (call before each validation)."""
         self._parts: list[DetectionSet] = []
         self._seen: list[int] = []
-        self._with_masks: bool | None = None
 
     # -- accumulation -----------------------------------------------------------------------------------
     def _slot_table(self, num_slots: int, device) -> torch.Tensor:
@@ -188,7 +187,6 @@ class Evaluator:
         xyxy = boxes_to_pixels(boxes.float(), queries, sizes.float())  # [B, N, 4]
         cats = self._slot_table(logits.shape[2], logits.device)[slots]  # [B, N], -1: slot without a class
         keep = cats >= 0
-        self._with_masks = masks is not None
         for i, t in enumerate(targets):
             image_id = _as_int(t["image_id"])
             self._seen.append(image_id)
@@ -232,7 +230,6 @@ class Evaluator:
         self._seen.append(int(image_id))
         if rles is not None and mask_areas is None:
             mask_areas = rle_area(rles)
-        self._with_masks = rles is not None
         self._parts.append(
             DetectionSet(
                 image_id=np.full(b.shape[0], int(image_id), dtype=np.int64),
@@ -248,7 +245,6 @@ class Evaluator:
         """Add detections of many images at once (e.g. a results file); ``image_ids`` are the evaluated
         images, including those without detections."""
         self._seen.extend(int(i) for i in image_ids)
-        self._with_masks = detections.rles is not None
         self._parts.append(detections)
 
     # -- results -----------------------------------------------------------------------------------------
@@ -286,7 +282,7 @@ class Evaluator:
                 f"Image id {unknown[0]} is not in the ground truth ({len(unknown)} unknown ids); the data "
                 "loader's 'image_id' must be the dataset's own id."
             )
-        types = self.iou_types or (IOU_TYPES if dt.rles is not None and self._with_masks else ("bbox",))
+        types = self.iou_types or (IOU_TYPES if dt.rles is not None else ("bbox",))
         run = evaluate_coco if self.backend == "fast" else evaluate_coco_reference
         metrics, per_class, conf, results = {}, {}, {}, {}
         for kind in types:
