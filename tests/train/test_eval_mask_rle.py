@@ -31,7 +31,7 @@ def test_fast_rle_equals_full_upsample(grid, out, budget):
     logits[1] = 5.0  # full mask: runs continue from one column into the next
     logits[2, :, -1] = 3.0  # touches the right border
     logits[3, 0, 0] = 9.0  # a single positive cell in a corner
-    fast, fast_area = logits_to_rle(logits, out, pixel_budget=budget)
+    fast, fast_area, bounds = logits_to_rle(logits, out, pixel_budget=budget, boundary_d=3)
     ref, ref_area = logits_to_rle_naive(logits, out)
     assert len(fast) == len(ref) == 40
     diff = 0
@@ -42,12 +42,17 @@ def test_fast_rle_equals_full_upsample(grid, out, budget):
     assert diff <= 2, diff
     np.testing.assert_allclose(fast_area, ref_area, atol=2)
     assert fast_area[0] == 0 and fast_area[1] == out[0] * out[1]
+    # boundaries eroded on the device crops equal those eroded from the decoded full-size masks
+    ratio = 3 / np.hypot(*out)
+    assert [b["counts"] for b in bounds] == [b["counts"] for b in boundary_rles(fast, ratio)]
+    assert mask_utils.area(bounds[1]) == out[0] * out[1] - (out[0] - 6) * (out[1] - 6)
 
 
 def test_fast_rle_identical_on_exact_grid():
     # integer scale factors and logits far from 0 at every pixel: no rounding room, must be bit-identical
     logits = torch.where(_blob_logits(12, 24, 32, seed=3) > 0, 2.0, -2.0)
-    fast, _ = logits_to_rle(logits, (96, 128))
+    fast, _, none = logits_to_rle(logits, (96, 128))
+    assert none is None
     ref, _ = logits_to_rle_naive(logits, (96, 128))
     assert [r["counts"] for r in fast] == [r["counts"] for r in ref]
 

@@ -15,6 +15,7 @@ import torch
 
 from rfdetr_train.evaluation.coco_sets import DetectionSet, GroundTruthSet
 from rfdetr_train.evaluation.mask_rle import compress_counts, crop_runs, runs_to_counts
+from rfdetr_train.evaluation.morphology import inner_boundary
 
 
 def boundary_width(height: int, width: int, ratio: float) -> int:
@@ -24,10 +25,7 @@ def boundary_width(height: int, width: int, ratio: float) -> int:
 
 def mask_boundary(mask: np.ndarray, d: int) -> np.ndarray:
     """``[H, W]`` bool mask -> its inner boundary of width ``d`` (``[H, W]`` bool)."""
-    from scipy.ndimage import minimum_filter
-
-    eroded = minimum_filter(mask.astype(np.uint8), size=2 * d + 1, mode="constant", cval=0)
-    return mask & ~eroded.astype(bool)
+    return inner_boundary(torch.from_numpy(np.ascontiguousarray(mask))[None], d)[0].numpy()
 
 
 def boundary_rles(rles: list[dict], ratio: float) -> list[dict]:
@@ -56,7 +54,18 @@ def boundary_rles(rles: list[dict], ratio: float) -> list[dict]:
 
 
 def boundary_rles_for(
-    gt: GroundTruthSet, dt: DetectionSet, dilation_ratio: float = 0.02
+    gt: GroundTruthSet, dt: DetectionSet, dilation_ratio: float = 0.02, img_ids=None
 ) -> tuple[list, list]:
-    """``(ground-truth boundaries, detection boundaries)`` in the row order of both sets."""
-    return boundary_rles(gt.ensure_rles(), dilation_ratio), boundary_rles(dt.rles or [], dilation_ratio)
+    """``(ground-truth boundaries, detection boundaries)`` in the row order of both sets.
+
+    Ground-truth boundaries are computed once per set and ratio (cached on ``gt``), only for the images in
+    ``img_ids`` (others get ``None``); detection boundaries computed with the masks are reused.
+    """
+    rles = gt.ensure_rles()
+    rows = np.arange(len(rles)) if img_ids is None else np.flatnonzero(np.isin(gt.image_id, list(img_ids)))
+    todo = [int(r) for r in rows if (dilation_ratio, int(r)) not in gt.boundaries]
+    for r, b in zip(todo, boundary_rles([rles[r] for r in todo], dilation_ratio), strict=True):
+        gt.boundaries[(dilation_ratio, r)] = b
+    g = [gt.boundaries.get((dilation_ratio, r)) for r in range(len(rles))]
+    d = dt.boundary_rles if dt.boundary_rles is not None else boundary_rles(dt.rles or [], dilation_ratio)
+    return g, d

@@ -40,6 +40,7 @@ class GroundTruthSet:
     categories: dict[int, str]
     coco: object
     rles: list | None = None
+    boundaries: dict = field(default_factory=dict)  # (ratio, row) -> boundary RLE, filled on demand
 
     @classmethod
     def from_coco(cls, gt) -> GroundTruthSet:
@@ -89,6 +90,7 @@ class DetectionSet:
     bbox: np.ndarray
     rles: list | None = None
     mask_area: np.ndarray | None = None
+    boundary_rles: list | None = None  # inner boundaries (Boundary AP), when computed with the masks
     extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -119,6 +121,7 @@ class DetectionSet:
         if not parts:
             return cls.empty(with_masks=False)
         with_masks = all(p.rles is not None for p in parts)
+        with_bounds = with_masks and all(p.boundary_rles is not None for p in parts)
         return cls(
             np.concatenate([p.image_id for p in parts]).astype(np.int64),
             np.concatenate([p.category_id for p in parts]).astype(np.int64),
@@ -126,6 +129,7 @@ class DetectionSet:
             np.concatenate([p.bbox.reshape(-1, 4) for p in parts]).astype(np.float64),
             [r for p in parts for r in p.rles] if with_masks else None,
             np.concatenate([p.mask_area for p in parts]).astype(np.float64) if with_masks else None,
+            [r for p in parts for r in p.boundary_rles] if with_bounds else None,
         )
 
     def to_coco_results(self, iou_type: str | None = None) -> list[dict]:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from rfdetr_core.errors import RFDETRError
+from rfdetr_train.evaluation.boundary import boundary_width
 from rfdetr_train.evaluation.coco_matching import AREA_LABELS, CocoResult, evaluate_coco, stats_to_dict
 from rfdetr_train.evaluation.coco_sets import DetectionSet, GroundTruthSet
 from rfdetr_train.evaluation.confusion import ConfusionMatrix, confusion_matrix
@@ -193,16 +194,22 @@ class Evaluator:
             idx = keep[i].nonzero(as_tuple=True)[0]
             b = xyxy[i, idx].cpu().double().numpy()
             bbox = np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
-            rles, areas = None, None
+            rles, areas, bounds = None, None, None
             if masks is not None:
                 h, w = (int(v) for v in sizes[i].tolist())
                 q = queries[i, idx]
                 uq, inverse = torch.unique(q, return_inverse=True)  # a query kept with two classes: one mask
-                u_rles, u_areas = logits_to_rle(
-                    masks[i].detach().index_select(0, uq), (h, w), self.mask_threshold, self.mask_chunk_pixels
+                d = boundary_width(h, w, self.boundary_dilation_ratio) if self.boundary else None
+                u_rles, u_areas, u_bounds = logits_to_rle(
+                    masks[i].detach().index_select(0, uq),
+                    (h, w),
+                    self.mask_threshold,
+                    self.mask_chunk_pixels,
+                    d,
                 )
                 inv = inverse.cpu().numpy()
                 rles, areas = [u_rles[j] for j in inv], u_areas[inv]
+                bounds = [u_bounds[j] for j in inv] if u_bounds is not None else None
             self._parts.append(
                 DetectionSet(
                     image_id=np.full(idx.numel(), image_id, dtype=np.int64),
@@ -211,6 +218,7 @@ class Evaluator:
                     bbox=bbox.reshape(-1, 4),
                     rles=rles,
                     mask_area=areas,
+                    boundary_rles=bounds,
                 )
             )
 
@@ -296,7 +304,7 @@ class Evaluator:
             thr = [t if not np.isnan(t) else np.inf for t in thr]
             conf[kind] = confusion_matrix(self.gt, dt, kind, seen, res.cat_ids, thr, self.confusion_iou)
         if self.boundary and "segm" in types:
-            bound = boundary_rles_for(self.gt, dt, self.boundary_dilation_ratio)
+            bound = boundary_rles_for(self.gt, dt, self.boundary_dilation_ratio, seen)
             res = run(self.gt, dt, "segm", seen, max_dets=self.max_dets, boundary_rles=bound)
             results["boundary"] = res
             metrics["boundary"] = stats_to_dict(res.stats, res.max_dets)
@@ -312,4 +320,5 @@ def _select(d: DetectionSet, sel: np.ndarray) -> DetectionSet:
         d.bbox[idx],
         None if d.rles is None else [d.rles[i] for i in idx],
         None if d.mask_area is None else d.mask_area[idx],
+        None if d.boundary_rles is None else [d.boundary_rles[i] for i in idx],
     )

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rfdetr_train.evaluation.morphology import inner_boundary
+
 
 def _source_index(out_size: int, in_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each output pixel: the two grid cells it interpolates and the weight of the second one.
@@ -145,7 +147,8 @@ def logits_to_rle(
     out_size: tuple[int, int],
     threshold: float = 0.0,
     pixel_budget: int = 1 << 23,
-) -> tuple[list[dict], np.ndarray]:
+    boundary_d: int | None = None,
+) -> tuple[list[dict], np.ndarray, list[dict] | None]:
     """Upsample mask logits to ``out_size`` (bilinear), threshold and COCO-RLE-encode them, in chunks.
 
     Args:
@@ -154,9 +157,12 @@ def logits_to_rle(
         threshold: a pixel is in the mask when its interpolated logit is ``> threshold`` (must be ``>= 0``
             for the crop rule; upstream uses 0).
         pixel_budget: upper bound of ``masks x crop pixels`` processed at once (bounds peak memory).
+        boundary_d: also return each mask's inner boundary of this width (Boundary AP), eroded on the crop
+            while it is still on the device.
 
     Returns:
-        ``(rles, areas)``: ``N`` compressed RLE dicts at source size, and ``[N]`` float64 areas.
+        ``(rles, areas, boundary_rles)``: ``N`` compressed RLE dicts at source size, ``[N]`` float64 areas,
+        and ``N`` boundary RLEs (``None`` without ``boundary_d``).
     """
     if threshold < 0:
         raise ValueError("logits_to_rle needs threshold >= 0 (the support-crop rule relies on it)")
@@ -164,7 +170,7 @@ def logits_to_rle(
     n, h, w = logits.shape
     device = logits.device
     if n == 0:
-        return [], np.zeros(0)
+        return [], np.zeros(0), ([] if boundary_d else None)
     x = logits.float()
     pos = x > threshold  # [N, h, w]
     yi0, yi1, ylam = _source_index(height, h, device)
@@ -176,6 +182,8 @@ def logits_to_rle(
 
     starts_all: list[np.ndarray] = [np.zeros(0, np.int64)] * n
     ends_all: list[np.ndarray] = [np.zeros(0, np.int64)] * n
+    b_starts: list[np.ndarray] = [np.zeros(0, np.int64)] * n
+    b_ends: list[np.ndarray] = [np.zeros(0, np.int64)] * n
     order = np.argsort(area_crop, kind="stable")
     order = order[area_crop[order] > 0]
     for members, mh, mw in _chunks(order, hc, wc, pixel_budget):
@@ -205,10 +213,22 @@ def logits_to_rle(
         for k, m in enumerate(members):
             starts_all[m] = s_f[s_split[k] : s_split[k + 1]]
             ends_all[m] = e_f[e_split[k] : e_split[k + 1]]
+        if boundary_d:
+            # outside the crop is background, and so is the padding of smaller crops: erosion is exact here
+            s_m, s_f, e_m, e_f = crop_runs(inner_boundary(crop, boundary_d), r_lo[idx], c_lo[idx], height)
+            s_split = np.searchsorted(s_m, np.arange(c + 1))
+            e_split = np.searchsorted(e_m, np.arange(c + 1))
+            for k, m in enumerate(members):
+                b_starts[m] = s_f[s_split[k] : s_split[k + 1]]
+                b_ends[m] = e_f[e_split[k] : e_split[k + 1]]
     total = height * width
     counts = [runs_to_counts(s, e, total) for s, e in zip(starts_all, ends_all, strict=True)]
     areas = np.array([float((e - s).sum()) for s, e in zip(starts_all, ends_all, strict=True)])
-    return compress_counts(counts, height, width), areas
+    bounds = None
+    if boundary_d:
+        b_counts = [runs_to_counts(s, e, total) for s, e in zip(b_starts, b_ends, strict=True)]
+        bounds = compress_counts(b_counts, height, width)
+    return compress_counts(counts, height, width), areas, bounds
 
 
 def logits_to_rle_naive(
