@@ -22,6 +22,7 @@ from rfdetr_core.preprocess import PreprocessConfig, open_image, resize_normaliz
 from rfdetr_train.data.albumentations_pipeline import AlbumentationsTransform
 from rfdetr_train.data.findings import DatasetError
 from rfdetr_train.data.masks import decode, rasterize_polygons
+from rfdetr_train.data.shared_memory import shared_empty
 from rfdetr_train.data.transforms import GeometricPlan, TrainTransform, ValTransform
 
 
@@ -143,10 +144,11 @@ class InstanceDataset(torch.utils.data.Dataset):
         rows, cols = _extents(masks)
         keep = rows.any(dim=1)  # instances still visible after augmentation
         h, w = image.shape[-2:]
-        masks, labels = masks[keep], labels[keep]
+        if not bool(keep.all()):  # (indexing copies, so only when something vanished)
+            masks, labels, rows, cols = masks[keep], labels[keep], rows[keep], cols[keep]
         target = {
             "labels": labels,
-            "boxes": _boxes_from_extents(rows[keep], cols[keep], h, w),
+            "boxes": _boxes_from_extents(rows, cols, h, w),
             "masks": masks,
             "image_id": rec.image_id,
             "orig_size": torch.tensor([rec.height, rec.width], dtype=torch.int64),
@@ -176,18 +178,18 @@ class InstanceDataset(torch.utils.data.Dataset):
         out = resize_normalize(crop, (oh, ow), self.preprocess)[0]  # [3, oh, ow]
         if plan.flip:
             out = out.flip(-1)
-        masks = torch.zeros((len(rec.instances), oh, ow), dtype=torch.bool)
+        # in a loader worker the masks are born in shared memory: no copy when they are sent
+        masks = shared_empty((len(rec.instances), oh, ow), torch.bool)
         unflipped = replace(plan, flip=False)  # rasterise, then mirror: an exact flip, as for the image
         for i, inst in enumerate(rec.instances):
             if isinstance(inst.segmentation, tuple):
                 polys = [unflipped.map_points(p) for p in inst.segmentation]
-                masks[i] = torch.from_numpy(rasterize_polygons(polys, oh, ow))
+                m = torch.from_numpy(rasterize_polygons(polys, oh, ow))
             else:
                 full = torch.from_numpy(decode(inst.segmentation, rec.height, rec.width))
                 part = full[y0:y1, x0:x1][None, None].to(torch.uint8)  # [1, 1, ch, cw]
-                masks[i] = F.interpolate(part, size=(oh, ow), mode="nearest-exact")[0, 0].bool()
-        if plan.flip:
-            masks = masks.flip(-1)
+                m = F.interpolate(part, size=(oh, ow), mode="nearest-exact")[0, 0].bool()
+            masks[i] = m.flip(-1) if plan.flip else m
         labels = torch.tensor([inst.slot for inst in rec.instances], dtype=torch.int64)
         return out, masks, labels
 

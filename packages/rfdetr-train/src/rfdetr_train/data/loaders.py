@@ -17,6 +17,7 @@ import torch
 
 from rfdetr_train.data.dataset import InstanceDataset, SampleKey
 from rfdetr_train.data.sampler import ResumableBatchSampler
+from rfdetr_train.data.shared_memory import shared_empty
 
 
 @dataclass
@@ -55,11 +56,9 @@ def collate(samples: list[dict]) -> Batch:
     sizes = {tuple(s["image"].shape) for s in samples}
     if len(sizes) != 1:
         raise ValueError(f"Samples of one batch must share one size, got {sorted(sizes)}.")
-    return Batch(
-        torch.stack([s["image"] for s in samples]),  # [B, 3, H, W]
-        [s["target"] for s in samples],
-        sum(s["dropped"] for s in samples),
-    )
+    images = shared_empty((len(samples), *next(iter(sizes))), samples[0]["image"].dtype)  # [B, 3, H, W]
+    torch.stack([s["image"] for s in samples], out=images)
+    return Batch(images, [s["target"] for s in samples], sum(s["dropped"] for s in samples))
 
 
 @dataclass
