@@ -245,7 +245,9 @@ def main() -> None:
     rows = {}
     for path in ("naive", "ours"):
         q = ctx.Queue()
-        p = ctx.Process(target=run_path, args=(path, args.images, args.batch, args.grid, args.device, args.threads, q))
+        p = ctx.Process(
+            target=run_path, args=(path, args.images, args.batch, args.grid, args.device, args.threads, q)
+        )
         p.start()
         rows[path] = q.get()
         p.join()
