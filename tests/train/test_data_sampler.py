@@ -137,3 +137,27 @@ def test_val_loader_keeps_order_limit_and_source_size(tiny):
     assert t["orig_size"].tolist() == [im["height"], im["width"]] and t["size"].tolist() == [96, 120]
     assert t["masks"].dtype == torch.bool and t["labels"].dtype == torch.int64
     assert ((t["boxes"] > 0) & (t["boxes"] <= 1)).all()
+
+
+def test_worker_batches_with_a_background_image(tmp_path):
+    import json
+
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (40, 30), (i * 60, 10, 10)).save(tmp_path / f"{i}.png")
+    coco = {
+        "images": [{"id": i + 1, "file_name": f"{i}.png", "width": 40, "height": 30} for i in range(3)],
+        "annotations": [
+            {"id": 1, "image_id": 2, "category_id": 1, "segmentation": [[2, 2, 20, 2, 20, 20, 2, 20]]}
+        ],
+        "categories": [{"id": 1, "name": "x"}],
+    }
+    (tmp_path / "train.json").write_text(json.dumps(coco))
+    data = load_dataset(tmp_path / "train.json")
+    kw = dict(resolution=48, size_multiple=24, batch_size=3, workers=1, multi_scale=False, transforms="none")
+    batch = next(iter(build_train_loader(data, **kw)))
+    counts = sorted(len(t["labels"]) for t in batch.targets)
+    assert counts == [0, 0, 1] and batch.images.shape == (3, 3, 48, 48)
+    empty = next(t for t in batch.targets if len(t["labels"]) == 0)
+    assert empty["masks"].shape == (0, 48, 48) and empty["boxes"].shape == (0, 4)
