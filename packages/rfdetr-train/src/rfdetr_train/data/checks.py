@@ -281,6 +281,17 @@ def check_split(
     )
 
 
+def grouping_categories(checked: dict[str, CheckedSplit]) -> list:
+    """Ids of categories that only group the others (Roboflow exports add one: the dataset's name, the
+    supercategory of every real class, with no annotations); they are no training class."""
+    cats = {c["id"]: c for s in checked.values() for c in s.coco["categories"]}
+    used = {a["category_id"] for s in checked.values() for a in s.coco["annotations"]}
+    supers = {c.get("supercategory") for c in cats.values()}
+    if len(cats) < 2:
+        return []
+    return [cid for cid, c in cats.items() if cid not in used and c.get("name") in supers]
+
+
 def check_dataset(
     source: DatasetSource, *, check_files: bool = True, max_instances: int = DEFAULT_MAX_INSTANCES
 ) -> dict[str, CheckedSplit]:
@@ -290,6 +301,12 @@ def check_dataset(
         result = check_split(split, source.findings, check_files=check_files, max_instances=max_instances)
         if result is not None:
             checked[name] = result
+    for cid in grouping_categories(checked):
+        name = next(c["name"] for s in checked.values() for c in s.coco["categories"] if c["id"] == cid)
+        source.notes.append(
+            f"Category {cid} ({name!r}) only groups the other categories and has no annotations; it is not "
+            "a training class."
+        )
     counts = {
         n: Counter(a["category_id"] for a in c.coco["annotations"] if not a.get("iscrowd", 0))
         for n, c in checked.items()

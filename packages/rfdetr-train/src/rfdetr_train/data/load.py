@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rfdetr_core.class_map import ClassMap
 from rfdetr_core.preprocess import PreprocessConfig
-from rfdetr_train.data.checks import DEFAULT_MAX_INSTANCES, CheckedSplit, check_dataset
+from rfdetr_train.data.checks import DEFAULT_MAX_INSTANCES, CheckedSplit, check_dataset, grouping_categories
 from rfdetr_train.data.config import DataConfig
 from rfdetr_train.data.dataset import InstanceDataset
 from rfdetr_train.data.findings import DatasetError, FindingList, raise_for_errors
@@ -142,17 +142,8 @@ def load_dataset(
     for s in checked.values():
         for c in s.coco["categories"]:
             cats.setdefault(c["id"], c)
-    # Roboflow exports add a "grouping" category (the dataset's name, the supercategory of all the others)
-    # that no annotation uses; as a class it would only be a slot that is never trained.
-    used = {a["category_id"] for s in checked.values() for a in s.coco["annotations"]}
-    supers = {c.get("supercategory") for c in cats.values()}
-    for cid, c in list(cats.items()):
-        if cid not in used and c.get("name") in supers and len(cats) > 1:
-            del cats[cid]
-            source.notes.append(
-                f"Category {cid} ({c['name']!r}) only groups the other categories and has no annotations; "
-                "it is not a training class."
-            )
+    for cid in grouping_categories(checked):
+        del cats[cid]
     if not cats:
         raise DatasetError(f"The dataset at {label} defines no categories.")
     return LoadedDataset(source, checked, ClassMap.from_coco_categories(cats.values()))
