@@ -18,9 +18,9 @@ from rfdetr_train.losses.point_sampling import (
     UniformPointSampler,
     loss_num_points,
     match_num_points,
-    sample_mask_points,
     sample_points,
 )
+from rfdetr_train.losses.targets import TargetBatch
 
 
 def _boxes(n, seed):
@@ -61,22 +61,38 @@ def test_degenerate_boxes_stay_finite():
     assert torch.isfinite(matched_generalized_box_iou(point, point)).all()
 
 
-def test_mask_nearest_sampling_equals_grid_sample_nearest():
+def test_mask_nearest_sampling_equals_grid_sample_nearest_for_mixed_sizes():
     g = torch.Generator().manual_seed(0)
-    masks = torch.rand(5, 13, 21, generator=g) > 0.5
-    coords = torch.rand(5, 300, 2, generator=g)
-    idx = torch.tensor([4, 0, 2, 2])
-    expected = F.grid_sample(
-        masks[idx].float().unsqueeze(1),
-        (2 * coords[:4] - 1).unsqueeze(2),
-        mode="nearest",
-        padding_mode="border",
-        align_corners=False,
-    )[:, 0, :, 0]
-    assert torch.equal(sample_mask_points(masks, idx, coords[:4]), expected)
-    shared = coords[0]  # one set of points for all rows
+    sizes = [(5, 13, 21), (0, 8, 8), (3, 40, 7)]  # (objects, h, w) per image
+    targets = [
+        {
+            "labels": torch.zeros(n, dtype=torch.int64),
+            "boxes": torch.rand(n, 4),
+            "masks": torch.rand(n, h, w, generator=g) > 0.5,
+        }
+        for n, h, w in sizes
+    ]
+    batch = TargetBatch.from_targets(targets, torch.device("cpu"), need_masks=True)
+    flat = [m for t in targets for m in t["masks"]]  # the 8 objects in batch order
+    idx = torch.tensor([7, 0, 2, 2, 5])
+    coords = torch.rand(len(idx), 300, 2, generator=g)
+    coords[0, :4] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5, 0.5], [1 / 7, 0.5]])  # borders and exact ties
+    expected = torch.stack(
+        [
+            F.grid_sample(
+                flat[i].float()[None, None],
+                (2 * coords[k] - 1).view(1, -1, 1, 2),
+                mode="nearest",
+                padding_mode="border",
+                align_corners=False,
+            ).view(-1)
+            for k, i in enumerate(idx.tolist())
+        ]
+    )
+    assert torch.equal(batch.sample_masks(idx, coords), expected)
+    shared = coords[1]  # one set of points for all rows
     assert torch.equal(
-        sample_mask_points(masks, idx, shared), sample_mask_points(masks, idx, shared.expand(4, -1, -1))
+        batch.sample_masks(idx, shared), batch.sample_masks(idx, shared.expand(len(idx), -1, -1))
     )
 
 

@@ -23,7 +23,6 @@ from rfdetr_train.losses.point_sampling import (
     MatchPointSampler,
     PointSampler,
     loss_num_points,
-    sample_mask_points,
     sample_points,
 )
 from rfdetr_train.losses.targets import LayerMatches, TargetBatch, TargetFormatError
@@ -259,25 +258,11 @@ class SetCriterion(nn.Module):
             points = self.point_sampler(logits.detach(), num_points).to(logits.dtype)  # [M, P, 2]
         point_logits = sample_points(logits, points)[:, 0]  # [M, P]
         with torch.no_grad():
-            labels = torch.cat(
-                [
-                    sample_mask_points(batch.masks[b], matches.target_idx[s:e], points[s:e])
-                    for b, (s, e) in enumerate(_spans(matches.counts))
-                    if e > s
-                ]
-            )  # [M, P]
+            labels = batch.sample_masks(matches.flat_target_idx, points)  # [M, P]
         bce = F.binary_cross_entropy_with_logits(point_logits, labels, reduction="none").mean(1)  # [M]
         prob = point_logits.sigmoid()
         dice = 1 - (2 * (prob * labels).sum(-1) + 1) / (prob.sum(-1) + labels.sum(-1) + 1)  # [M]
         return {"loss_mask_ce": bce.sum() / num_boxes, "loss_mask_dice": dice.sum() / num_boxes}
-
-
-def _spans(counts: Sequence[int]) -> list[tuple[int, int]]:
-    out, start = [], 0
-    for n in counts:
-        out.append((start, start + n))
-        start += n
-    return out
 
 
 def _is_layer_suffix(text: str) -> bool:

@@ -28,7 +28,6 @@ from rfdetr_train.losses.point_sampling import (
     MatchPointSampler,
     UniformPointSampler,
     match_num_points,
-    nearest_pixel_index,
     sample_points,
 )
 from rfdetr_train.losses.targets import LayerMatches, TargetBatch, TargetFormatError
@@ -97,7 +96,7 @@ class HungarianMatcher:
         feats = sample_points(spatial, points.expand(spatial.shape[0], -1, -1))  # [B, C, P]
         return torch.bmm(query, feats) + pred_masks["bias"].float()  # [B, GQ, P]
 
-    def _mask_costs(self, pred_masks: Any, batch: TargetBatch, tmax: int) -> tuple[Tensor, Tensor]:
+    def _mask_costs(self, pred_masks: Any, batch: TargetBatch) -> tuple[Tensor, Tensor]:
         """Pairwise mean BCE and Dice costs on uniform points: -> two ``[B, GQ, Tmax]``."""
         ref = pred_masks if isinstance(pred_masks, Tensor) else pred_masks["spatial_features"]
         height, width = ref.shape[-2:]
@@ -106,13 +105,10 @@ class HungarianMatcher:
         )
         points = points.to(device=ref.device, dtype=torch.float32).reshape(-1, 2)  # [P, 2]
         x = self._mask_point_logits(pred_masks, points.unsqueeze(0))  # [B, GQ, P]
-        gt = x.new_zeros(x.shape[0], tmax, x.shape[2])  # [B, Tmax, P], zero rows for padding
-        for b, masks in enumerate(batch.masks or ()):
-            if masks.shape[0]:
-                h, w = masks.shape[-2:]
-                pixel = nearest_pixel_index(points, h, w)  # [P]
-                gt[b, : masks.shape[0]] = masks.reshape(masks.shape[0], h * w)[:, pixel].float()
-        num_points = x.shape[2]
+        bsz, num_points, tmax = x.shape[0], x.shape[2], batch.padded_labels.shape[1]
+        gt = x.new_zeros(bsz * tmax, num_points)  # padded objects keep all-zero rows
+        gt[batch.padded_slot] = batch.sample_masks(torch.arange(batch.total, device=x.device), points)
+        gt = gt.view(bsz, tmax, num_points)  # [B*Tmax, P] -> [B, Tmax, P]
         # Mean BCE over points of every (query, object) pair. BCE(x, 0) = softplus(x) and BCE(x, 1) = softplus(x) - x,
         # so the sum over points is rowsum(softplus(x)) - x . t: one elementwise pass and one product.
         bce = (
@@ -125,28 +121,37 @@ class HungarianMatcher:
         return bce, dice
 
     @torch.no_grad()
-    def cost_matrix(self, outputs: dict[str, Any], batch: TargetBatch) -> Tensor:
-        """Weighted matching cost of one layer, batched: -> ``[B, GQ, Tmax]`` float32 on the outputs' device.
+    def cost_matrices(self, layers: Sequence[dict[str, Any]], batch: TargetBatch) -> Tensor:
+        """Weighted matching costs of same-shaped layers, batched: -> ``[L, B, GQ, Tmax]`` float32.
 
-        Columns past an image's object count are padding; non-finite entries are left as they are
-        (:meth:`match` replaces them).
+        The class, box and GIoU terms of all layers are computed in one pass over ``L*B`` stacked problems
+        (their inputs are small; what costs is the number of kernel launches, which then does not grow with
+        the layer count); the mask terms per layer. Columns past an image's object count are padding;
+        non-finite entries are left as they are (:meth:`match` replaces them).
         """
-        logits = outputs["pred_logits"].float()  # [B, GQ, K]
-        boxes = outputs["pred_boxes"].float()  # [B, GQ, 4]
-        num_classes = logits.shape[2]
+        logits = torch.stack([out["pred_logits"] for out in layers]).float()  # [L, B, GQ, K]
+        boxes = torch.stack([out["pred_boxes"] for out in layers]).float()  # [L, B, GQ, 4]
+        num_layers, bsz, gq, num_classes = logits.shape
         # Out-of-range labels are reported after the transfer in match(); clamp so the gather cannot fault.
-        labels = batch.padded_labels.clamp(0, num_classes - 1)  # [B, Tmax]
-        tgt_boxes = batch.padded_boxes  # [B, Tmax, 4]
-        cost_bbox = (boxes.unsqueeze(2) - tgt_boxes.unsqueeze(1)).abs().sum(-1)  # [B, GQ, Tmax]
-        cost_class = self._class_cost(logits, labels)
+        labels = batch.padded_labels.clamp(0, num_classes - 1).repeat(num_layers, 1)  # [L*B, Tmax]
+        tgt_boxes = batch.padded_boxes.repeat(num_layers, 1, 1)  # [L*B, Tmax, 4]
+        boxes = boxes.view(num_layers * bsz, gq, 4)
+        cost_bbox = (boxes.unsqueeze(2) - tgt_boxes.unsqueeze(1)).abs().sum(-1)  # [L*B, GQ, Tmax]
+        cost_class = self._class_cost(logits.view(num_layers * bsz, gq, num_classes), labels)
         cost_giou = -pairwise_generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        cost = cost.view(num_layers, bsz, gq, -1)  # [L*B, GQ, Tmax] -> [L, B, GQ, Tmax]
         if batch.masks is not None and (self.cost_mask_ce or self.cost_mask_dice):
-            if "pred_masks" not in outputs:
-                raise TargetFormatError("segmentation matching needs 'pred_masks' in every output layer")
-            cost_ce, cost_dice = self._mask_costs(outputs["pred_masks"], batch, tgt_boxes.shape[1])
-            cost = cost + self.cost_mask_ce * cost_ce + self.cost_mask_dice * cost_dice
+            for layer, out in zip(cost, layers):
+                if "pred_masks" not in out:
+                    raise TargetFormatError("segmentation matching needs 'pred_masks' in every output layer")
+                cost_ce, cost_dice = self._mask_costs(out["pred_masks"], batch)
+                layer += self.cost_mask_ce * cost_ce + self.cost_mask_dice * cost_dice
         return cost
+
+    def cost_matrix(self, outputs: dict[str, Any], batch: TargetBatch) -> Tensor:
+        """Weighted matching cost of one layer: -> ``[B, GQ, Tmax]`` float32 on the outputs' device."""
+        return self.cost_matrices([outputs], batch)[0]
 
     # -- assignment -------------------------------------------------------------------------------------
 
@@ -191,7 +196,10 @@ class HungarianMatcher:
             return [LayerMatches(empty, empty, empty, empty, (0,) * len(batch.sizes)) for _ in layers]
 
         tmax = batch.padded_labels.shape[1]
-        flat = torch.cat([self.cost_matrix(out, batch).reshape(-1) for out in layers])
+        if len({(tuple(out["pred_logits"].shape), out["pred_logits"].dtype) for out in layers}) == 1:
+            flat = self.cost_matrices(layers, batch).reshape(-1)
+        else:  # layers of different shapes cannot be stacked: one pass each
+            flat = torch.cat([self.cost_matrix(out, batch).reshape(-1) for out in layers])
         # A NaN/inf cost (diverging outputs) would make the solver fail; replace it with a finite value above
         # every finite cost so such pairs are taken only when nothing else is left.
         finite = torch.isfinite(flat)

@@ -39,49 +39,6 @@ def sample_points(maps: Tensor, coords: Tensor) -> Tensor:
     return sampled.squeeze(3)  # [N, C, P, 1] -> [N, C, P]
 
 
-def nearest_pixel_index(coords: Tensor, height: int, width: int) -> Tensor:
-    """Flat pixel index ``y * width + x`` of the pixel nearest to each normalised point.
-
-    The arithmetic follows ``grid_sample(mode="nearest", align_corners=False, padding_mode="border")`` step for
-    step (map to [-1, 1], unnormalise, round half to even, clamp), so indexing a boolean mask with it equals
-    sampling the mask as a float image, without converting whole masks to float.
-
-    Args:
-        coords: ``[..., 2]`` (x, y) in ``[0, 1]``.
-        height: mask height.
-        width: mask width.
-
-    Returns:
-        ``[...]`` int64 flat indices into a ``height * width`` mask.
-    """
-    grid = 2.0 * coords - 1.0
-    x = ((grid[..., 0] + 1.0) * width - 1.0) / 2.0
-    y = ((grid[..., 1] + 1.0) * height - 1.0) / 2.0
-    xi = torch.round(x).long().clamp_(0, width - 1)
-    yi = torch.round(y).long().clamp_(0, height - 1)
-    return yi * width + xi
-
-
-def sample_mask_points(masks: Tensor, target_idx: Tensor, coords: Tensor) -> Tensor:
-    """Nearest-sample ground-truth masks at per-row points.
-
-    Args:
-        masks: ``[N, H, W]`` bool (or any dtype) masks of one image.
-        target_idx: ``[M]`` int64 rows of ``masks`` to sample.
-        coords: ``[M, P, 2]`` points (x, y) in ``[0, 1]``, one set per row, or ``[P, 2]`` shared by all rows.
-
-    Returns:
-        ``[M, P]`` float32 in {0, 1}.
-    """
-    height, width = masks.shape[-2:]
-    pixel = nearest_pixel_index(coords, height, width)  # [M, P] or [P]
-    if pixel.dim() == 1:
-        # Shared points: pick the pixel columns first, then the rows (never copies whole masks).
-        return masks.reshape(masks.shape[0], height * width)[:, pixel][target_idx].float()  # [M, P]
-    flat_index = target_idx.unsqueeze(1) * (height * width) + pixel  # [M, P] into the flattened [N*H*W]
-    return masks.reshape(-1)[flat_index].float()
-
-
 class ImportancePointSampler:
     """PointRend importance sampling of loss points, on no-grad logits.
 

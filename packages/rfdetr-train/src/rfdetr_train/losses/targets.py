@@ -27,6 +27,11 @@ class TargetBatch:
         padded_labels: ``[B, Tmax]`` int64, 0 in padding.
         padded_boxes: ``[B, Tmax, 4]`` float32, 0 in padding.
         masks: per image ``[n_b, h_b, w_b]`` bool masks, or ``None`` without segmentation.
+        mask_storage: ``[sum of n_b*h_b*w_b]`` every object's mask flattened, object after object (None without
+            segmentation); one copy per step so every point lookup below is a single gather, whatever the
+            images' mask sizes.
+        mask_meta: ``[3, T]`` int64 start in ``mask_storage``, height and width of each object's mask.
+        padded_slot: ``[T]`` int64 position ``b * Tmax + j`` of each object in the padded layout.
     """
 
     sizes: tuple[int, ...]
@@ -35,6 +40,9 @@ class TargetBatch:
     padded_labels: Tensor
     padded_boxes: Tensor
     masks: tuple[Tensor, ...] | None
+    mask_storage: Tensor | None
+    mask_meta: Tensor | None
+    padded_slot: Tensor
 
     @property
     def total(self) -> int:
@@ -82,14 +90,60 @@ class TargetBatch:
                         f"target {i}: masks must be [N, h, w] with N = {n} objects, got {tuple(mask.shape)}"
                     )
                 masks.append(mask.to(device=device))
+        sizes = tuple(lab.shape[0] for lab in labels)
+        tmax = max(sizes)
+        # Per-object bookkeeping is known on the host; it travels in one pinned, non-blocking copy (no sync).
+        meta = [[b * tmax + j for b, n in enumerate(sizes) for j in range(n)]]
+        if need_masks:
+            starts, heights, widths, start = [], [], [], 0
+            for mask in masks:
+                n, h, w = mask.shape
+                for j in range(n):
+                    starts.append(start + j * h * w)
+                    heights.append(h)
+                    widths.append(w)
+                start += n * h * w
+            meta += [starts, heights, widths]
+        meta_host = torch.tensor(meta, dtype=torch.int64).reshape(len(meta), sum(sizes))
+        if device.type == "cuda":
+            meta_dev = meta_host.pin_memory().to(device, non_blocking=True)
+        else:
+            meta_dev = meta_host.to(device)
         return cls(
-            sizes=tuple(lab.shape[0] for lab in labels),
+            sizes=sizes,
             labels=torch.cat(labels),
             boxes=torch.cat(boxes),
             padded_labels=pad_sequence(labels, batch_first=True, padding_value=0),  # [B, Tmax]
             padded_boxes=pad_sequence(boxes, batch_first=True, padding_value=0.0),  # [B, Tmax, 4]
             masks=tuple(masks) if need_masks else None,
+            mask_storage=torch.cat([m.reshape(-1) for m in masks]) if need_masks else None,
+            mask_meta=meta_dev[1:] if need_masks else None,
+            padded_slot=meta_dev[0],
         )
+
+    def sample_masks(self, object_idx: Tensor, coords: Tensor) -> Tensor:
+        """Nearest-sample ground-truth masks at normalised points, objects of any image and size at once.
+
+        The arithmetic follows ``grid_sample(mode="nearest", align_corners=False, padding_mode="border")`` step
+        for step (map to [-1, 1], unnormalise, round half to even, clamp), so indexing the boolean masks equals
+        sampling them as float images, without converting whole masks to float.
+
+        Args:
+            object_idx: ``[M]`` int64 objects in the concatenated targets.
+            coords: ``[M, P, 2]`` points (x, y) in ``[0, 1]`` per object, or ``[P, 2]`` shared by all.
+
+        Returns:
+            ``[M, P]`` float32 in {0, 1}.
+        """
+        if self.mask_storage is None or self.mask_meta is None:
+            raise TargetFormatError("these targets were packed without masks")
+        start, height, width = self.mask_meta[:, object_idx].unsqueeze(2).unbind(0)  # three [M, 1]
+        grid = 2.0 * coords - 1.0
+        x = ((grid[..., 0] + 1.0) * width - 1.0) / 2.0  # [M, P]
+        y = ((grid[..., 1] + 1.0) * height - 1.0) / 2.0
+        xi = torch.minimum(torch.round(x).long().clamp_(min=0), width - 1)
+        yi = torch.minimum(torch.round(y).long().clamp_(min=0), height - 1)
+        return self.mask_storage[start + yi * width + xi].float()
 
 
 @dataclass(frozen=True)
