@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from rfdetr_train.evaluation import mask_rle
 from rfdetr_train.evaluation.boundary import boundary_rles, boundary_width, mask_boundary
 from rfdetr_train.evaluation.mask_rle import logits_to_rle, logits_to_rle_naive
 
@@ -22,10 +23,16 @@ def _blob_logits(n, h, w, seed):
 
 
 @pytest.mark.parametrize(
-    ("grid", "out", "budget"),
-    [((27, 27), (480, 640), 1 << 23), ((20, 31), (97, 203), 1 << 16), ((16, 16), (64, 64), 1 << 16)],
+    ("grid", "out", "budget", "host_encode"),
+    [
+        ((27, 27), (480, 640), 1 << 23, True),
+        ((20, 31), (97, 203), 1 << 16, True),
+        ((20, 31), (97, 203), 1 << 16, False),  # large masks through the device (run extraction) path
+        ((16, 16), (64, 64), 1 << 16, False),
+    ],
 )
-def test_fast_rle_equals_full_upsample(grid, out, budget):
+def test_fast_rle_equals_full_upsample(grid, out, budget, host_encode, monkeypatch):
+    monkeypatch.setattr(mask_rle, "HOST_ENCODE_LARGE", host_encode)
     logits = _blob_logits(40, *grid, seed=sum(out))
     logits[0] = -5.0  # empty mask
     logits[1] = 5.0  # full mask: runs continue from one column into the next

@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from rfdetr_train.evaluation.morphology import inner_boundary
+
+# Above this share of the image, a crop is upsampled with F.interpolate at full size (see logits_to_rle).
+LARGE_CROP_FRACTION = 0.25
+# On the CPU, large masks are encoded by pycocotools (tests switch this off to cover the device path).
+HOST_ENCODE_LARGE = True
 
 
 def _source_index(out_size: int, in_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,12 +192,45 @@ def logits_to_rle(
     b_ends: list[np.ndarray] = [np.zeros(0, np.int64)] * n
     order = np.argsort(area_crop, kind="stable")
     order = order[area_crop[order] > 0]
+    # Crops covering much of the image go through F.interpolate at full size (its fast kernel, and no
+    # padding); the matmul form costs O(crop side) per pixel and pays off only on smaller crops.
+    large = order[area_crop[order] > LARGE_CROP_FRACTION * height * width]
+    order = order[area_crop[order] <= LARGE_CROP_FRACTION * height * width]
+
+    def store(members, crop, row0, col0, starts, ends):
+        s_m, s_f, e_m, e_f = crop_runs(crop, row0, col0, height)
+        s_split = np.searchsorted(s_m, np.arange(len(members) + 1))
+        e_split = np.searchsorted(e_m, np.arange(len(members) + 1))
+        for k, m in enumerate(members):
+            starts[m] = s_f[s_split[k] : s_split[k + 1]]
+            ends[m] = e_f[e_split[k] : e_split[k + 1]]
+
+    def finish(members, crop, row0, col0):
+        store(members, crop, row0, col0, starts_all, ends_all)
+        if boundary_d:
+            # outside the crop is background, and so is the padding of smaller crops: erosion is exact here
+            store(members, inner_boundary(crop, boundary_d), row0, col0, b_starts, b_ends)
+
+    direct: dict[int, tuple[dict, dict | None]] = {}  # large masks encoded by pycocotools on the CPU
+    step = max(1, pixel_budget // (height * width))
+    for s0 in range(0, large.size, step):
+        members = large[s0 : s0 + step]
+        idx = torch.as_tensor(members, device=device)
+        up = F.interpolate(x[idx, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        full = up > threshold  # [c, H, W]
+        del up
+        if device.type == "cpu" and HOST_ENCODE_LARGE:
+            # the masks are already in host memory: pycocotools' encoder beats our run extraction there
+            enc = _encode_full(full)
+            bnd = _encode_full(inner_boundary(full, boundary_d)) if boundary_d else [None] * len(enc)
+            direct.update({int(m): (e, b) for m, e, b in zip(members, enc, bnd, strict=True)})
+            continue
+        zeros = torch.zeros(idx.numel(), dtype=torch.int64, device=device)
+        finish(members, full, zeros, zeros)
     for members, mh, mw in _chunks(order, hc, wc, pixel_budget):
         idx = torch.as_tensor(members, device=device)
-        c = idx.numel()
-        rows = (r_lo[idx, None] + torch.arange(mh, device=device)).clamp(
-            max=height - 1
-        )  # [c, mh] source rows
+        # [c, mh] source rows, [c, mw] source columns of each crop
+        rows = (r_lo[idx, None] + torch.arange(mh, device=device)).clamp(max=height - 1)
         cols = (c_lo[idx, None] + torch.arange(mw, device=device)).clamp(max=width - 1)  # [c, mw]
         row_ok = (r_lo[idx, None] + torch.arange(mh, device=device)) < r_hi[idx, None]
         col_ok = (c_lo[idx, None] + torch.arange(mw, device=device)) < c_hi[idx, None]
@@ -207,28 +246,32 @@ def logits_to_rle(
         # columns interpolated first, then rows, as PyTorch's bilinear kernel associates them
         val = torch.bmm(wy, torch.bmm(sub, wx.transpose(1, 2)))  # [c, mh, mw]
         crop = (val > threshold) & row_ok[:, :, None] & col_ok[:, None, :]
-        s_m, s_f, e_m, e_f = crop_runs(crop, r_lo[idx], c_lo[idx], height)
-        s_split = np.searchsorted(s_m, np.arange(c + 1))
-        e_split = np.searchsorted(e_m, np.arange(c + 1))
-        for k, m in enumerate(members):
-            starts_all[m] = s_f[s_split[k] : s_split[k + 1]]
-            ends_all[m] = e_f[e_split[k] : e_split[k + 1]]
-        if boundary_d:
-            # outside the crop is background, and so is the padding of smaller crops: erosion is exact here
-            s_m, s_f, e_m, e_f = crop_runs(inner_boundary(crop, boundary_d), r_lo[idx], c_lo[idx], height)
-            s_split = np.searchsorted(s_m, np.arange(c + 1))
-            e_split = np.searchsorted(e_m, np.arange(c + 1))
-            for k, m in enumerate(members):
-                b_starts[m] = s_f[s_split[k] : s_split[k + 1]]
-                b_ends[m] = e_f[e_split[k] : e_split[k + 1]]
+        finish(members, crop, r_lo[idx], c_lo[idx])
     total = height * width
     counts = [runs_to_counts(s, e, total) for s, e in zip(starts_all, ends_all, strict=True)]
     areas = np.array([float((e - s).sum()) for s, e in zip(starts_all, ends_all, strict=True)])
+    rles = compress_counts(counts, height, width)
     bounds = None
     if boundary_d:
         b_counts = [runs_to_counts(s, e, total) for s, e in zip(b_starts, b_ends, strict=True)]
         bounds = compress_counts(b_counts, height, width)
-    return compress_counts(counts, height, width), areas, bounds
+    if direct:
+        from rfdetr_train.evaluation.coco_sets import rle_area
+
+        keys = sorted(direct)
+        areas[keys] = rle_area([direct[m][0] for m in keys])
+        for m in keys:
+            rles[m] = direct[m][0]
+            if bounds is not None:
+                bounds[m] = direct[m][1]
+    return rles, areas, bounds
+
+
+def _encode_full(masks: torch.Tensor) -> list[dict]:
+    """``[c, H, W]`` bool CPU masks -> compressed RLEs (pycocotools wants Fortran-ordered ``[H, W, c]``)."""
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
 
 
 def logits_to_rle_naive(
