@@ -44,6 +44,19 @@ class Parts:
     evaluator: Any
 
 
+def cpu_threads(accelerator, workers: int) -> int | None:
+    """On CPU, leave one core per loader worker: intra-op threads that share cores with the loader (or with
+    other processes) spin at OpenMP barriers and run several times slower. ``OMP_NUM_THREADS`` wins."""
+    import torch
+
+    if accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // accelerator.num_processes - workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _broadcast(accelerator, value):
     if accelerator.num_processes == 1:
         return value
@@ -102,6 +115,12 @@ def train(config: str | os.PathLike | None = None, **options: Any):
         atomic_write_text(run_dir / "config.yaml", dump_yaml(run))
         log.info("run directory: %s", run_dir)
     data = load_data(run, variant)
+    from rfdetr_train.data import default_workers
+
+    workers = run.data.workers if run.data.workers is not None else default_workers()
+    threads = cpu_threads(acc, workers)
+    if threads is not None and acc.is_main_process:
+        log.info("CPU: %d compute thread(s) per process, %d loader worker(s)", threads, workers)
     built = build_train_model(variant, len(data.class_map), cfg.weights, cfg.parsed_resolution())
     train_loader, val_loader = build_loaders(run, data, variant, built.resolution, built.preprocess, acc)
     evaluator = None
