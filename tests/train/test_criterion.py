@@ -269,3 +269,26 @@ def test_bad_inputs_raise_clear_errors():
         _criterion()(no_masks, targets)
     with pytest.raises(ValueError):
         SetCriterion(0)
+
+
+def _num_boxes_worker(rank, world, init_file, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        crit = build_criterion(K, GROUPS)
+        sizes = [[3, 1], [0, 0]][rank]  # rank 0 holds 4 objects, rank 1 none
+        _, targets = _case(sizes, seed=rank)
+        value = crit.num_boxes(crit_batch(targets), torch.device("cpu"))
+        torch.save(value, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_num_boxes_is_averaged_over_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_num_boxes_worker, args=(2, tmp_path / "init", tmp_path / "out"), nprocs=2, join=True)
+    values = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    assert values[0] == values[1] == 4 * GROUPS / 2  # (4 objects x 2 groups + 0) / 2 processes
