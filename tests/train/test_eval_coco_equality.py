@@ -161,3 +161,16 @@ def test_annotation_id_zero_is_matched():
     shifted = {**gt_dict, "annotations": [{**a, "id": a["id"] - 1} for a in gt_dict["annotations"]]}
     ours = evaluate_coco(GroundTruthSet.from_coco(shifted), dt, "bbox", img_ids)
     np.testing.assert_allclose(ours.stats, ref.stats, rtol=0, atol=1e-9)
+
+
+def test_matching_in_small_groups_gives_the_same_result(monkeypatch):
+    from rfdetr_train.evaluation import coco_matching
+
+    gt_dict, dt = make_dataset(6, n_img=12)
+    gt = GroundTruthSet.from_coco(gt_dict)
+    img_ids = [im["id"] for im in gt_dict["images"]]
+    whole = evaluate_coco(gt, dt, "segm", img_ids)
+    monkeypatch.setattr(coco_matching, "MATCH_GROUP", 3)
+    grouped = evaluate_coco(gt, dt, "segm", img_ids)
+    np.testing.assert_array_equal(whole.precision, grouped.precision)
+    np.testing.assert_array_equal(whole.matches.matched_gt, grouped.matches.matched_gt)

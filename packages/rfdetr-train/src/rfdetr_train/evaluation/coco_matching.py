@@ -160,7 +160,7 @@ def evaluate_coco(
     g_ignore = g_ignore_area | gt.iscrowd[None, :]
     d_out = (d_area[None, :] < AREA_RNGS[:, :1]) | (d_area[None, :] > AREA_RNGS[:, 1:])  # [A, D]
     # Per detection row: matched gt row at each (area, threshold), -1 if none.
-    match = np.full((num_a, num_t, len(dt)), -1, dtype=np.int64)
+    match = np.full((num_a, num_t, len(dt)), -1, dtype=np.int32 if len(gt.ann_id) < 2**31 else np.int64)
     _match_all(ious, d_blocks, g_blocks, gt.iscrowd, g_ignore, match)
 
     # --- accumulate (pycocotools accumulate, vectorised over area ranges and thresholds) -----------------
@@ -236,46 +236,58 @@ def _match_all(ious, d_blocks, g_blocks, iscrowd, g_ignore, match) -> None:
     keys = list(ious)
     if not keys:
         return
-    num_a, num_t = g_ignore.shape[0], len(IOU_THRS)
     ng = np.array([ious[k].shape[1] for k in keys])
     buckets = np.ceil(np.log2(np.maximum(ng, 1))).astype(int)
     for b in np.unique(buckets):
         sel = [keys[i] for i in np.flatnonzero(buckets == b)]
         sel.sort(key=lambda k: -ious[k].shape[0])
-        n_blk, gp = len(sel), 1 << int(b)
-        nd = np.array([ious[k].shape[0] for k in sel])
-        dmax = int(nd[0])
-        iou = np.full((n_blk, dmax, gp), -1.0)  # -1: padding, never >= a threshold
-        crowd = np.zeros((n_blk, gp), dtype=bool)
-        ign = np.ones((num_a, n_blk, gp), dtype=bool)
-        grow = np.zeros((n_blk, gp), dtype=np.int64)
-        for i, k in enumerate(sel):
-            g = g_blocks[k]
-            iou[i, : nd[i], : g.size] = ious[k]
-            crowd[i, : g.size] = iscrowd[g]
-            ign[:, i, : g.size] = g_ignore[:, g]
-            grow[i, : g.size] = g
-        taken = np.zeros((num_a, n_blk, num_t, gp), dtype=bool)
-        out = np.full((num_a, n_blk, num_t, dmax), -1, dtype=np.int64)
-        thr = IOU_THRS[None, None, :, None]
-        for r in range(dmax):
-            n = int(np.count_nonzero(nd > r))  # blocks are sorted by nd, so active ones are a prefix
-            row = iou[:n, r, :][None, :, None, :]  # [1, n, 1, G]
-            cand = (row >= thr) & (~taken[:, :n] | crowd[None, :n, None, :])  # [A, n, T, G]
-            ig = ign[:, :n, None, :]
-            pick = np.full(cand.shape[:3], -1, dtype=np.int64)
-            for group in (cand & ~ig, cand & ig):  # non-ignored first, ignored only if none
-                vals = np.where(group, row, -np.inf)
-                best = vals.max(axis=3, keepdims=True)
-                hit = group & (vals == best)
-                last = gp - 1 - np.argmax(hit[..., ::-1], axis=3)  # last index with the best IoU
-                found = hit.any(axis=3) & (pick < 0)
-                pick[found] = last[found]
-            a_i, n_i, t_i = np.nonzero(pick >= 0)
-            taken[a_i, n_i, t_i, pick[a_i, n_i, t_i]] = True
-            out[a_i, n_i, t_i, r] = grow[n_i, pick[a_i, n_i, t_i]]
-        for i, k in enumerate(sel):
-            match[:, :, d_blocks[k]] = out[:, i, :, : nd[i]]
+        # groups of blocks with similar detection counts, so padding to the group's largest stays small
+        for s0 in range(0, len(sel), MATCH_GROUP):
+            _match_group(
+                sel[s0 : s0 + MATCH_GROUP], 1 << int(b), ious, d_blocks, g_blocks, iscrowd, g_ignore, match
+            )
+
+
+MATCH_GROUP = 1024  # blocks matched together (bounds the padded [A, n, T, G] arrays)
+
+
+def _match_group(sel, gp, ious, d_blocks, g_blocks, iscrowd, g_ignore, match) -> None:
+    """Match the blocks ``sel`` (sorted by detection count, at most ``gp`` ground truths each) at once."""
+    num_a, num_t = g_ignore.shape[0], len(IOU_THRS)
+    n_blk = len(sel)
+    nd = np.array([ious[k].shape[0] for k in sel])
+    dmax = int(nd[0])
+    iou = np.full((n_blk, dmax, gp), -1.0)  # -1: padding, never >= a threshold
+    crowd = np.zeros((n_blk, gp), dtype=bool)
+    ign = np.ones((num_a, n_blk, gp), dtype=bool)
+    grow = np.zeros((n_blk, gp), dtype=np.int64)
+    for i, k in enumerate(sel):
+        g = g_blocks[k]
+        iou[i, : nd[i], : g.size] = ious[k]
+        crowd[i, : g.size] = iscrowd[g]
+        ign[:, i, : g.size] = g_ignore[:, g]
+        grow[i, : g.size] = g
+    taken = np.zeros((num_a, n_blk, num_t, gp), dtype=bool)
+    out = np.full((num_a, n_blk, num_t, dmax), -1, dtype=match.dtype)
+    thr = IOU_THRS[None, None, :, None]
+    for r in range(dmax):
+        n = int(np.count_nonzero(nd > r))  # blocks are sorted by nd, so active ones are a prefix
+        row = iou[:n, r, :][None, :, None, :]  # [1, n, 1, G]
+        cand = (row >= thr) & (~taken[:, :n] | crowd[None, :n, None, :])  # [A, n, T, G]
+        ig = ign[:, :n, None, :]
+        pick = np.full(cand.shape[:3], -1, dtype=np.int64)
+        for group in (cand & ~ig, cand & ig):  # non-ignored first, ignored only if none
+            vals = np.where(group, row, -np.inf)
+            best = vals.max(axis=3, keepdims=True)
+            hit = group & (vals == best)
+            last = gp - 1 - np.argmax(hit[..., ::-1], axis=3)  # last index with the best IoU
+            found = hit.any(axis=3) & (pick < 0)
+            pick[found] = last[found]
+        a_i, n_i, t_i = np.nonzero(pick >= 0)
+        taken[a_i, n_i, t_i, pick[a_i, n_i, t_i]] = True
+        out[a_i, n_i, t_i, r] = grow[n_i, pick[a_i, n_i, t_i]]
+    for i, k in enumerate(sel):
+        match[:, :, d_blocks[k]] = out[:, i, :, : nd[i]]
 
 
 def summarize(precision: np.ndarray, recall: np.ndarray, max_dets: list[int]) -> np.ndarray:
