@@ -292,3 +292,54 @@ def test_num_boxes_is_averaged_over_processes(tmp_path):
     mp.spawn(_num_boxes_worker, args=(2, tmp_path / "init", tmp_path / "out"), nprocs=2, join=True)
     values = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
     assert values[0] == values[1] == 4 * GROUPS / 2  # (4 objects x 2 groups + 0) / 2 processes
+
+
+@pytest.mark.gpu
+def test_cuda_losses_equal_cpu_losses_and_take_one_host_sync():
+    import warnings
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    device = torch.device("cuda")
+
+    def move(node):
+        if isinstance(node, dict):
+            return {k: move(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [move(v) for v in node]
+        return node.to(device)
+
+    out, targets = _case([2, 0, 3], seed=6)
+    crit = _criterion()
+    matches = crit.match(out, targets)
+    on_cpu = crit(out, targets, matches=matches)
+    out_gpu, targets_gpu = move(out), [move(t) for t in targets]
+    for on_device, reference in zip(crit.match(out_gpu, targets_gpu), matches):  # same points: same matching
+        assert torch.equal(on_device.query_idx.cpu(), reference.query_idx)
+        assert torch.equal(on_device.target_idx.cpu(), reference.target_idx)
+    gpu_matches = [
+        LayerMatches(
+            m.batch_idx.to(device),
+            m.query_idx.to(device),
+            m.target_idx.to(device),
+            m.flat_target_idx.to(device),
+            m.counts,
+        )
+        for m in matches
+    ]
+    on_gpu = crit(out_gpu, targets_gpu, matches=gpu_matches)
+    for key, value in on_cpu.items():
+        assert torch.allclose(on_gpu[key].cpu(), value, rtol=1e-4, atol=1e-6), key
+
+    default = build_criterion(K, GROUPS)  # samplers draw on the device
+    default(out_gpu, targets_gpu)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = default(out_gpu, targets_gpu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sum("synchroniz" in str(w.message) for w in caught) == 1
+    assert torch.isfinite(default.total_loss(losses))
