@@ -1,0 +1,215 @@
+"""The RF-DETR / RF-DETR-Seg network: backbone -> projector -> two-stage selection -> decoder -> heads.
+
+Robinson et al., "RF-DETR: Real-Time Detection Transformer", arXiv 2511.09554; layout and numbers as in
+rfdetr-upstream.md section 2. Only torch is imported here: deformable attention goes through
+``torch.ops.rfdetr.ms_deform_attn``, registered when ``rfdetr_core`` is imported.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rfdetr_core.models.backbone import WindowedViT
+from rfdetr_core.models.mask_head import MaskHead
+from rfdetr_core.models.projector import MultiScaleProjector
+from rfdetr_core.models.transformer import MLP, Decoder, QuerySelection, apply_box_delta
+from rfdetr_core.variants import Variant, get_variant
+
+# Focal-loss prior (Lin et al., RetinaNet): class biases start at -log((1 - 0.01) / 0.01).
+PRIOR_PROB = 0.01
+
+
+class RFDETRModel(nn.Module):
+    """RF-DETR(-Seg) for one :class:`~rfdetr_core.variants.Variant`.
+
+    Attributes:
+        variant: the architecture (with ``num_queries`` override applied).
+        num_slots: class logit slots ``K``.
+        num_queries: queries per group ``Q``; group_detr: groups ``G`` used in training.
+        is_segmentation: whether the mask head exists.
+        resolution: default input ``(H, W)``.
+    """
+
+    def __init__(self, variant: Variant, num_slots: int) -> None:
+        super().__init__()
+        if num_slots < 1:
+            raise ValueError(f"num_classes (logit slots) must be positive, got {num_slots}")
+        self.variant = variant
+        self.num_slots = num_slots
+        self.num_queries = variant.num_queries
+        self.group_detr = variant.group_detr
+        self.is_segmentation = variant.is_segmentation
+        self.resolution = (variant.resolution, variant.resolution)
+        dim = variant.hidden_dim
+        self.backbone = WindowedViT(
+            dim=variant.encoder_dim,
+            heads=variant.encoder_heads,
+            patch_size=variant.patch_size,
+            num_windows=variant.num_windows,
+            pos_grid=variant.positional_encoding_size,
+            out_feature_indexes=variant.out_feature_indexes,
+            window_block_indexes=variant.window_block_indexes,
+        )
+        self.projector = MultiScaleProjector(
+            (variant.encoder_dim,) * len(variant.out_feature_indexes), dim, variant.projector_scale
+        )
+        self.query_selection = QuerySelection(dim, num_slots, variant.group_detr, variant.num_queries)
+        self.decoder = Decoder(
+            dim,
+            variant.dec_layers,
+            variant.sa_nheads,
+            variant.ca_nheads,
+            len(variant.projector_scale),
+            variant.dec_n_points,
+            variant.dim_feedforward,
+        )
+        rows = variant.num_queries * variant.group_detr
+        self.query_feat = nn.Embedding(rows, dim)
+        self.refpoint_embed = nn.Embedding(rows, 4)
+        self.class_embed = nn.Linear(dim, num_slots)
+        self.bbox_embed = MLP(dim, dim, 4, 3)
+        self.mask_head = (
+            MaskHead(dim, variant.dec_layers, variant.mask_downsample_ratio) if self.is_segmentation else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Upstream's from-scratch init (rfdetr-upstream.md section 2.7).
+
+        Xavier-uniform for every matrix of the decoder and the two-stage projections, then the deformable
+        attention's own init; zero-init references and last box layers; class biases at the focal prior; the
+        two-stage class/box heads start as copies of the final heads. Backbone: DINOv2 init (its own method).
+        """
+        for module in (self.decoder, self.query_selection.proj):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        for layer in self.decoder.layers:
+            layer.cross_attn.reset_parameters()
+            # nn.MultiheadAttention's init: zero projection biases.
+            nn.init.zeros_(layer.self_attn.in_proj.bias)
+            nn.init.zeros_(layer.self_attn.out_proj.bias)
+        nn.init.zeros_(self.refpoint_embed.weight)
+        nn.init.normal_(self.query_feat.weight)
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        with torch.no_grad():
+            for cls_head, box_head in zip(
+                self.query_selection.class_embed, self.query_selection.bbox_embed, strict=True
+            ):
+                cls_head.load_state_dict(self.class_embed.state_dict())
+                box_head.load_state_dict(self.bbox_embed.state_dict())
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute backbone blocks in the backward pass (less memory, about one more backbone forward)."""
+        self.backbone.grad_checkpointing = enabled
+
+    def features(self, images: Tensor) -> tuple[list[Tensor], Tensor, list[int]]:
+        """Backbone + projector.
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised, H and W valid for the variant.
+
+        Returns:
+            ``levels`` (list of ``[B, C, h_l, w_l]``), ``memory [B, S, C]`` (levels flattened row-major and
+            concatenated) and ``spatial_shapes`` (flat ``[h0, w0, h1, w1, ...]``).
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
+        self.variant.check_resolution(int(images.shape[-2]), int(images.shape[-1]))
+        levels = self.projector(self.backbone(images))
+        spatial_shapes = [s for lvl in levels for s in lvl.shape[-2:]]
+        # [B, C, h, w] -> [B, h*w, C]
+        flat = [lvl.flatten(2).transpose(1, 2) for lvl in levels]
+        memory = flat[0].contiguous() if len(flat) == 1 else torch.cat(flat, dim=1)
+        return levels, memory, spatial_shapes
+
+    def _initial_queries(self, ts_boxes: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+        """Content queries and reference boxes for ``groups`` groups: ``[B, G*Q, C]``, ``[B, G*Q, 4]``."""
+        b = ts_boxes.shape[0]
+        q = self.num_queries
+        rows = groups * q
+        tgt = self.query_feat.weight[:rows].unsqueeze(0).expand(b, -1, -1)
+        ref = self.refpoint_embed.weight[:rows].unsqueeze(0).expand(b, -1, -1)
+        k = ts_boxes.shape[1] // groups
+        if k == q:
+            return tgt, apply_box_delta(ref, ts_boxes)
+        # Fewer memory cells than queries: the rows past the selected cells keep their raw learned boxes.
+        # [B, G*Q, 4] -> [B, G, Q, 4]
+        ref = ref.reshape(b, groups, q, 4)
+        ts = ts_boxes.reshape(b, groups, k, 4)
+        ref = torch.cat([apply_box_delta(ref[:, :, :k], ts), ref[:, :, k:]], dim=2)
+        return tgt, ref.reshape(b, rows, 4)
+
+    def forward(self, images: Tensor) -> dict[str, Any]:
+        """Run the network.
+
+        Args:
+            images: ``[B, 3, H, W]`` float, normalised; H and W multiples of ``patch_size * num_windows``
+                (else :class:`~rfdetr_core.errors.InvalidResolutionError` naming the nearest valid sizes).
+
+        Returns:
+            Eval mode (group 0 only, last layer only): ``pred_logits [B, Q, K]``, ``pred_boxes [B, Q, 4]``
+            (normalised cxcywh, not clamped), and for segmentation ``pred_masks [B, Q, H/4, W/4]`` logits.
+
+            Training mode: the same keys over all ``G*Q`` queries (group ``g`` = rows ``g*Q:(g+1)*Q``), plus
+            ``aux_outputs`` (list over the earlier decoder layers, same keys) and ``enc_outputs`` (two-stage
+            proposals, same keys). Every ``pred_masks`` entry is then a lazy dict
+            ``{"spatial_features": [B, C, H/4, W/4], "query_features": [B, G*Q, C], "bias": [1]}``.
+        """
+        training = self.training
+        groups = self.group_detr if training else 1
+        levels, memory, shapes = self.features(images)
+        ts_feats, ts_boxes, ts_logits = self.query_selection(memory, shapes, groups, with_logits=training)
+        tgt, ref = self._initial_queries(ts_boxes.detach(), groups)
+        hs_layers = self.decoder(tgt, ref, memory, shapes, groups, all_layers=training)
+        image_size = (int(images.shape[-2]), int(images.shape[-1]))
+
+        if not training:
+            hs = hs_layers[-1]
+            out: dict[str, Any] = {
+                "pred_logits": self.class_embed(hs),
+                "pred_boxes": apply_box_delta(self.bbox_embed(hs), ref),
+            }
+            if self.mask_head is not None:
+                out["pred_masks"] = self.mask_head(levels[0], hs, image_size)
+            return out
+
+        hs_all = torch.stack(hs_layers)  # [L, B, G*Q, C]: one head call for all layers
+        logits = self.class_embed(hs_all)
+        boxes = apply_box_delta(self.bbox_embed(hs_all), ref)
+        per_layer = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(len(hs_layers))]
+        enc: dict[str, Any] = {"pred_logits": ts_logits, "pred_boxes": ts_boxes}
+        if self.mask_head is not None:
+            mask_layers, mask_enc = self.mask_head.lazy(levels[0], hs_layers, ts_feats, image_size)
+            for entry, masks in zip(per_layer, mask_layers, strict=True):
+                entry["pred_masks"] = masks
+            enc["pred_masks"] = mask_enc
+        out = dict(per_layer[-1])
+        out["aux_outputs"] = per_layer[:-1]
+        out["enc_outputs"] = enc
+        return out
+
+
+def build_model(
+    variant: Variant | str, num_classes: int | None = None, num_queries: int | None = None
+) -> RFDETRModel:
+    """Build a randomly initialised model.
+
+    Args:
+        variant: a :class:`Variant` or registered name.
+        num_classes: logit slots ``K`` (default ``variant.num_classes + 1``, upstream's 91-slot COCO layout).
+        num_queries: queries per group (default ``variant.num_queries``).
+    """
+    v = get_variant(variant)
+    if num_queries is not None:
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be positive, got {num_queries}")
+        v = v.with_overrides(num_queries=num_queries)
+    slots = v.num_classes + 1 if num_classes is None else num_classes
+    return RFDETRModel(v, slots)
