@@ -99,6 +99,7 @@ def test_worse_results_lower_ap(tmp_path):
         (lambda res: res[2].update(image_id=77), "entry 2 .*image id 77 is not in the ground truth"),
         (lambda res: res[1].update(category_id=9), "entry 1 .*category id 9"),
         (lambda res: res[3]["segmentation"].update(counts="P\x7f1"), "entry 3 .*not an RLE digit"),
+        (lambda res: res[3]["segmentation"].update(counts="P\u00e91"), "entry 3 .*not an RLE digit"),
         (lambda res: res[0]["segmentation"].update(counts="P3"), "entry 0 .*add up to h\\*w = 4800"),
         (lambda res: res[4]["segmentation"].update(size=[10, 10]), "entry 4 .*differs from the image size"),
         (lambda res: res[5].update(score="high"), "entry 5 .*'score' must be a finite number"),
@@ -149,3 +150,15 @@ def test_rle_string_decoder_matches_pycocotools():
     runs = decode_rle_string(rle["counts"].decode())
     flat = np.concatenate([np.full(n, i % 2, dtype=np.uint8) for i, n in enumerate(runs)])
     np.testing.assert_array_equal(flat.reshape(23, 37).T, m)
+    # long runs (multi-group numbers), negative differences, and a mask starting with a one
+    big = np.zeros((600, 700), dtype=np.uint8)
+    big[:, :5] = 1
+    big[100:500, 300:650] = 1
+    big[590:, 690:] = 1
+    r = mask_utils.encode(np.asfortranarray(big))
+    runs = decode_rle_string(r["counts"].decode())
+    assert runs[0] == 0 and runs.sum() == 600 * 700
+    flat = np.concatenate([np.full(n, i % 2, dtype=np.uint8) for i, n in enumerate(runs)])
+    np.testing.assert_array_equal(flat.reshape(700, 600).T, big)
+    with pytest.raises(ValueError, match="ends inside"):
+        decode_rle_string("0o")
