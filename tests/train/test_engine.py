@@ -78,3 +78,19 @@ def test_val_subcommand_and_resume_errors(trained, dataset, tmp_path, capsys):
     assert code == 1 and "--weights" in err
     code = main(["--resume", "--output", str(tmp_path / "empty")])
     assert code == 1 and "no run" in capsys.readouterr().err
+
+
+def test_finetune_from_weights_file_uses_the_finetune_recipe(trained, dataset, tmp_path):
+    import yaml
+
+    import rfdetr_train
+
+    result = rfdetr_train.train(
+        data=str(dataset), output=str(tmp_path), weights=str(trained.run_dir / "best.safetensors"),
+        steps=1, batch_size=2, grad_accum=1, workers=0, progress=False, plots=False, gallery_images=0,
+    )  # fmt: skip
+    cfg = yaml.safe_load((result.run_dir / "config.yaml").read_text())["train"]
+    assert cfg["recipe"] == "finetune" and cfg["lr_vit_layer_decay"] == 0.8 and cfg["clip_grad_norm"] == 0.1
+    # variant and resolution come from the file
+    assert read_metadata(result.last_weights)["resolution"] == [64, 64]
+    assert read_metadata(result.last_weights)["variant"] == "seg-tiny"

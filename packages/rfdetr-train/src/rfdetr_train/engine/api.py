@@ -18,11 +18,16 @@ from rfdetr_train.engine.run_dir import new_run_dir, resolve_resume, run_dir_of
 log = logging.getLogger("rfdetr_train")
 
 
+class _StdoutHandler(logging.Handler):
+    """Plain lines on whatever ``sys.stdout`` is at the time (notebooks and test captures swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stdout, flush=True)
+
+
 def _setup_logging(main: bool) -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
+    if not any(isinstance(h, _StdoutHandler) for h in log.handlers):
+        log.addHandler(_StdoutHandler())
         log.propagate = False
     log.setLevel(logging.INFO if main else logging.WARNING)
 
