@@ -11,6 +11,7 @@ import numpy as np
 from rfdetr_core.atomic_io import atomic_path
 
 TILE_WIDTH = 480
+HEADER = 20  # pixels of the caption strip
 
 
 def _detections(image_size, boxes_xywh, scores, cat_ids, names, rles):
@@ -92,9 +93,16 @@ def write_gallery(
         tiles.append([p.resize((TILE_WIDTH, th)) for p in pair])
     if not tiles:
         raise ValueError("no images to draw")
+    from PIL import ImageDraw
+
     height = sum(t[0].height for t in tiles)
-    sheet = Image.new("RGB", (2 * TILE_WIDTH + 8, height + 4 * (len(tiles) - 1)), (255, 255, 255))
-    y = 0
+    sheet = Image.new("RGB", (2 * TILE_WIDTH + 8, HEADER + height + 4 * (len(tiles) - 1)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, 5), "ground truth", fill=(0, 0, 0))
+    draw.text(
+        (TILE_WIDTH + 14, 5), f"predictions ({kind}, score >= the class's best-F1 confidence)", fill=(0, 0, 0)
+    )
+    y = HEADER
     for a, b in tiles:
         sheet.paste(a, (0, y))
         sheet.paste(b, (TILE_WIDTH + 8, y))
