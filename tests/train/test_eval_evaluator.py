@@ -130,6 +130,10 @@ def test_from_config_and_errors():
     with pytest.raises(RFDETRError, match="999"):
         ev.compute()
     ev.reset()
+    wrong = [dict(targets[0], orig_size=torch.tensor([121, 160]))]
+    with pytest.raises(RFDETRError, match="orig_size is 121x160"):
+        ev.update({k: v[:1] for k, v in outputs.items()}, wrong)
+    ev.reset()
     ev.update(outputs, targets)
     assert ev.compute().metrics["segm"]["AP"] == pytest.approx(1.0)
 

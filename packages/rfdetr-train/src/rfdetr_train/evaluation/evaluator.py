@@ -197,6 +197,13 @@ class Evaluator:
             rles, areas, bounds = None, None, None
             if masks is not None:
                 h, w = (int(v) for v in sizes[i].tolist())
+                expect = self.gt.image_sizes.get(image_id)
+                if expect is not None and expect != (h, w):
+                    # pycocotools would give such masks IoU -1 against every object, silently
+                    raise RFDETRError(
+                        f"Image {image_id}: the target's orig_size is {h}x{w} (h x w) but the ground truth "
+                        f"says {expect[0]}x{expect[1]}; masks must be evaluated at the annotated size."
+                    )
                 q = queries[i, idx]
                 uq, inverse = torch.unique(q, return_inverse=True)  # a query kept with two classes: one mask
                 d = boundary_width(h, w, self.boundary_dilation_ratio) if self.boundary else None
