@@ -91,7 +91,6 @@ class DetectionSet:
     rles: list | None = None
     mask_area: np.ndarray | None = None
     boundary_rles: list | None = None  # inner boundaries (Boundary AP), when computed with the masks
-    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.score.shape[0])

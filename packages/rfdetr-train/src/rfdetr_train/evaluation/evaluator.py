@@ -81,7 +81,8 @@ class Evaluator:
         iou_types: subset of ``("bbox", "segm")``; default: ``segm`` too when the outputs carry masks.
         max_dets: detections kept per image (top-k over queries x slots) and COCO's largest ``maxDets``.
         backend: ``"fast"`` (vectorised, gated by equality tests) or ``"pycocotools"``.
-        boundary: also compute Boundary AP (``metrics["boundary"]``); costs an erosion per mask.
+        boundary: also compute Boundary AP (``metrics["boundary"]``); costs an erosion per mask, done on the
+            device crops during :meth:`update`.
         mask_threshold: logit threshold of the upsampled masks (upstream: 0).
         mask_chunk_pixels: pixel budget of one chunk of mask upsampling (bounds peak memory).
         confusion_iou: IoU of a match in the confusion matrix.
