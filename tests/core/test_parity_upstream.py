@@ -22,7 +22,9 @@ import pytest
 import torch
 
 import rfdetr_core  # noqa: F401  (registers torch.ops.rfdetr)
+from rfdetr_core.errors import CheckpointError
 from rfdetr_core.models import build_model
+from rfdetr_core.variants import get_variant
 from rfdetr_core.weights.upstream import convert_upstream_state_dict
 
 pytestmark = pytest.mark.parity
@@ -182,3 +184,81 @@ def test_create_model_loads_upstream_file(pairs):
         a, b = model(images), ours(images)
     for k in ("pred_logits", "pred_boxes", "pred_masks"):
         torch.testing.assert_close(a[k], b[k])
+
+
+# Adapting upstream files to other model shapes (uses the cached Seg-Nano pair, so no extra upstream build).
+
+
+def _upstream_sd(pairs):
+    upstream, _, path = pairs("seg-nano")
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("slots", [5, 200])
+def test_class_head_is_tiled_or_truncated(pairs, slots):
+    sd_up = _upstream_sd(pairs)
+    model = build_model("seg-nano", num_classes=slots).eval()
+    sd, notes = convert_upstream_state_dict(sd_up, model)
+    model.load_state_dict(sd, strict=True)
+    assert any(("truncated" if slots < 91 else "tiled") in n for n in notes)
+    rows = torch.arange(slots) % 91
+    torch.testing.assert_close(model.class_embed.weight, sd_up["class_embed.weight"][rows])
+    for g in (0, 12):
+        torch.testing.assert_close(
+            model.query_selection.class_embed[g].bias,
+            sd_up[f"transformer.enc_out_class_embed.{g}.bias"][rows],
+        )
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 120, 96))["pred_logits"].shape == (1, 100, slots)
+
+
+def test_fewer_queries_and_groups_are_sliced_per_group(pairs):
+    sd_up = _upstream_sd(pairs)
+    model = build_model(get_variant("seg-nano").with_overrides(group_detr=3), num_queries=30)
+    sd, notes = convert_upstream_state_dict(sd_up, model)
+    model.load_state_dict(sd, strict=True)
+    assert any("per group" in n for n in notes)
+    full = sd_up["query_feat.weight"].view(13, 100, -1)
+    torch.testing.assert_close(model.query_feat.weight.view(3, 30, -1), full[:3, :30])
+    ref = sd_up["refpoint_embed.weight"].view(13, 100, 4)
+    torch.testing.assert_close(model.refpoint_embed.weight.view(3, 30, 4), ref[:3, :30])
+    assert len(model.query_selection.proj) == 3
+
+
+def test_more_queries_than_the_file_has_is_an_error(pairs):
+    with pytest.raises(CheckpointError, match="num_queries <= 100"):
+        convert_upstream_state_dict(_upstream_sd(pairs), build_model("seg-nano", num_queries=150))
+
+
+def test_position_table_is_resized_to_the_model_grid(pairs):
+    sd_up = _upstream_sd(pairs)
+    model = build_model(get_variant("seg-nano").with_overrides(positional_encoding_size=20)).eval()
+    sd, notes = convert_upstream_state_dict(sd_up, model)
+    model.load_state_dict(sd, strict=True)
+    assert model.backbone.pos_embed.shape == (1, 401, 384)
+    assert any("26x26 to 20x20" in n for n in notes)
+    # Resizing at load time or at run time is the same bicubic map: the resized table, used at its own grid,
+    # equals the original table resized on the fly to that grid.
+    original = sd_up["backbone.0.encoder.encoder.embeddings.position_embeddings"]
+    from rfdetr_core.models.backbone import resize_patch_pos_embed
+
+    torch.testing.assert_close(model.backbone.pos_embed, resize_patch_pos_embed(original, (20, 20)))
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [("nano", "detection"), ("seg-medium", "5 decoder layers"), ("large-legacy", "encoder width 768")],
+)
+def test_checkpoints_that_do_not_fit_name_the_right_variant(pairs, target, why):
+    with pytest.raises(CheckpointError, match=rf"(?s){why}.*'seg-nano' checkpoint"):
+        convert_upstream_state_dict(_upstream_sd(pairs), build_model(target))
+
+
+def test_meaningless_keys_are_dropped_and_unknown_ones_reported(pairs):
+    sd_up = dict(_upstream_sd(pairs))
+    assert "_kp_active_mask" in sd_up and any(k.endswith("mask_token") for k in sd_up)
+    sd_up["transformer.decoder.keypoint_pos_embed"] = torch.zeros(3, 256)
+    model = build_model("seg-nano")
+    sd, notes = convert_upstream_state_dict({f"model.{k}": v for k, v in sd_up.items()}, model)
+    model.load_state_dict(sd, strict=True)
+    assert len(notes) == 1 and "keypoint_pos_embed" in notes[0] and "mask_token" not in notes[0]
