@@ -25,9 +25,10 @@ DEFAULT_VARIANT = "seg-tiny"
 def pick_mixed_precision(requested: str, device: torch.device) -> str:
     """``auto``: bf16 on CUDA cards with native bf16, fp16 on older cards, fp32 (``no``) on CPU."""
     if requested != "auto":
-        if requested in ("bf16", "fp16") and device.type == "cpu" and requested == "fp16":
+        if requested == "fp16" and device.type == "cpu":
             raise RFDETRError(
-                "fp16 mixed precision needs a CUDA device; use --mixed-precision bf16 or no on CPU."
+                "fp16 mixed precision needs a CUDA device; set mixed_precision to bf16 or no (in --config "
+                "FILE.yaml or train(mixed_precision=...)) on CPU."
             )
         return requested
     if device.type == "cuda":
