@@ -214,3 +214,27 @@ def test_from_scratch_init_follows_upstream(tiny):
     # The first sampling point of head 0 points right (theta = 0), the second twice as far.
     offsets = attn.sampling_offsets.bias.view(attn.heads, attn.levels, attn.points, 2)
     torch.testing.assert_close(offsets[0, 0], torch.tensor([[1.0, 0.0], [2.0, 0.0]]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["seg-tiny", "seg-nano"])
+def test_cuda_matches_cpu(name):
+    torch.manual_seed(0)
+    cpu = build_model(name).eval()
+    gpu = build_model(name).eval().cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    m = cpu.variant.size_multiple
+    images = _images(2, 8 * m, 10 * m, seed=6)
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            a, b = cpu(images), gpu(images.cuda())
+        for key in a:
+            torch.testing.assert_close(b[key].cpu(), a[key], atol=1e-3, rtol=1e-3)
+        gpu.train()
+        out = gpu(images.cuda())
+        (out["pred_logits"].sum() + out["pred_masks"]["spatial_features"].mean()).backward()
+        assert gpu.query_feat.weight.grad is not None and torch.isfinite(gpu.query_feat.weight.grad).all()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev

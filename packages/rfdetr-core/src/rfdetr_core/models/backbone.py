@@ -61,14 +61,22 @@ class ViTAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [N, T, C] -> [N, T, C]``."""
+    def forward(self, x: Tensor, out_scale: Tensor | None = None) -> Tensor:
+        """``x [N, T, C] -> [N, T, C]``; ``out_scale [C]`` (LayerScale) is folded into the output projection."""
         n, t, c = x.shape
         # [N, T, 3C] -> [3, N, heads, T, C/heads]
         qkv = self.qkv(x).view(n, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         # [N, heads, T, d] -> [N, T, C]
-        return self.proj(out.transpose(1, 2).reshape(n, t, c))
+        out = out.transpose(1, 2).reshape(n, t, c)
+        return _scaled_linear(out, self.proj, out_scale)
+
+
+def _scaled_linear(x: Tensor, linear: nn.Linear, scale: Tensor | None) -> Tensor:
+    """``linear(x) * scale`` computed as one linear with scaled rows (saves a pass over the activations)."""
+    if scale is None:
+        return linear(x)
+    return F.linear(x, linear.weight * scale[:, None], linear.bias * scale)
 
 
 class ViTBlock(nn.Module):
@@ -80,10 +88,9 @@ class ViTBlock(nn.Module):
         self.attn = ViTAttention(dim, heads)
         self.ls1 = nn.Parameter(torch.ones(dim))
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("fc1", nn.Linear(dim, dim * mlp_ratio))
-        self.mlp.add_module("act", nn.GELU())
-        self.mlp.add_module("fc2", nn.Linear(dim * mlp_ratio, dim))
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(dim, dim * mlp_ratio)
+        self.mlp.fc2 = nn.Linear(dim * mlp_ratio, dim)
         self.ls2 = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor, merge_windows: int = 1) -> Tensor:
@@ -92,11 +99,12 @@ class ViTBlock(nn.Module):
         if merge_windows > 1:
             n, t, c = h.shape
             # [B*nw^2, T, C] -> [B, nw^2*T, C]: windows of one image are consecutive in the batch.
-            h = self.attn(h.view(n // merge_windows, merge_windows * t, c)).view(n, t, c)
+            h = self.attn(h.view(n // merge_windows, merge_windows * t, c), self.ls1).view(n, t, c)
         else:
-            h = self.attn(h)
-        x = x + h * self.ls1
-        return x + self.mlp(self.norm2(x)) * self.ls2
+            h = self.attn(h, self.ls1)
+        x = x + h
+        h = F.gelu(self.mlp.fc1(self.norm2(x)))
+        return x + _scaled_linear(h, self.mlp.fc2, self.ls2)
 
 
 class WindowedViT(nn.Module):

@@ -72,7 +72,8 @@ class MaskHead(nn.Module):
         Returns:
             ``[B, Q, H/4, W/4]`` logits.
         """
-        x = self._resize(features, image_size)
+        # Channels-last storage makes the blocks' per-pixel permutes free views.
+        x = self._resize(features, image_size).contiguous(memory_format=torch.channels_last)
         for block in self.blocks:
             x = block(x)
         b, c, h, w = x.shape
