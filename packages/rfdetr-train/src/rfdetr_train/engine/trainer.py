@@ -86,7 +86,7 @@ class Trainer:
     Args:
         run: the resolved :class:`~rfdetr_train.config.RunConfig` (recipe applied).
         run_dir: the run directory (exists).
-        parts: what :func:`rfdetr_train.engine.session.build_session` built (accelerator, model, data...).
+        parts: an :class:`rfdetr_train.engine.api.Parts` (accelerator, model, data, criterion, evaluator).
         resume: a loaded ``checkpoints/last/`` to continue from.
     """
 
