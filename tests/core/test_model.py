@@ -238,3 +238,22 @@ def test_cuda_matches_cpu(name):
         assert gpu.query_feat.weight.grad is not None and torch.isfinite(gpu.query_feat.weight.grad).all()
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+def test_drop_path_only_acts_in_training(tiny):
+    model = build_model("seg-tiny")
+    model.load_state_dict(tiny.state_dict())
+    model.set_drop_path(0.5)
+    assert model.backbone.blocks[0].drop_path == 0.0 and model.backbone.blocks[-1].drop_path == 0.5
+    m = model.variant.size_multiple
+    images = _images(2, 4 * m, 4 * m, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images)["pred_logits"], tiny(images)["pred_logits"])
+        model.train()
+        torch.manual_seed(0)
+        a = model.backbone(images)[-1]
+        torch.manual_seed(1)
+        b = model.backbone(images)[-1]
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="drop_path"):
+        model.set_drop_path(1.0)

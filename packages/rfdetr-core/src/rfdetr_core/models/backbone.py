@@ -92,9 +92,21 @@ class ViTBlock(nn.Module):
         self.mlp.fc1 = nn.Linear(dim, dim * mlp_ratio)
         self.mlp.fc2 = nn.Linear(dim * mlp_ratio, dim)
         self.ls2 = nn.Parameter(torch.ones(dim))
+        self.drop_path = 0.0  # stochastic depth rate in training (Huang et al., ECCV 2016)
 
-    def forward(self, x: Tensor, merge_windows: int = 1) -> Tensor:
-        """``x [B*nw^2, T, C]``; ``merge_windows = nw^2`` makes attention global across an image's windows."""
+    def _keep(self, h: Tensor, windows: int) -> Tensor:
+        """Drop the residual branch ``h [B*nw^2, T, C]`` per image with probability ``drop_path``."""
+        if not self.training or self.drop_path <= 0.0:
+            return h
+        keep = 1.0 - self.drop_path
+        images = h.shape[0] // windows
+        # [B, 1, 1] -> [B*nw^2, 1, 1]: all windows of an image share the draw.
+        mask = (torch.rand(images, 1, 1, device=h.device) < keep).to(h.dtype) / keep
+        return h * mask.repeat_interleave(windows, dim=0)
+
+    def forward(self, x: Tensor, merge_windows: int = 1, windows: int = 1) -> Tensor:
+        """``x [B*nw^2, T, C]`` (``windows = nw^2``); ``merge_windows = nw^2`` makes attention global across an
+        image's windows, 1 keeps it inside each window."""
         h = self.norm1(x)
         if merge_windows > 1:
             n, t, c = h.shape
@@ -102,9 +114,9 @@ class ViTBlock(nn.Module):
             h = self.attn(h.view(n // merge_windows, merge_windows * t, c), self.ls1).view(n, t, c)
         else:
             h = self.attn(h, self.ls1)
-        x = x + h
+        x = x + self._keep(h, windows)
         h = F.gelu(self.mlp.fc1(self.norm2(x)))
-        return x + _scaled_linear(h, self.mlp.fc2, self.ls2)
+        return x + self._keep(_scaled_linear(h, self.mlp.fc2, self.ls2), windows)
 
 
 class WindowedViT(nn.Module):
@@ -158,6 +170,14 @@ class WindowedViT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth in training, ramped linearly from 0 (first block) to ``rate`` (last block)."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop_path rate must be in [0, 1), got {rate}")
+        last = max(len(self.blocks) - 1, 1)
+        for i, block in enumerate(self.blocks):
+            block.drop_path = rate * i / last
+
     def position_table(self, grid: tuple[int, int]) -> Tensor:
         """The position table for a ``(Hp, Wp)`` patch grid: ``[1, 1 + Hp*Wp, C]``."""
         return resize_patch_pos_embed(self.pos_embed, grid)
@@ -188,7 +208,10 @@ class WindowedViT(nn.Module):
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             merge = nw * nw if i in self.global_blocks else 1
-            x = checkpoint(block, x, merge, use_reentrant=False) if use_ckpt else block(x, merge)
+            if use_ckpt:
+                x = checkpoint(block, x, merge, nw * nw, use_reentrant=False)
+            else:
+                x = block(x, merge, nw * nw)
             if i + 1 in wanted:
                 stages[i + 1] = x
 

@@ -109,6 +109,10 @@ class RFDETRModel(nn.Module):
         """Recompute backbone blocks in the backward pass (less memory, about one more backbone forward)."""
         self.backbone.grad_checkpointing = enabled
 
+    def set_drop_path(self, rate: float) -> None:
+        """Backbone stochastic depth for training: block ``i`` drops its branches with ``rate * i / (n - 1)``."""
+        self.backbone.set_drop_path(rate)
+
     def features(self, images: Tensor) -> tuple[list[Tensor], Tensor, list[int]]:
         """Backbone + projector.
 
