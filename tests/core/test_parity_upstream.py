@@ -54,6 +54,7 @@ def _build_upstream(config_name: str, same_slots: bool = True):
     # Legacy Base would download DINOv2 when pretrain_weights is None; a missing local file skips that.
     weights = "/nonexistent/rfdetr-parity.pth" if config_name == "RFDETRBaseConfig" else None
     cfg = getattr(rfdetr_config, config_name)(pretrain_weights=weights, device="cpu")
+    torch.manual_seed(0)  # same weights whatever ran before (upstream initialises from the global generator)
     model = rfdetr_models.build_model_from_config(cfg).eval()
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
@@ -160,6 +161,58 @@ def test_eval_outputs_match_upstream(pairs, variant, which):
         assert out[k].shape == ref[k].shape, k
     errors = _compare(out, ref, keys)
     assert all(e < TOL for e in errors.values()), errors
+
+
+def _assign(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """Index into ``theirs`` [N, K] matching each row of ``ours`` [N, K] one-to-one (nearest logits)."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(torch.cdist(ours.double(), theirs.double()).numpy())
+    return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
+
+
+def test_training_outputs_match_upstream(pairs):
+    """Training mode: all 13 groups, every decoder layer, the two-stage output and the lazy mask entries."""
+    upstream, ours, _ = pairs("seg-nano")
+    q, g = ours.num_queries, ours.group_detr
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for _ in range(8):
+            images = torch.randn(1, 3, 240, 240, generator=gen)
+            _, memory, shapes = ours.features(images)
+            gap = min(_boundary_gap(ours.query_selection.scores(memory, shapes, grp), q) for grp in range(g))
+            if gap >= 1e-4:
+                break
+        else:
+            pytest.fail(f"eight inputs in a row had a two-stage top-k gap under 1e-4 (last {gap:.2e})")
+    upstream.train(), ours.train()
+    try:
+        with torch.no_grad():
+            out, ref = ours(images), upstream(images)
+    finally:
+        upstream.eval(), ours.eval()
+    assert len(out["aux_outputs"]) == len(ref["aux_outputs"]) == ours.variant.dec_layers - 1
+    pairs_out = [*zip(out["aux_outputs"], ref["aux_outputs"], strict=True), (out, ref)]
+    pairs_out.append((out["enc_outputs"], ref["enc_outputs"]))
+    for a, b in pairs_out:
+        assert a["pred_logits"].shape == b["pred_logits"].shape == (1, g * q, ours.num_slots)
+        torch.testing.assert_close(
+            a["pred_masks"]["spatial_features"], b["pred_masks"]["spatial_features"], atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(a["pred_masks"]["bias"], b["pred_masks"]["bias"])
+        for grp in range(g):
+            rows = slice(grp * q, (grp + 1) * q)
+            match = _assign(a["pred_logits"][0, rows], b["pred_logits"][0, rows])
+            for key, got, want in (
+                ("logits", a["pred_logits"][0, rows], b["pred_logits"][0, rows][match]),
+                ("boxes", a["pred_boxes"][0, rows], b["pred_boxes"][0, rows][match]),
+                (
+                    "mask queries",
+                    a["pred_masks"]["query_features"][0, rows],
+                    b["pred_masks"]["query_features"][0, rows][match],
+                ),
+            ):
+                assert _rel(got, want) < TOL, (grp, key, _rel(got, want))
 
 
 def test_distinct_slots_match_upstream_in_float64(pairs):
