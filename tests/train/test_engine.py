@@ -114,3 +114,22 @@ def test_two_processes_with_gloo(dataset, tmp_path):
     state = json.loads((tmp_path / "train" / "checkpoints" / "last" / "state.json").read_text())
     assert state["num_processes"] == 2 and state["sampler"]["world_size"] == 2 and len(state["rng"]) == 2
     assert (tmp_path / "train" / "checkpoints" / "last" / "rng_rank1.safetensors").is_file()
+
+
+def test_drop_path_reaches_the_backbone(dataset, tmp_path, monkeypatch):
+    import rfdetr_train
+    from rfdetr_core.models import RFDETRModel
+
+    rates = []
+    original = RFDETRModel.set_drop_path
+
+    def spy(self, rate):
+        rates.append(rate)
+        original(self, rate)
+
+    monkeypatch.setattr(RFDETRModel, "set_drop_path", spy)
+    rfdetr_train.train(
+        data=str(dataset), output=str(tmp_path), steps=1, batch_size=2, resolution=64, workers=0,
+        drop_path=0.1, progress=False, plots=False, gallery_images=0,
+    )  # fmt: skip
+    assert rates == [0.1]

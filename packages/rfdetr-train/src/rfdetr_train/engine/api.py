@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from rfdetr_core.atomic_io import atomic_write_text
-from rfdetr_core.errors import RFDETRError
 from rfdetr_train.engine import recipes
 from rfdetr_train.engine.options import build_run_config, dump_yaml, load_saved
 from rfdetr_train.engine.run_dir import new_run_dir, resolve_resume, run_dir_of
@@ -107,8 +106,6 @@ def train(config: str | os.PathLike | None = None, **options: Any):
     variant = resolve_variant(run.train.model, run.train.weights, run.train.num_queries)
     run = run.model_copy(update={"train": recipes.resolve(run.train, variant)})
     cfg = run.train
-    if cfg.drop_path:
-        raise RFDETRError("drop_path is not supported by this version of the model; leave it at 0.")
     acc = make_accelerator(cfg.device, cfg.mixed_precision, cfg.grad_accum)
     _setup_logging(acc.is_main_process)
     torch.manual_seed(cfg.seed)  # same initial weights in every process (DDP also broadcasts them)
@@ -127,6 +124,8 @@ def train(config: str | os.PathLike | None = None, **options: Any):
     if threads is not None and acc.is_main_process:
         log.info("CPU: %d compute thread(s) per process, %d loader worker(s)", threads, workers)
     built = build_train_model(variant, len(data.class_map), cfg.weights, cfg.parsed_resolution())
+    if cfg.drop_path:
+        built.model.set_drop_path(cfg.drop_path)  # backbone stochastic depth, ramped over the blocks
     train_loader, val_loader = build_loaders(run, data, variant, built.resolution, built.preprocess, acc)
     evaluator = None
     if val_loader is not None:
