@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from rfdetr_core.errors import CheckpointError
 from rfdetr_core.models.backbone import resize_patch_pos_embed
+from rfdetr_core.weights.key_mapping import rename_keys
 
 _HUB = [
     (r"^cls_token$", "cls_token"),
@@ -100,26 +101,14 @@ def convert_dinov2_state_dict(sd: dict[str, Tensor], model: nn.Module) -> tuple[
             "This does not look like a DINOv2 state dict (no 'cls_token' or 'embeddings.cls_token'). Pass a "
             "torch.hub dinov2_vit*14 file or a Hugging Face facebook/dinov2-* model file."
         )
-    compiled = [(re.compile(rx), repl) for rx, repl in rules]
-    out: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
-    for key, value in sd.items():
-        if _DROPPED.match(key):
-            continue
-        if rules is _HF and (m := _HF_QKV.match(key)):
-            qkv.setdefault((int(m.group(1)), m.group(3)), {})[m.group(2)] = value
-            continue
-        for rx, repl in compiled:
-            if rx.match(key):
-                out[rx.sub(repl, key)] = value
-                break
-        else:
-            unknown.append(key)
-    for (block, kind), parts in qkv.items():
-        if set(parts) != {"query", "key", "value"}:
-            raise CheckpointError(f"DINOv2 block {block}: incomplete query/key/value {kind} tensors")
-        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    out, unknown = rename_keys(
+        sd,
+        [(re.compile(rx), repl) for rx, repl in rules],
+        dropped=_DROPPED,
+        qkv=_HF_QKV if rules is _HF else None,
+        qkv_target="blocks.{block}.attn.qkv.{kind}",
+        label="DINOv2 block",
+    )
 
     width = out["cls_token"].shape[-1]
     if width != backbone.dim:

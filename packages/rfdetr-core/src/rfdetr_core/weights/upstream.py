@@ -11,12 +11,12 @@ import math
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from rfdetr_core.errors import CheckpointError
 from rfdetr_core.models.backbone import resize_patch_pos_embed
 from rfdetr_core.variants import Variant, get_variant, list_variants
+from rfdetr_core.weights.key_mapping import rename_keys
 
 _VIT = "backbone.0.encoder.encoder."
 _PROJ = "backbone.0.projector."
@@ -285,27 +285,14 @@ def convert_upstream_state_dict(
             "This checkpoint's backbone uses register tokens, which no RF-DETR variant here has."
         )
     notes: list[str] = []
-    out: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
-    for key, value in sd.items():
-        if _MEANINGLESS.match(key):
-            continue
-        if m := _QKV.match(key):
-            qkv.setdefault((int(m.group(1)), m.group(3)), {})[m.group(2)] = value
-            continue
-        for rx, repl in _RENAMES:
-            if rx.match(key):
-                out[rx.sub(repl, key)] = value
-                break
-        else:
-            unknown.append(key)
-    for (block, kind), parts in qkv.items():
-        if set(parts) != {"query", "key", "value"}:
-            raise CheckpointError(f"backbone block {block}: incomplete query/key/value {kind} tensors")
-        out[f"backbone.blocks.{block}.attn.qkv.{kind}"] = torch.cat(
-            [parts["query"], parts["key"], parts["value"]], dim=0
-        )
+    out, unknown = rename_keys(
+        sd,
+        _RENAMES,
+        dropped=_MEANINGLESS,
+        qkv=_QKV,
+        qkv_target="backbone.blocks.{block}.attn.qkv.{kind}",
+        label="backbone block",
+    )
 
     # Blocks past the last stage the model reads are unused upstream too (e.g. block 12 of legacy Base).
     built = len(model.backbone.blocks)
