@@ -32,6 +32,32 @@ def test_cli_flags_land_in_their_sections():
     assert not _parse().skip_invalid and build_run_config(_options(_parse())).data.skip_invalid is False
 
 
+def test_engine_flags_reach_the_train_section():
+    args = _parse(
+        "--mixed-precision", "bf16", "--log-every", "5", "--metric", "segm/AP50", "--drop-path", "0.1",
+        "--no-progress", "--lr-scheduler", "cosine", "--warmup-steps", "7", "--weight-decay", "0",
+        "--clip-grad-norm", "0.5",
+    )  # fmt: skip
+    t = build_run_config(_options(args)).train
+    assert (t.mixed_precision, t.log_every, t.metric, t.drop_path, t.progress) == (
+        "bf16",
+        5,
+        "segm/AP50",
+        0.1,
+        False,
+    )
+    assert (t.lr_scheduler, t.warmup_steps, t.weight_decay, t.clip_grad_norm) == ("cosine", 7, 0.0, 0.5)
+    # left out, they keep their defaults
+    t = build_run_config(_options(_parse())).train
+    assert (t.mixed_precision, t.log_every, t.metric, t.progress) == ("auto", 10, "segm/AP", True)
+
+
+@pytest.mark.parametrize("metric", ["segm", "segm/AP5", "mask/AP", "bbox/"])
+def test_unknown_metric_is_named(metric):
+    with pytest.raises(ConfigError, match="segm/AP50"):
+        build_run_config({"metric": metric})
+
+
 def test_yaml_file_nested_or_flat_and_cli_wins(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(

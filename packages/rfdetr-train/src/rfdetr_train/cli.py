@@ -88,7 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=int, metavar="N")
     o.add_argument("--grad-accum", type=int, metavar="N", help="gradient accumulation steps")
     o.add_argument("--lr", type=float, metavar="X")
+    o.add_argument("--lr-scheduler", choices=("step", "cosine"), help="learning-rate schedule after warm-up")
+    o.add_argument(
+        "--warmup-steps", type=int, metavar="N", help="linear learning-rate warm-up, optimiser steps"
+    )
+    o.add_argument("--weight-decay", type=float, metavar="X")
+    o.add_argument("--clip-grad-norm", type=float, metavar="X", help="max gradient norm (0 = off)")
     o.add_argument("--ema-decay", type=float, metavar="X")
+    o.add_argument("--drop-path", type=float, metavar="X", help="stochastic depth of the backbone blocks")
+    o.add_argument(
+        "--mixed-precision",
+        choices=("auto", "no", "bf16", "fp16"),
+        help="auto (default): bf16 on CUDA cards that have it, fp16 on older cards, fp32 on CPU",
+    )
     o.add_argument("--seed", type=int, metavar="N")
     o.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1 (default: best available)")
     o.add_argument("--workers", type=int, metavar="N", help="data-loader worker processes")
@@ -100,7 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--steps-per-validation", type=int, metavar="N", help="validate every N steps")
     v.add_argument("--test-limit", type=int, metavar="N", help="validate on the first N validation images")
     v.add_argument("--eval-max-dets", type=int, metavar="N", help="max detections per image (default 100)")
+    v.add_argument(
+        "--metric",
+        metavar="KIND/KEY",
+        help="metric that picks best.safetensors and drives early stopping, e.g. segm/AP50 (default segm/AP)",
+    )
     r = t.add_argument_group("run")
+    r.add_argument("--log-every", type=int, metavar="N", help="steps between train_log.csv rows (default 10)")
+    r.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_const",
+        const=False,
+        help="no progress bar (log lines only)",
+    )
     r.add_argument("--output", metavar="DIR", help="runs folder (default ./runs)")
     r.add_argument("--name", metavar="NAME", help="run name (default train, train2, ...)")
     r.add_argument(

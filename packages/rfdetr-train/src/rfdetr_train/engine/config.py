@@ -75,6 +75,20 @@ class TrainConfig(ConfigSection):
             return f"{int(value[0])}x{int(value[1])}"
         return value
 
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str):
+        kind, sep, key = value.partition("/")
+        ok_key = key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARs", "ARm", "ARl") or (
+            key.startswith("AR") and key[2:].isdigit()
+        )
+        if not sep or kind not in ("bbox", "segm", "boundary") or not ok_key:
+            raise ValueError(
+                f"metric {value!r} is not understood; give <bbox|segm|boundary>/<AP|AP50|AP75|APs|APm|APl|"
+                "AR100|ARs|ARm|ARl>, e.g. segm/AP50"
+            )
+        return value
+
     @model_validator(mode="after")
     def _length_exclusive(self):
         if self.epochs is not None and self.steps is not None:

@@ -376,11 +376,16 @@ class Trainer:
             "compute_s": timing["compute_s"],
             "skipped_steps": self.guard.skipped,
         }
+        memory = ""
+        if self.acc.device.type == "cuda":
+            # peak since the start of the run, this process's card (training steps and validations)
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
+            memory = f"  peak {row['peak_mem_gib']:.2f} GiB"
         self.trackers.log(row, self.step)
         skipped = " (skipped: non-finite)" if bad else ""
         bar.write(
             f"step {self.step}/{self.total_steps}  loss {loss:.4f}  lr {lr:.3g}  "
-            f"{timing['images_per_s']:.1f} img/s  data {100 * timing['data_frac']:.0f}%{skipped}"
+            f"{timing['images_per_s']:.1f} img/s  data {100 * timing['data_frac']:.0f}%{memory}{skipped}"
         )
         self._shown = (loss, lr, timing)
 
