@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -120,7 +121,10 @@ def build_train_model(
     else:
         from rfdetr_core.factory import load_model
 
-        loaded = load_model(variant.name, num_classes=num_classes, weights=weights)
+        with warnings.catch_warnings():
+            # the run uses the dataset's class map, so the file's class names are not lost
+            warnings.filterwarnings("ignore", message=".*class names are now class_<slot>")
+            loaded = load_model(variant.name, num_classes=num_classes, weights=weights)
         model = loaded.model
         if model.num_queries != variant.num_queries:
             raise RFDETRError(
