@@ -169,3 +169,29 @@ def test_repeated_nan_stops_with_a_clear_message(monkeypatch, dataset, tmp_path)
 
     with pytest.raises(TrainingDivergedError, match="2 optimiser steps in a row"):
         _train_with_nan(monkeypatch, dataset, tmp_path, bad_calls={0, 1, 2}, steps=5, max_nonfinite_steps=2)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves(dataset, tmp_path):
+    """`timeout` and Ctrl-C signal the whole process group, loader workers included: the workers must not die
+    under the main process, which finishes its step and writes the resumable checkpoint."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG.format(steps=200).replace("workers: 0", "workers: 1"))
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        _cmd(dataset, out, "--name", "group", "--config", str(cfg)),
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    seen = []
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 2/"):
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+        assert time.monotonic() < deadline
+    rest, _ = proc.communicate(timeout=600)
+    log = "".join(seen) + rest
+    assert proc.returncode == 130, log
+    assert "stopped by SIGTERM" in log and "DataLoader worker" not in log, log
+    assert (out / "group" / "checkpoints" / "last" / "state.json").is_file()

@@ -9,6 +9,7 @@ apart from the time it spent between batches (compute).
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -105,10 +106,18 @@ def timed(iterable, timing: LoaderTiming) -> Iterator:
         yield item
 
 
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """Loader workers ignore SIGINT / SIGTERM: Ctrl-C and ``timeout`` signal the whole process group, and the
+    main process must stay able to finish its step and save a checkpoint. Workers still end with the loader
+    (shutdown event) or when the main process dies (PyTorch's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loader_kwargs(workers: int, pin_memory: bool) -> dict:
     kw: dict = {"num_workers": workers, "collate_fn": collate, "pin_memory": pin_memory}
     if workers > 0:
-        kw.update(persistent_workers=True, prefetch_factor=2)
+        kw.update(persistent_workers=True, prefetch_factor=2, worker_init_fn=ignore_stop_signals)
     return kw
 
 
