@@ -1,0 +1,175 @@
+"""Where the time of a training step goes: forward, criterion (matcher + losses), backward, optimiser, EMA.
+
+Runs the engine's own pieces (model, criterion, optimiser groups, EMA, autocast) on random images and
+targets that live on the device already, so the data pipeline is out of the picture; ``--data`` adds a
+loader-only pass over a real dataset (``--workers`` processes) to compare its images/s with the step's.
+
+    python benchmarks/train_step_profile.py --variant seg-nano --classes 80 [--batch 4] [--steps 20]
+        [--data PATH --workers 6] [--profile]
+
+Prints per-phase milliseconds (each phase followed by a device sync), the images/s of an unsynchronised loop
+of whole steps, the number of operator calls per step, and with ``--profile`` torch.profiler's top rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+
+
+def _targets(batch: int, classes: int, res: int, device, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batch):
+        n = int(torch.randint(1, 15, (1,), generator=g))
+        cxcy = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+        wh = torch.rand(n, 2, generator=g) * 0.3 + 0.05
+        out.append(
+            {
+                "labels": torch.randint(0, classes, (n,), generator=g).to(device),
+                "boxes": torch.cat([cxcy, wh], 1).to(device),
+                "masks": (torch.rand(n, res, res, generator=g) > 0.5).to(device),
+            }
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default="seg-nano")
+    ap.add_argument("--classes", type=int, default=80)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--amp", choices=("bf16", "fp16", "no"), default="bf16")
+    ap.add_argument("--data", help="also time the training loader alone on this dataset")
+    ap.add_argument("--workers", type=int, default=6)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+
+    from rfdetr_core.models import build_model
+    from rfdetr_core.variants import get_variant
+    from rfdetr_train.engine.ema import ModelEMA
+    from rfdetr_train.engine.optim import OptimSettings, build_optimizer, param_groups
+    from rfdetr_train.losses import build_criterion
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    v = get_variant(args.variant)
+    res = v.resolution
+    torch.manual_seed(0)
+    model = build_model(v, num_classes=args.classes).to(device).train()
+    criterion = build_criterion(args.classes, v.group_detr, segmentation=v.is_segmentation).to(device)
+    settings = OptimSettings(
+        lr=1e-4, lr_encoder=1.5e-4, layer_decay=0.8, component_decay=0.7, weight_decay=1e-4
+    )
+    opt = build_optimizer(param_groups(model, settings, num_layers=max(v.out_feature_indexes) + 1), device)
+    ema = ModelEMA(model, 0.993, 100)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    def amp():
+        return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    images = torch.randn(args.batch, 3, res, res, device=device)
+    targets = _targets(args.batch, args.classes, res, device)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step(times: dict | None = None):
+        t = time.perf_counter()
+
+        def lap(name):
+            nonlocal t
+            if times is not None:
+                sync()
+                now = time.perf_counter()
+                times[name] = times.get(name, 0.0) + now - t
+                t = now
+
+        with amp():
+            out = model(images)
+        lap("forward")
+        losses = criterion(out, targets)
+        loss = criterion.total_loss(losses)
+        lap("criterion")
+        loss.backward()
+        lap("backward")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lap("optimizer")
+        ema.update(model)
+        lap("ema")
+
+    for _ in range(3):
+        step()
+    sync()
+    times: dict = {}
+    for _ in range(args.steps):
+        step(times)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(
+        f"{args.variant} {res}px batch {args.batch}, {args.classes} classes, {args.amp}, on {name}, torch {torch.__version__}"
+    )
+    total = sum(times.values())
+    for k, s in times.items():
+        print(f"  {k:<10} {1000 * s / args.steps:8.1f} ms  ({100 * s / total:4.1f}%)")
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / args.steps
+    print(f"  whole step, no syncs: {1000 * dt:.1f} ms = {args.batch / dt:.1f} images/s")
+    if cuda:
+        print(f"  peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        step()
+        sync()
+    top = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+    print(f"  operator calls per step (top level): {len(top)}")
+    if args.profile:
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+
+    if args.data:
+        from rfdetr_core.preprocess import PreprocessConfig
+        from rfdetr_train.data import build_train_loader, load_from_config
+        from rfdetr_train.data.config import DataConfig
+
+        data = load_from_config(DataConfig(path=args.data), max_instances=v.num_queries)
+        loader = build_train_loader(
+            data,
+            resolution=(res, res),
+            size_multiple=v.size_multiple,
+            batch_size=args.batch,
+            seed=0,
+            workers=args.workers,
+            transforms="builtin",
+            multi_scale=True,
+            multi_scale_steps=5,
+            preprocess=PreprocessConfig(),
+            pin_memory=cuda,
+        )
+        n, t0 = 0, None
+        for i, batch in enumerate(loader):
+            if i == 2:
+                t0, n = time.perf_counter(), 0
+            batch.to(device)
+            n += len(batch)
+        dt = time.perf_counter() - t0
+        print(f"  loader alone ({args.workers} workers): {n / dt:.1f} images/s over {n} images")
+
+
+if __name__ == "__main__":
+    main()
