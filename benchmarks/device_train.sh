@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU training runs of the training issue, made on the lent GPU machine (no network there):
 #
-#   bash benchmarks/device_train.sh one-gpu    # fine-tune seg-nano on coco128_seg, one GPU
-#   bash benchmarks/device_train.sh two-gpu    # the same through `accelerate launch --num_processes 2`
+#   bash benchmarks/device_train.sh one-gpu [FLAGS...]   # fine-tune seg-nano on coco128_seg, one GPU
+#   bash benchmarks/device_train.sh two-gpu [FLAGS...]   # the same through `accelerate launch --num_processes 2`
+#
+# FLAGS are passed on to rfdetr_train (e.g. --batch-size 16 --grad-accum 1).
 #
 # The starting weights are a random-init checkpoint in upstream RF-DETR's .pth layout, written by upstream
 # rfdetr itself (scripts/make_upstream_random_checkpoint.py): official weights cannot be downloaded there, and
@@ -11,6 +13,7 @@
 # missing packages installed (see docs/benchmarks.md for the call), $OUT for the logs.
 set -uo pipefail
 mode=${1:?one-gpu or two-gpu}
+shift
 epochs=${EPOCHS:-40}
 limit=${LIMIT:-3600}  # seconds; then SIGTERM: the trainer saves a resumable checkpoint and stops
 out=${OUT:-out}
@@ -20,7 +23,7 @@ ckpt=/tmp/seg-nano-upstream-random.pth
 [ -f "$ckpt" ] || python3 scripts/make_upstream_random_checkpoint.py --variant seg-nano --out "$ckpt" 2>&1 \
     | grep -v -i warn
 args=(--data .data/coco128_seg --weights "$ckpt" --epochs "$epochs" --log-every 2 --no-progress
-      --output "$runs" --name "$mode" --workers 6)
+      --output "$runs" --name "$mode" --workers 6 "$@")
 case "$mode" in
     one-gpu) timeout "$limit" python3 -m rfdetr_train "${args[@]}" 2>&1 | tee "$out/$mode.log" ;;
     two-gpu) timeout "$limit" accelerate launch --num_processes 2 --multi_gpu -m rfdetr_train "${args[@]}" 2>&1 \
