@@ -37,6 +37,36 @@ def _targets(batch: int, classes: int, res: int, device, seed: int = 0) -> list[
     return out
 
 
+UPSTREAM_CONFIGS = {"seg-nano": "RFDETRSegNanoConfig", "seg-small": "RFDETRSegSmallConfig",
+                    "seg-medium": "RFDETRSegMediumConfig"}  # fmt: skip
+
+
+def _upstream_parts(variant: str, classes: int, device):
+    """Upstream rfdetr's model and criterion for ``variant`` (random init), and its weighted-sum function."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import rfdetr.config as up_config
+    from rfdetr.models import build_criterion_from_config, build_model_from_config
+
+    # upstream keeps num_classes + 1 logit slots; ours keeps `classes`
+    cfg = getattr(up_config, UPSTREAM_CONFIGS[variant])(
+        pretrain_weights=None, device=str(device), num_classes=classes - 1
+    )
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg).to(device).train()
+    criterion, _ = build_criterion_from_config(
+        cfg, up_config.SegmentationTrainConfig(dataset_dir=".", output_dir=".")
+    )
+    criterion = criterion.to(device).train()
+    weights = criterion.weight_dict
+
+    def total(losses):
+        return sum(losses[k] * weights[k] for k in losses if k in weights)
+
+    return model, criterion, total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="seg-nano")
@@ -48,6 +78,8 @@ def main() -> None:
     ap.add_argument("--data", help="also time the training loader alone on this dataset")
     ap.add_argument("--workers", type=int, default=6)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--upstream", action="store_true", help="also time upstream rfdetr's model + criterion")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved ours/upstream blocks")
     args = ap.parse_args()
 
     from rfdetr_core.models import build_model
@@ -80,7 +112,7 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    def step(times: dict | None = None):
+    def step(times: dict | None = None, model=model, criterion=criterion, opt=opt, ema=ema, total_loss=None):
         t = time.perf_counter()
 
         def lap(name):
@@ -95,7 +127,7 @@ def main() -> None:
             out = model(images)
         lap("forward")
         losses = criterion(out, targets)
-        loss = criterion.total_loss(losses)
+        loss = (total_loss or criterion.total_loss)(losses)
         lap("criterion")
         loss.backward()
         lap("backward")
@@ -141,6 +173,44 @@ def main() -> None:
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25))
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+
+    if args.upstream:
+        up_model, up_criterion, up_total = _upstream_parts(args.variant, args.classes, device)
+        up_opt = build_optimizer(
+            param_groups(up_model, settings, num_layers=max(v.out_feature_indexes) + 1), device
+        )
+        up_ema = ModelEMA(up_model, 0.993, 100)
+
+        def up_step():
+            step(model=up_model, criterion=up_criterion, opt=up_opt, ema=up_ema, total_loss=up_total)
+
+        for _ in range(3):
+            up_step()
+        ratios, peaks = [], {"ours": 0.0, "upstream": 0.0}
+        per = max(2, args.steps // 4)
+        for _ in range(args.repeats):
+            took = {}
+            for name, fn in (("ours", step), ("upstream", up_step)):
+                sync()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                for _ in range(per):
+                    fn()
+                sync()
+                took[name] = (time.perf_counter() - t0) / per
+                if cuda:
+                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 2**30)
+            ratios.append(took["ours"] / took["upstream"])
+        ratios.sort()
+        med = ratios[len(ratios) // 2]
+        print(
+            f"  ours / upstream {args.variant} training step (model + criterion + backward, same optimiser and "
+            f"EMA): median {med:.3f}x over {args.repeats} interleaved blocks of {per} steps "
+            f"[min {ratios[0]:.3f}, max {ratios[-1]:.3f}]"
+        )
+        if cuda:
+            print(f"  peak memory: ours {peaks['ours']:.2f} GiB, upstream {peaks['upstream']:.2f} GiB")
 
     if args.data:
         from rfdetr_core.preprocess import PreprocessConfig
