@@ -126,8 +126,10 @@ def main() -> None:
         with amp():
             out = model(images)
         lap("forward")
-        losses = criterion(out, targets)
-        loss = (total_loss or criterion.total_loss)(losses)
+        # ours takes bf16 outputs outside autocast; upstream's criterion must run inside it (as its loop does)
+        with amp() if total_loss is not None else contextlib.nullcontext():
+            losses = criterion(out, targets)
+            loss = (total_loss or criterion.total_loss)(losses)
         lap("criterion")
         loss.backward()
         lap("backward")
