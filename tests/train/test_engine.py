@@ -65,6 +65,7 @@ def test_periodic_validation_prints_per_class_table(dataset, tmp_path, capsys):
     assert code == 0
     assert "validation at step 1" in out and "validation at step 2" in out
     assert out.count("per class (segm)") == 2 and "triangle" in out
+    assert "AP50 over time" in out  # the end-of-run table, one row per validation
 
 
 def test_val_subcommand_and_resume_errors(trained, dataset, tmp_path, capsys):

@@ -6,12 +6,15 @@
   batch upstream's docs recommend), 100 epochs.
 * ``scratch`` (``seg-tiny``): a small model trained from random weights on the CPU demo. Higher learning
   rate, no layer decay, short warm-up, cosine schedule, EMA with a short warm-up, looser clipping, and a fixed
-  budget of optimiser steps rather than epochs (sized from measured CPU speed; see docs/training.md).
+  budget of optimiser steps rather than epochs (sized from measured CPU speed; see docs/training.md); one
+  input size instead of multi-scale (:data:`SCRATCH_DATA`) and a matcher without mask costs
+  (:data:`SCRATCH_CRITERION`).
 """
 
 from __future__ import annotations
 
 from rfdetr_core.variants import Variant
+from rfdetr_train.data.config import DataConfig
 from rfdetr_train.engine.config import TrainConfig
 
 FINETUNE = {
@@ -34,7 +37,8 @@ FINETUNE = {
 }
 
 SCRATCH = {
-    # batch 4: more updates per image seen; a from-scratch DETR is update-bound early on
+    # batch 4: batch 2 gives 1.5x the steps per second on 2 cores but learns less per image (CPU demo: segm
+    # AP50 0.021 after 330 s at batch 2 vs 0.138 at batch 4; docs/training.md)
     "batch_size": 4,
     "grad_accum": 1,
     "lr": 5e-4,
@@ -50,11 +54,34 @@ SCRATCH = {
     "ema_decay": 0.99,
     "ema_tau": 20.0,
     "drop_path": 0.0,
-    # 8000 images: ~400 s at the 20 images/s seg-tiny was sized for on 2 cores (measured only on a shared,
-    # 4-5x oversubscribed machine so far: see the training note)
-    "steps": 2000,
+    # 13600 images: ~560 s at the ~24 images/s of the idle 2-core machine (2 compute threads, loading in the
+    # main process, one input size), so the CPU demo ends within 600 s; see docs/training.md
+    "steps": 3400,
     "steps_per_validation": 400,
 }
+
+# Criterion settings of the scratch recipe (keyword arguments of ``build_criterion``; finetune keeps upstream's).
+# The matcher ignores the mask costs: masks of an untrained model are noise, and with them in the cost the
+# assignment of queries to objects keeps changing; boxes and classes alone give a steadier matching (CPU demo,
+# together with SCRATCH_DATA: segm AP50 0.046 vs 0.027 after 2000 steps; docs/training.md). Mask losses unchanged.
+SCRATCH_CRITERION = {"cost_mask_ce": 0.0, "cost_mask_dice": 0.0}
+
+
+def criterion_options(config: TrainConfig) -> dict:
+    """Keyword arguments for ``build_criterion`` of a resolved config: none for ``finetune``."""
+    return dict(SCRATCH_CRITERION) if config.recipe == "scratch" else {}
+
+
+# Data settings of the scratch recipe, used where the run does not set them: one input size (the validation
+# size) instead of upstream's multi-scale set; the small sizes (down to 80 px) shrink objects below one patch.
+SCRATCH_DATA = {"multi_scale": False}
+
+
+def resolve_data(data: DataConfig, recipe: str) -> DataConfig:
+    """``data`` with the recipe's data settings filled in where the run did not set them explicitly."""
+    table = SCRATCH_DATA if recipe == "scratch" else {}
+    updates = {k: v for k, v in table.items() if k not in data.model_fields_set}
+    return data.model_copy(update=updates) if updates else data
 
 
 def recipe_name(config: TrainConfig, variant: Variant) -> str:

@@ -185,7 +185,8 @@ def build_loaders(run, data, variant: Variant, resolution, preprocess: Preproces
     return train_loader, val_loader
 
 
-def build_criterion_for(variant: Variant, num_classes: int):
+def build_criterion_for(variant: Variant, num_classes: int, **options):
+    """The criterion of ``variant``; ``options`` (loss weights, matching costs) override upstream's defaults."""
     from rfdetr_train.losses import build_criterion
 
-    return build_criterion(num_classes, variant.group_detr, segmentation=variant.is_segmentation)
+    return build_criterion(num_classes, variant.group_detr, segmentation=variant.is_segmentation, **options)
