@@ -137,14 +137,15 @@ def train(config: str | os.PathLike | None = None, **options: Any):
         log.info("run directory: %s", run_dir)
     data = load_data(run, variant)
     workers = loader_workers(acc, run.data.workers)
-    run = run.model_copy(update={"data": run.data.model_copy(update={"workers": workers})})
     threads = cpu_threads(acc, workers)
     if threads is not None and acc.is_main_process:
         log.info("CPU: %d compute thread(s) per process, %d loader worker(s)", threads, workers)
     built = build_train_model(variant, len(data.class_map), cfg.weights, cfg.parsed_resolution())
     if cfg.drop_path:
         built.model.set_drop_path(cfg.drop_path)  # backbone stochastic depth, ramped over the blocks
-    train_loader, val_loader = build_loaders(run, data, variant, built.resolution, built.preprocess, acc)
+    train_loader, val_loader = build_loaders(
+        run, data, variant, built.resolution, built.preprocess, acc, workers
+    )
     evaluator = None
     if val_loader is not None:
         from rfdetr_train.evaluation.evaluator import Evaluator

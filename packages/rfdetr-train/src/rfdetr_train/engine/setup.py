@@ -144,12 +144,15 @@ def load_data(run, variant: Variant):
     return load_from_config(run.data, max_instances=variant.num_queries)
 
 
-def build_loaders(run, data, variant: Variant, resolution, preprocess: PreprocessConfig, accelerator):
-    """Training and validation loaders of this process's shard (validation: ``None`` without a val split)."""
-    from rfdetr_train.data import build_train_loader, build_val_loader, default_workers
+def build_loaders(
+    run, data, variant: Variant, resolution, preprocess: PreprocessConfig, accelerator, workers: int
+):
+    """Training and validation loaders of this process's shard (validation: ``None`` without a val split).
+
+    ``workers``: loader processes, as resolved by :func:`rfdetr_train.engine.api.loader_workers`."""
+    from rfdetr_train.data import build_train_loader, build_val_loader
 
     cfg = run.train
-    workers = run.data.workers if run.data.workers is not None else default_workers()
     pin = accelerator.device.type == "cuda"
     train_loader = build_train_loader(
         data,
