@@ -37,10 +37,6 @@ def _targets(batch: int, classes: int, res: int, device, seed: int = 0) -> list[
     return out
 
 
-UPSTREAM_CONFIGS = {"seg-nano": "RFDETRSegNanoConfig", "seg-small": "RFDETRSegSmallConfig",
-                    "seg-medium": "RFDETRSegMediumConfig"}  # fmt: skip
-
-
 def _upstream_parts(variant: str, classes: int, device):
     """Upstream rfdetr's model and criterion for ``variant`` (random init), and its weighted-sum function."""
     import os
@@ -50,7 +46,10 @@ def _upstream_parts(variant: str, classes: int, device):
     from rfdetr.models import build_criterion_from_config, build_model_from_config
 
     # upstream keeps num_classes + 1 logit slots; ours keeps `classes`
-    cfg = getattr(up_config, UPSTREAM_CONFIGS[variant])(
+    from rfdetr_core.weights.files import UPSTREAM_MODEL_NAMES
+
+    model_name = next(name for name, ours in UPSTREAM_MODEL_NAMES.items() if ours == variant)
+    cfg = getattr(up_config, model_name + "Config")(
         pretrain_weights=None, device=str(device), num_classes=classes - 1
     )
     torch.manual_seed(0)

@@ -16,16 +16,15 @@ import argparse
 import os
 from pathlib import Path
 
-CONFIGS = {
-    "seg-nano": ("RFDETRSegNanoConfig", "RFDETRSegNano"),
-    "seg-small": ("RFDETRSegSmallConfig", "RFDETRSegSmall"),
-    "seg-medium": ("RFDETRSegMediumConfig", "RFDETRSegMedium"),
-}
+from rfdetr_core.weights.files import UPSTREAM_MODEL_NAMES
+
+# our segmentation variant -> upstream model class name (its config class is that name + "Config")
+MODEL_NAMES = {v: name for name, v in UPSTREAM_MODEL_NAMES.items() if v.startswith("seg-")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=sorted(CONFIGS), default="seg-nano")
+    parser.add_argument("--variant", choices=sorted(MODEL_NAMES), default="seg-nano")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -41,8 +40,8 @@ def main() -> None:
             f"upstream rfdetr is needed for this script ({exc}); `uv sync` installs it."
         ) from None
 
-    config_name, model_name = CONFIGS[args.variant]
-    cfg = getattr(upstream_config, config_name)(pretrain_weights=None, device="cpu")
+    model_name = MODEL_NAMES[args.variant]
+    cfg = getattr(upstream_config, model_name + "Config")(pretrain_weights=None, device="cpu")
     torch.manual_seed(args.seed)
     model = upstream_models.build_model_from_config(cfg)
     resolution = int(cfg.resolution)
