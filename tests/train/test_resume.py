@@ -59,6 +59,28 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
 
 
+def _sigterm_after_step_2(cmd: list[str], process_group: bool = False) -> tuple[subprocess.Popen, str]:
+    """Run ``cmd``, send SIGTERM right after its "step 2/" log line (to its whole process group with
+    ``process_group``), wait for it to end; returns the process and its whole log."""
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=process_group,
+    )  # fmt: skip
+    seen = []
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 2/"):
+            if process_group:
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:
+                proc.send_signal(signal.SIGTERM)
+            break
+        assert time.monotonic() < deadline
+    rest, _ = proc.communicate(timeout=600)
+    return proc, "".join(seen) + rest
+
+
 @pytest.mark.slow
 def test_sigterm_then_resume_equals_uninterrupted_run(dataset, tmp_path):
     cfg = tmp_path / "cfg.yaml"
@@ -70,20 +92,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(dataset, tmp_path):
     )  # fmt: skip
     assert full.returncode == 0, full.stdout + full.stderr
 
-    proc = subprocess.Popen(
-        _cmd(dataset, out, "--name", "cut", "--config", str(cfg)),
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    seen = []
-    deadline = time.monotonic() + 600
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("step 2/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.monotonic() < deadline
-    rest, _ = proc.communicate(timeout=600)
-    log = "".join(seen) + rest
+    proc, log = _sigterm_after_step_2(_cmd(dataset, out, "--name", "cut", "--config", str(cfg)))
     assert proc.returncode == 130, log
     assert "stopped by SIGTERM" in log
     cut = out / "cut"
@@ -178,20 +187,9 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves(dataset, t
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(CONFIG.format(steps=200).replace("workers: 0", "workers: 1"))
     out = tmp_path / "runs"
-    proc = subprocess.Popen(
-        _cmd(dataset, out, "--name", "group", "--config", str(cfg)),
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    seen = []
-    deadline = time.monotonic() + 600
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("step 2/"):
-            os.killpg(proc.pid, signal.SIGTERM)
-            break
-        assert time.monotonic() < deadline
-    rest, _ = proc.communicate(timeout=600)
-    log = "".join(seen) + rest
+    proc, log = _sigterm_after_step_2(
+        _cmd(dataset, out, "--name", "group", "--config", str(cfg)), process_group=True
+    )
     assert proc.returncode == 130, log
     assert "stopped by SIGTERM" in log and "DataLoader worker" not in log, log
     assert (out / "group" / "checkpoints" / "last" / "state.json").is_file()
