@@ -188,6 +188,23 @@ def test_create_model_resizes_heads_with_warning(checkpoint):
     )
 
 
+def test_load_model_with_a_new_class_map(checkpoint):
+    from rfdetr_core.factory import load_model
+
+    with pytest.warns(UserWarning, match="class names are now class_<slot>"):
+        load_model(VARIANT, num_classes=2, weights=checkpoint)  # the file's 3 classes do not fit 2 slots
+    dataset = ClassMap.from_names(["cat", "dog"], first_category_id=1)
+    with pytest.warns(UserWarning) as caught:
+        loaded = load_model(VARIANT, weights=checkpoint, class_map=dataset)
+    notes = " ".join(str(w.message) for w in caught)
+    assert (
+        "resized to 2 slots" in notes and "class names" not in notes
+    )  # the given classes replace the file's
+    assert loaded.model.num_slots == 2 and loaded.class_map is dataset
+    with pytest.raises(ValueError, match="differs from the 2 slots"):
+        load_model(VARIANT, num_classes=5, weights=checkpoint, class_map=dataset)
+
+
 def test_create_model_errors(checkpoint):
     with pytest.raises(CheckpointError, match="not the name of official weights"):
         create_model(VARIANT, weights="no/such/file.pth")

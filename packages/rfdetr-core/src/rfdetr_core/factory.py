@@ -71,14 +71,24 @@ def load_model(
     accept_license: bool = False,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    class_map: ClassMap | None = None,
 ) -> LoadedModel:
     """Like :func:`create_model` and also return the class map, resolution and preprocessing.
 
     ``variant`` may be ``None`` only with ``weights`` that tell their variant (ours always do; upstream
-    files through ``model_name`` or their shapes).
+    files through ``model_name`` or their shapes). ``class_map``: the classes the model is to predict from
+    now on (e.g. a dataset's, for fine-tuning); it sets ``num_classes`` (``class_map.num_slots``) and replaces
+    the file's class map, so no warning is given about the file's class names.
     """
     from rfdetr_core.models import build_model
 
+    if class_map is not None:
+        if num_classes is not None and num_classes != class_map.num_slots:
+            raise ValueError(
+                f"num_classes={num_classes} differs from the {class_map.num_slots} slots of class_map; "
+                "give one of them"
+            )
+        num_classes = class_map.num_slots
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     wf = None
@@ -90,12 +100,15 @@ def load_model(
     slots = num_classes if num_classes is not None else (wf.num_slots if wf and wf.num_slots else None)
     model = build_model(v, num_classes=slots, num_queries=_file_num_queries(wf, v))
     notes: list[str] = []
-    class_map = default_class_map(model.num_slots, v)
+    given_map = class_map
+    class_map = given_map if given_map is not None else default_class_map(model.num_slots, v)
     resolution = (v.resolution, v.resolution)
     preprocess = PreprocessConfig()
     if wf is not None:
         notes = _load_state(model, wf)
-        if wf.class_map is not None and _map_fits(wf.class_map, model.num_slots, wf.num_slots):
+        if given_map is not None:
+            pass  # the caller's classes replace the file's
+        elif wf.class_map is not None and _map_fits(wf.class_map, model.num_slots, wf.num_slots):
             class_map = ClassMap(wf.class_map.entries, model.num_slots)
         elif wf.class_map is not None:
             notes.append(

@@ -140,7 +140,7 @@ def train(config: str | os.PathLike | None = None, **options: Any):
     threads = cpu_threads(acc, workers)
     if threads is not None and acc.is_main_process:
         log.info("CPU: %d compute thread(s) per process, %d loader worker(s)", threads, workers)
-    built = build_train_model(variant, len(data.class_map), cfg.weights, cfg.parsed_resolution())
+    built = build_train_model(variant, data.class_map, cfg.weights, cfg.parsed_resolution())
     if cfg.drop_path:
         built.model.set_drop_path(cfg.drop_path)  # backbone stochastic depth, ramped over the blocks
     train_loader, val_loader = build_loaders(

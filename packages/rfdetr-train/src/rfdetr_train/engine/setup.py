@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from rfdetr_core.class_map import ClassMap
 from rfdetr_core.errors import RFDETRError
 from rfdetr_core.preprocess import PreprocessConfig
 from rfdetr_core.variants import Variant, get_variant
@@ -109,22 +109,20 @@ class ModelSetup:
 
 
 def build_train_model(
-    variant: Variant, num_classes: int, weights: str | None, resolution: tuple[int, int] | None
+    variant: Variant, class_map: ClassMap, weights: str | None, resolution: tuple[int, int] | None
 ) -> ModelSetup:
-    """The model to train: random init, or ``weights`` with class heads resized to ``num_classes``."""
+    """The model to train for ``class_map`` (the dataset's classes): random init, or ``weights`` with the
+    class heads resized to ``class_map.num_slots``."""
     if weights is None:
         from rfdetr_core.models import build_model
 
-        model = build_model(variant, num_classes=num_classes, num_queries=variant.num_queries)
+        model = build_model(variant, num_classes=class_map.num_slots, num_queries=variant.num_queries)
         res = resolution or (variant.resolution, variant.resolution)
         preprocess = PreprocessConfig()
     else:
         from rfdetr_core.factory import load_model
 
-        with warnings.catch_warnings():
-            # the run uses the dataset's class map, so the file's class names are not lost
-            warnings.filterwarnings("ignore", message=".*class names are now class_<slot>")
-            loaded = load_model(variant.name, num_classes=num_classes, weights=weights)
+        loaded = load_model(variant.name, weights=weights, class_map=class_map)
         model = loaded.model
         if model.num_queries != variant.num_queries:
             raise RFDETRError(
