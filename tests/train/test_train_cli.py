@@ -91,3 +91,18 @@ def test_recipes_fill_only_what_is_unset():
     assert f.lr_encoder == pytest.approx(3e-4)  # upstream ratio 1.5 kept when only --lr is given
     assert (f.ema_decay, f.ema_tau, f.clip_grad_norm) == (0.993, 100.0, 0.1)
     assert recipes.resolve(TrainConfig(epochs=3), tiny).steps is None
+
+
+def test_recipe_loss_weights_reach_the_criterion():
+    from rfdetr_train.engine.setup import build_criterion_for
+
+    tiny = get_variant("seg-tiny")
+    scratch = build_criterion_for(tiny, 3, **recipes.criterion_options(recipes.resolve(TrainConfig(), tiny)))
+    assert scratch.weight_for("loss_ce_enc") == recipes.SCRATCH_CRITERION["weight_class"]
+    assert scratch.weight_for("loss_mask_dice_0") == recipes.SCRATCH_CRITERION["weight_mask_dice"]
+    assert scratch.weight_for("loss_ce") > scratch.weight_for("loss_mask_ce")  # classes up, masks down
+    nano = get_variant("seg-nano")
+    finetune = recipes.resolve(TrainConfig(weights="seg-nano"), nano)
+    upstream = build_criterion_for(nano, 80, **recipes.criterion_options(finetune)).weight_dict
+    assert upstream == {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_mask_ce": 5.0,
+                        "loss_mask_dice": 5.0}  # fmt: skip
