@@ -197,9 +197,8 @@ def test_load_model_with_a_new_class_map(checkpoint):
     with pytest.warns(UserWarning) as caught:
         loaded = load_model(VARIANT, weights=checkpoint, class_map=dataset)
     notes = " ".join(str(w.message) for w in caught)
-    assert (
-        "resized to 2 slots" in notes and "class names" not in notes
-    )  # the given classes replace the file's
+    # the given classes replace the file's: no note about its class names
+    assert "resized to 2 slots" in notes and "class names" not in notes
     assert loaded.model.num_slots == 2 and loaded.class_map is dataset
     with pytest.raises(ValueError, match="differs from the 2 slots"):
         load_model(VARIANT, num_classes=5, weights=checkpoint, class_map=dataset)

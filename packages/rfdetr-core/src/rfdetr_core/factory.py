@@ -100,21 +100,21 @@ def load_model(
     slots = num_classes if num_classes is not None else (wf.num_slots if wf and wf.num_slots else None)
     model = build_model(v, num_classes=slots, num_queries=_file_num_queries(wf, v))
     notes: list[str] = []
-    given_map = class_map
-    class_map = given_map if given_map is not None else default_class_map(model.num_slots, v)
+    use_file_map = class_map is None  # the caller's classes replace the file's
+    if class_map is None:
+        class_map = default_class_map(model.num_slots, v)
     resolution = (v.resolution, v.resolution)
     preprocess = PreprocessConfig()
     if wf is not None:
         notes = _load_state(model, wf)
-        if given_map is not None:
-            pass  # the caller's classes replace the file's
-        elif wf.class_map is not None and _map_fits(wf.class_map, model.num_slots, wf.num_slots):
-            class_map = ClassMap(wf.class_map.entries, model.num_slots)
-        elif wf.class_map is not None:
-            notes.append(
-                f"the file's {len(wf.class_map)} classes do not fit the {model.num_slots} requested slots; "
-                "class names are now class_<slot>"
-            )
+        if use_file_map and wf.class_map is not None:
+            if _map_fits(wf.class_map, model.num_slots, wf.num_slots):
+                class_map = ClassMap(wf.class_map.entries, model.num_slots)
+            else:
+                notes.append(
+                    f"the file's {len(wf.class_map)} classes do not fit the {model.num_slots} requested slots; "
+                    "class names are now class_<slot>"
+                )
         if wf.resolution is not None:
             resolution = v.check_resolution(*wf.resolution)
         if wf.preprocess is not None:
