@@ -85,6 +85,7 @@ def main() -> None:
     from rfdetr_core.variants import get_variant
     from rfdetr_train.engine.ema import ModelEMA
     from rfdetr_train.engine.optim import OptimSettings, build_optimizer, param_groups
+    from rfdetr_train.engine.recipes import FINETUNE
     from rfdetr_train.losses import build_criterion
 
     device = torch.device(args.device)
@@ -94,11 +95,16 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(v, num_classes=args.classes).to(device).train()
     criterion = build_criterion(args.classes, v.group_detr, segmentation=v.is_segmentation).to(device)
+    recipe = FINETUNE  # the fine-tuning recipe's optimiser, clipping and EMA numbers
     settings = OptimSettings(
-        lr=1e-4, lr_encoder=1.5e-4, layer_decay=0.8, component_decay=0.7, weight_decay=1e-4
+        lr=recipe["lr"],
+        lr_encoder=recipe["lr_encoder"],
+        layer_decay=recipe["lr_vit_layer_decay"],
+        component_decay=recipe["lr_component_decay"],
+        weight_decay=recipe["weight_decay"],
     )
     opt = build_optimizer(param_groups(model, settings, num_layers=max(v.out_feature_indexes) + 1), device)
-    ema = ModelEMA(model, 0.993, 100)
+    ema = ModelEMA(model, recipe["ema_decay"], recipe["ema_tau"])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
     def amp():
@@ -132,7 +138,7 @@ def main() -> None:
         lap("criterion")
         loss.backward()
         lap("backward")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_grad_norm"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         lap("optimizer")
@@ -180,7 +186,7 @@ def main() -> None:
         up_opt = build_optimizer(
             param_groups(up_model, settings, num_layers=max(v.out_feature_indexes) + 1), device
         )
-        up_ema = ModelEMA(up_model, 0.993, 100)
+        up_ema = ModelEMA(up_model, recipe["ema_decay"], recipe["ema_tau"])
 
         def up_step():
             step(model=up_model, criterion=up_criterion, opt=up_opt, ema=up_ema, total_loss=up_total)
