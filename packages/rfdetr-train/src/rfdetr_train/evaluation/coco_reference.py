@@ -39,14 +39,13 @@ def evaluate_coco_reference(
         "categories": list(coco_gt.dataset.get("categories", [])),
         "annotations": [],
     }
+    areas = dt.area(iou_type)
     for i, r in enumerate(results):
         r["id"] = i + 1
         r["iscrowd"] = 0
-        if iou_type == "segm":
-            r["area"] = float(dt.mask_area[i])
-        else:
+        r["area"] = float(areas[i])
+        if iou_type != "segm":
             x, y, w, h = r["bbox"]
-            r["area"] = w * h
             r.setdefault("segmentation", [[x, y, x, y + h, x + w, y + h, x + w, y]])
         coco_dt.dataset["annotations"].append(r)
     with contextlib.redirect_stdout(io.StringIO()):

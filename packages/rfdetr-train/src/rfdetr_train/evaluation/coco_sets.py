@@ -1,9 +1,16 @@
 """Ground truth and detections as flat arrays, the input of both COCO evaluation backends.
 
 Boxes are COCO ``[x, y, w, h]`` in source pixels; masks are compressed COCO RLE dicts at source size.
-Areas follow pycocotools: ground truth uses the annotation's own ``area`` field; a detection's area is its
-mask area for ``segm`` and ``w * h`` for ``bbox`` (detectron2 drops ``bbox`` from segm results for the same
-reason: pycocotools' ``loadRes`` would otherwise take the box area).
+
+Areas (they decide the small / medium / large ranges) follow pycocotools: ground truth uses the annotation's
+own ``area`` field. A detection's area depends on where the detections come from (``DetectionSet.area_rule``):
+
+- ``"per-type"`` (model outputs: training-time validation, ``val``): ``w * h`` for ``bbox`` and the mask area
+  for ``segm``, i.e. what pycocotools gives on a box-only file and a segmentation-only file evaluated
+  separately (upstream rfdetr and detectron2 write their segm results without ``bbox`` for this reason).
+- ``"box"`` / ``"mask"`` (a results file): pycocotools' ``COCO.loadRes`` looks at the file's *first* result
+  only; if it has a non-empty ``bbox``, every detection's area is ``bbox[2] * bbox[3]``, otherwise the mask
+  area, and the same area serves both iouTypes. A file with both keys therefore has box areas for segm.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rfdetr_core.errors import RFDETRError
+
+AREA_RULES = ("per-type", "box", "mask")
 
 
 @dataclass
@@ -82,6 +91,7 @@ class DetectionSet:
         bbox: ``[D, 4]`` float64 xywh in source pixels.
         rles: ``D`` compressed RLE dicts at source size, or ``None`` for box-only results.
         mask_area: ``[D]`` float64 mask areas (``None`` without masks).
+        area_rule: which area the size ranges use, ``"per-type"``, ``"box"`` or ``"mask"`` (module doc).
     """
 
     image_id: np.ndarray
@@ -91,6 +101,13 @@ class DetectionSet:
     rles: list | None = None
     mask_area: np.ndarray | None = None
     boundary_rles: list | None = None  # inner boundaries (Boundary AP), when computed with the masks
+    area_rule: str = "per-type"
+
+    def __post_init__(self) -> None:
+        if self.area_rule not in AREA_RULES:
+            raise RFDETRError(f"area_rule must be one of {AREA_RULES}, got {self.area_rule!r}")
+        if self.area_rule == "mask" and self.mask_area is None:
+            raise RFDETRError("area_rule 'mask' needs mask areas.")
 
     def __len__(self) -> int:
         return int(self.score.shape[0])
@@ -108,11 +125,11 @@ class DetectionSet:
         )
 
     def area(self, iou_type: str) -> np.ndarray:
-        if iou_type == "bbox":
-            return self.bbox[:, 2] * self.bbox[:, 3]
-        if self.mask_area is None:
+        """``[D]`` float64 areas for the size ranges of ``iou_type`` under :attr:`area_rule` (module doc)."""
+        if iou_type == "segm" and self.mask_area is None:
             raise RFDETRError("Mask metrics need detections with masks ('segmentation' in the results).")
-        return self.mask_area
+        box_area = self.area_rule == "box" or (self.area_rule == "per-type" and iou_type == "bbox")
+        return self.bbox[:, 2] * self.bbox[:, 3] if box_area else self.mask_area
 
     @classmethod
     def concatenate(cls, parts: list[DetectionSet]) -> DetectionSet:
@@ -121,6 +138,9 @@ class DetectionSet:
             return cls.empty(with_masks=False)
         with_masks = all(p.rles is not None for p in parts)
         with_bounds = with_masks and all(p.boundary_rles is not None for p in parts)
+        rules = {p.area_rule for p in parts}
+        if len(rules) > 1:
+            raise RFDETRError(f"Cannot join detections with different area rules {sorted(rules)}.")
         return cls(
             np.concatenate([p.image_id for p in parts]).astype(np.int64),
             np.concatenate([p.category_id for p in parts]).astype(np.int64),
@@ -129,10 +149,15 @@ class DetectionSet:
             [r for p in parts for r in p.rles] if with_masks else None,
             np.concatenate([p.mask_area for p in parts]).astype(np.float64) if with_masks else None,
             [r for p in parts for r in p.boundary_rles] if with_bounds else None,
+            rules.pop(),
         )
 
     def to_coco_results(self, iou_type: str | None = None) -> list[dict]:
-        """COCO results list (``bbox`` and, with masks, ``segmentation``; ``iou_type='segm'`` drops bbox)."""
+        """COCO results list (``bbox`` and, with masks, ``segmentation``; ``iou_type='segm'`` drops bbox).
+
+        Under the ``"per-type"`` rule, pycocotools gives this set's numbers on ``to_coco_results("bbox")``
+        and ``to_coco_results("segm")``; a file with both keys has box areas for segm (module doc).
+        """
         out = []
         for i in range(len(self)):
             r = {

@@ -3,7 +3,8 @@
 Prints the COCO summary and the per-class table of each evaluated type and, with ``--json``, writes the
 nested metrics of DESIGN (``{"bbox": {...}, "segm": {...}, "boundary": {...}}``). Boundary AP is on unless
 ``--no-boundary`` (it needs masks). Results are evaluated like pycocotools on all images of the ground
-truth; a detection's area is its mask area for segm, so a results file's boxes do not leak into segm.
+truth, with pycocotools' areas: when the first result has a ``bbox``, every detection's area (its size range)
+is ``w * h``, for segm too; otherwise its mask area (``rfdetr_train.evaluation.coco_sets``).
 """
 
 from __future__ import annotations

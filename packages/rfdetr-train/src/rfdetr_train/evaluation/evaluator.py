@@ -329,4 +329,5 @@ def _select(d: DetectionSet, sel: np.ndarray) -> DetectionSet:
         None if d.rles is None else [d.rles[i] for i in idx],
         None if d.mask_area is None else d.mask_area[idx],
         None if d.boundary_rles is None else [d.boundary_rles[i] for i in idx],
+        d.area_rule,
     )

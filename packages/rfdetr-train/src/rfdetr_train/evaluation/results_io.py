@@ -127,8 +127,11 @@ def load_results(path: str | Path, gt: GroundTruthSet) -> DetectionSet:
     """A COCO results file (list of detections) -> :class:`DetectionSet`, every entry checked.
 
     Each entry needs ``image_id`` and ``category_id`` known to ``gt``, a finite ``score``, and ``bbox``
-    ``[x, y, w, h]`` and/or ``segmentation`` (RLE or polygons at the image size). Masks without boxes get
-    the mask's bounding box. Either all entries have masks or none do.
+    ``[x, y, w, h]`` and/or ``segmentation`` (RLE or polygons at the image size). Masks without boxes (or
+    with ``"bbox": []``) get the mask's bounding box. Either all entries have masks or none do.
+
+    Areas follow pycocotools' ``loadRes``: box areas for every iouType when the first entry has a non-empty
+    ``bbox``, mask areas otherwise (``DetectionSet.area_rule``, see ``coco_sets``).
     """
     from pycocotools import mask as mask_utils
 
@@ -145,6 +148,8 @@ def load_results(path: str | Path, gt: GroundTruthSet) -> DetectionSet:
     score = np.zeros(n, np.float64)
     bbox = np.zeros((n, 4), np.float64)
     with_masks = "segmentation" in data[0] if isinstance(data[0], dict) else False
+    # pycocotools' loadRes: a non-empty bbox in the first result means box areas for all (coco_sets doc)
+    box_areas = isinstance(data[0], dict) and data[0].get("bbox", []) != []
     rles: list[dict] = []
     for i, d in enumerate(data):
 
@@ -162,7 +167,8 @@ def load_results(path: str | Path, gt: GroundTruthSet) -> DetectionSet:
             raise bad("'score' must be a finite number")
         if ("segmentation" in d) != with_masks:
             raise bad("either every detection has a 'segmentation' or none does")
-        if "bbox" not in d and not with_masks:
+        has_box = "bbox" in d and not (with_masks and d["bbox"] == [])
+        if not has_box and not with_masks:
             raise bad("a detection needs a 'bbox' or a 'segmentation'")
         h, w = gt.image_sizes[d["image_id"]]
         if with_masks:
@@ -170,7 +176,7 @@ def load_results(path: str | Path, gt: GroundTruthSet) -> DetectionSet:
                 rles.append(_check_rle(d["segmentation"], h, w))
             except ValueError as exc:
                 raise bad(f"bad segmentation: {exc}") from None
-        if "bbox" in d:
+        if has_box:
             b = d["bbox"]
             if (
                 not isinstance(b, list)
@@ -185,5 +191,11 @@ def load_results(path: str | Path, gt: GroundTruthSet) -> DetectionSet:
             bbox[i] = mask_utils.toBbox(rles[-1])
         img[i], cat[i], score[i] = d["image_id"], d["category_id"], s
     return DetectionSet(
-        img, cat, score, bbox, rles if with_masks else None, rle_area(rles) if with_masks else None
+        img,
+        cat,
+        score,
+        bbox,
+        rles if with_masks else None,
+        rle_area(rles) if with_masks else None,
+        area_rule="box" if box_areas else "mask",
     )
