@@ -63,17 +63,59 @@ def draw_detections(image: Any, detections: Detections, show_masks: bool = True,
         rgb = canvas.round().clip(0, 255).astype(np.uint8)
     out = Image.fromarray(rgb, mode="RGB")
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
-    width = max(1, round(max(detections.image_size) / 400))
+    line, font_px = line_and_font_size(detections.image_size)
+    font = _font(ImageFont, font_px)
+    placed: list[tuple[float, float, float, float]] = []  # label rectangles already drawn
     for i in reversed(range(len(detections))):
         color = class_color(detections.category_ids[i])
         x0, y0, x1, y1 = (float(v) for v in detections.boxes[i])
-        draw.rectangle((x0, y0, x1, y1), outline=color, width=width)
-        if show_labels:
+        draw.rectangle((x0, y0, x1, y1), outline=color, width=line)
+    if show_labels:
+        # best detection first, so its label gets the first choice of place
+        for i in range(len(detections)):
+            color = class_color(detections.category_ids[i])
             text = f"{detections.class_names[i]} {detections.scores[i]:.2f}"
-            left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
-            lift = bottom - top + 2
-            ty = y0 - lift if y0 - lift >= 0 else y0
-            draw.rectangle((x0, ty, x0 + right - left + 4, ty + lift), fill=color)
-            draw.text((x0 + 2, ty + 1), text, fill=(0, 0, 0), font=font)
+            left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+            w, h = right - left + 2 * line + 2, bottom - top + 2 * line
+            rect = _label_place(detections.boxes[i], (w, h), detections.image_size, placed)
+            placed.append(rect)
+            draw.rectangle(rect, fill=color)
+            draw.text((rect[0] + line + 1 - left, rect[1] + line - top), text, fill=(0, 0, 0), font=font)
     return out
+
+
+def line_and_font_size(image_size: tuple[int, int]) -> tuple[int, int]:
+    """Box line width and label font height in pixels for an image of ``(H, W)``: both grow with the longer
+    side (2 px / 12 px at 640, 12 px / 70 px at 3840), so labels stay readable when a large photo is
+    shown scaled down."""
+    longest = max(int(image_size[0]), int(image_size[1]))
+    return max(1, round(longest / 320)), max(10, round(longest / 55))
+
+
+def _font(image_font, size: int):
+    try:
+        return image_font.load_default(size=size)  # scalable with FreeType (Pillow >= 10.1)
+    except (TypeError, OSError, ImportError):
+        return image_font.load_default()
+
+
+def _overlaps(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _label_place(box, size: tuple[int, int], image_size: tuple[int, int], placed) -> tuple[float, ...]:
+    """Where a ``size = (w, h)`` label of ``box`` (xyxy) goes: above the box's top-left corner, else inside
+    it below the corner, else stacked downwards until it overlaps no label already ``placed``; always kept
+    inside the image."""
+    height, width = int(image_size[0]), int(image_size[1])
+    w, h = size
+    x0 = min(max(0.0, float(box[0])), max(0.0, width - w))
+    candidates = [float(box[1]) - h, float(box[1])]
+    candidates += [float(box[1]) + k * h for k in range(1, 8)]
+    rect = None
+    for y in candidates:
+        y = min(max(0.0, y), max(0.0, height - h))
+        rect = (x0, y, x0 + w, y + h)
+        if not any(_overlaps(rect, other) for other in placed):
+            return rect
+    return rect  # crowded: the last candidate (may overlap)

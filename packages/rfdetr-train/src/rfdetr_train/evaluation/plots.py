@@ -31,36 +31,77 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
-def plot_confusion(cm: ConfusionMatrix, path: str | Path) -> Path:
-    """Counts in each cell, colour = share of the true class's column (so rare classes stay readable)."""
-    labels = [*cm.names, "background"]
+# The confusion plot shows at most this many classes (those with the most ground truths and detections);
+# the rest are summed into one "other classes" row and column so no count is lost.
+MAX_CONFUSION_CLASSES = 30
+
+
+def _class_counts(cm: ConfusionMatrix) -> np.ndarray:
+    """``[K]`` detections + ground truths of each class (background excluded)."""
+    k = len(cm.names)
+    return cm.matrix[:k, :].sum(axis=1) + cm.matrix[:, :k].sum(axis=0)
+
+
+def confusion_classes(cm: ConfusionMatrix, max_classes: int = MAX_CONFUSION_CLASSES) -> list[int]:
+    """Indexes (into ``cm.names``) of the classes to draw: those present as ground truth or prediction,
+    the ``max_classes`` with the largest counts when more are present, in their original order."""
+    counts = _class_counts(cm)
+    present = np.flatnonzero(counts > 0)
+    if present.size > max_classes:
+        top = present[np.argsort(-counts[present], kind="stable")[:max_classes]]
+        present = np.sort(top)
+    return present.tolist()
+
+
+def _reduced_matrix(cm: ConfusionMatrix, keep: list[int]) -> tuple[np.ndarray, list[str]]:
+    """``cm.matrix`` restricted to ``keep``, plus one "other classes" row/column summing the present classes
+    left out (if any), plus background: ``[n, n]`` counts and the ``n`` labels."""
+    k = len(cm.names)
+    counts = _class_counts(cm)
+    kept = set(keep)
+    rest = [i for i in range(k) if i not in kept and counts[i] > 0]  # classes with counts left out
+    groups = [[i] for i in keep]
+    labels = [cm.names[i] for i in keep]
+    if rest:
+        groups.append(rest)
+        labels.append(f"{len(rest)} other classes")
+    groups.append([k])
+    labels.append("background")
+    rows = np.stack([cm.matrix[g, :].sum(axis=0) for g in groups])  # [n, K+1]
+    mat = np.stack([rows[:, g].sum(axis=1) for g in groups], axis=1)  # [n, n]
+    return mat, labels
+
+
+def plot_confusion(cm: ConfusionMatrix, path: str | Path, max_classes: int = MAX_CONFUSION_CLASSES) -> Path:
+    """Counts in each cell, colour = share of the true class's column (so rare classes stay readable).
+
+    Only classes that occur (as ground truth or prediction) are drawn, at most ``max_classes`` of them; the
+    others are summed into an "other classes" row and column, so every count stays in the picture.
+    """
+    keep = confusion_classes(cm, max_classes)
+    mat, labels = _reduced_matrix(cm, keep)
     n = len(labels)
-    size = min(4 + 0.35 * n, 24)
-    plt, fig = _figure((size + 1, size))
+    size = min(4 + 0.35 * n, 16)
+    plt, fig = _figure((size + 1.5, size))
     ax = fig.add_subplot(111)
-    col = cm.matrix.sum(axis=0, keepdims=True)
-    share = np.divide(cm.matrix, np.maximum(col, 1))
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    if n <= 40:
-        for i in range(n):
-            for j in range(n):
-                v = int(cm.matrix[i, j])
-                if v:
-                    ax.text(
-                        j,
-                        i,
-                        str(v),
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="k" if share[i, j] < 0.6 else "w",
-                    )
+    col = mat.sum(axis=0, keepdims=True)
+    share = np.divide(mat, np.maximum(col, 1))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class (column)")
+    font = 8 if n <= 15 else 6
+    for i in range(n):
+        for j in range(n):
+            v = int(mat[i, j])
+            if v:
+                color = "k" if share[i, j] < 0.6 else "w"
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=font, color=color)
     ticks = np.arange(n)
-    ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
-    ax.set_yticks(ticks, labels, fontsize=7)
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=font)
+    ax.set_yticks(ticks, labels, fontsize=font)
     ax.set_xlabel("true")
     ax.set_ylabel("predicted")
-    ax.set_title(f"confusion matrix (IoU {cm.iou:g}, best-F1 confidence per class)")
+    shown = f"{len(keep)} of {len(cm.names)} classes" if len(keep) < len(cm.names) else "all classes"
+    ax.set_title(f"confusion matrix ({shown}; IoU {cm.iou:g}, best-F1 confidence per class)", fontsize=9)
     return _save(plt, fig, Path(path))
 
 
