@@ -170,6 +170,10 @@ class RFDETR:
             raise ImageError("predict() got an empty list of images.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(
+                f"threshold must be a score in [0, 1], got {threshold}; scores are sigmoid probabilities."
+            )
         n_select = int(num_select) if num_select is not None else int(self.model.num_queries)
         results: list[Detections] = []
         for start in range(0, len(items), batch_size):

@@ -17,6 +17,7 @@ export so that all paths see the same pixels.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,6 +116,17 @@ def _pil_to_array(img) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def _warn_if_0_255(peak: float) -> None:
+    """Float images are read as values in [0, 1]; a peak far above 1 means 0-255 values were passed."""
+    if peak > 1.5:
+        warnings.warn(
+            f"A float image has values up to {peak:g}, but float images are read as [0, 1]: values above 1 "
+            "saturate. Divide by 255 (or pass the uint8 array) to give the model the pixels you mean.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def _array_to_float(arr: np.ndarray) -> np.ndarray:
     """numpy image -> float32 ``HxWx3`` in [0, 1]."""
     if arr.ndim == 2:
@@ -132,6 +144,7 @@ def _array_to_float(arr: np.ndarray) -> np.ndarray:
         out = arr.astype(np.float32) / 65535.0
     elif arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.floating):
         out = arr.astype(np.float32)
+        _warn_if_0_255(float(out.max(initial=0.0)))
     else:
         raise ImageError(f"Unsupported image dtype {arr.dtype}; use uint8, uint16 or float in [0, 1].")
     if out.shape[2] == 1:
@@ -171,6 +184,7 @@ def _to_tensor(image: Any) -> torch.Tensor:
             t = t.float() / 65535.0
         elif t.is_floating_point():
             t = t.float()
+            _warn_if_0_255(float(t.max()) if t.numel() else 0.0)
         else:
             raise ImageError(f"Unsupported tensor dtype {t.dtype}; use uint8 or float in [0, 1].")
         return t.expand(3, -1, -1) if t.shape[0] == 1 else t

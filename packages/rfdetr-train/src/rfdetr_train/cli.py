@@ -1,7 +1,7 @@
 """One command-line grammar for ``python -m rfdetr_train``, ``accelerate launch -m rfdetr_train`` and the
 ``rfdetr-train`` / ``rfdetr-mask`` scripts.
 
-A first token naming a subcommand (``train``, ``val``, ``check``, ``eval``) selects it; anything else means
+A first token naming a subcommand (``train``, ``val``, ``check``, ``eval``, ``predict``) selects it; anything else means
 ``train``. Every kebab-case flag also accepts its snake_case spelling (``--batch_size 8``).
 User errors print one or two lines and exit non-zero; ``--debug`` shows the traceback.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from rfdetr_core.errors import RFDETRError
 
-SUBCOMMANDS = ("train", "val", "check", "eval")
+SUBCOMMANDS = ("train", "val", "check", "eval", "predict")
 
 # subcommand -> "module:function" taking the parsed namespace and returning an exit code. Each lives in the
 # package it drives and is imported lazily, so that `--help` and `check` never import training code.
@@ -24,6 +24,7 @@ HANDLERS = {
     "val": "rfdetr_train.engine.commands:run_val",
     "check": "rfdetr_train.data.check_command:run_check",
     "eval": "rfdetr_train.evaluation.eval_command:run_eval",
+    "predict": "rfdetr_train.predict_command:run_predict",
 }
 
 
@@ -32,6 +33,17 @@ class NotBuiltYetError(RFDETRError):
 
 
 PROG = "rfdetr-train"
+
+
+def score(text: str) -> float:
+    """argparse type: a detection score in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a score in [0, 1] (scores are probabilities)")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -69,10 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         "  accelerate launch -m rfdetr_train --data ./my_coco\n"
         "  rfdetr-train check ./my_coco\n"
         "  rfdetr-train val --weights runs/train/best.safetensors --data ./my_coco --split test\n"
-        "  rfdetr-train eval --gt val.json --pred results.json",
+        "  rfdetr-train eval --gt val.json --pred results.json\n"
+        "  rfdetr-train predict runs/train/best.safetensors photo.jpg photos/ --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,val,check,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,val,check,eval,predict}")
 
     t = sub.add_parser("train", help="train a model (the default)", description="Train a model.")
     _add_data_flags(t)
@@ -164,6 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-dets", type=int, default=100, metavar="N")
     e.add_argument("--no-boundary", action="store_true", help="skip Boundary AP")
     _add_common(e)
+
+    pr = sub.add_parser(
+        "predict",
+        help="detect and segment objects in images",
+        description="Detect and segment objects in image files: write drawn images and COCO results.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    pr.add_argument("weights", metavar="WEIGHTS", help="weights file (ours or upstream) or an official name")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    pr.add_argument("--threshold", type=score, default=0.5, help="keep detections scoring above this")
+    pr.add_argument("--out", default="predictions", metavar="DIR", help="where drawn images and JSON go")
+    pr.add_argument("--json", action="store_true", help="also write DIR/predictions.json (COCO results)")
+    pr.add_argument("--no-draw", action="store_true", help="do not write drawn images")
+    pr.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass")
+    pr.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1 (default: best available)")
+    _add_common(pr)
     return parser
 
 
