@@ -5,26 +5,27 @@ single entry point that ``rfdetr_core.models`` calls (so ``models/`` imports onl
 :func:`rfdetr_core.ops.deform_attn.ms_deform_attn_pytorch`; the three tensors are promoted to one common
 dtype, which the output has.
 
-The op is registered as ``CompositeImplicitAutograd``: CPU tensors, and CUDA tensors when
-``RFDETR_DEFORM_ATTN=pytorch`` (or ``auto`` with no buildable kernel), run the pure-PyTorch path, which
-autograd, ``torch.compile`` and ONNX export trace straight through. Other CUDA tensors go to the kernel from
-``csrc/`` (``torch.ops.rfdetr._ms_deform_attn_cuda``, built just in time, autograd in C++, fake
-implementations for ``torch.compile``); see :mod:`rfdetr_core.ops.cuda_ext`.
+The op is registered as ``CompositeImplicitAutograd``. The backend in force (``RFDETR_DEFORM_ATTN`` or
+``with use_backend("auto"|"cuda"|"pytorch"|"gather"):``, see :mod:`rfdetr_core.ops.backend`) picks the
+implementation: CPU tensors, and CUDA tensors under ``pytorch`` (or ``auto`` with no buildable kernel), run the
+grid_sample path; any tensor under ``gather`` runs the gather path (for exports without ``GridSample``); both
+are pure PyTorch, which autograd, ``torch.compile`` and ONNX export trace straight through. Other CUDA tensors
+go to the kernel from ``csrc/`` (``torch.ops.rfdetr._ms_deform_attn_cuda``, built just in time, autograd in
+C++, fake implementations for ``torch.compile``); see :mod:`rfdetr_core.ops.cuda_ext`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from rfdetr_core.ops.backend import BACKEND_ENV, BACKENDS, requested_backend, use_backend
 from rfdetr_core.ops.cuda_ext import (
-    BACKEND_ENV,
     KernelBuildError,
     check_kernel_inputs,
     kernel_loaded,
-    requested_backend,
     use_cuda_kernel,
 )
-from rfdetr_core.ops.deform_attn import ms_deform_attn_pytorch
+from rfdetr_core.ops.deform_attn import ms_deform_attn_gather, ms_deform_attn_pytorch
 
 
 def ms_deform_attn(
@@ -33,7 +34,7 @@ def ms_deform_attn(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Multi-scale deformable attention on the backend chosen by ``RFDETR_DEFORM_ATTN``.
+    """Multi-scale deformable attention on the backend in force (:func:`requested_backend`).
 
     Args:
         value: ``[B, S, M, D]``, ``S = sum(H_l * W_l)``.
@@ -53,6 +54,8 @@ def ms_deform_attn(
         sampling_locations.to(dtype),
         attention_weights.to(dtype),
     )
+    if requested_backend() == "gather":
+        return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
     if value.is_cuda and use_cuda_kernel():
         check_kernel_inputs(value, spatial_shapes, sampling_locations, attention_weights)
         return torch.ops.rfdetr._ms_deform_attn_cuda(
@@ -70,22 +73,28 @@ _lib.impl("ms_deform_attn", ms_deform_attn, "CompositeImplicitAutograd")
 
 
 def deform_attn_backend() -> str:
-    """The implementation CUDA tensors use now: ``"cuda"`` or ``"pytorch"``.
+    """The implementation CUDA tensors use now: ``"cuda"``, ``"pytorch"`` or ``"gather"``.
 
-    Resolves ``RFDETR_DEFORM_ATTN`` like a call on a CUDA tensor would (building the kernel if needed, raising
+    Resolves the backend in force like a call on a CUDA tensor would (building the kernel if needed, raising
     :class:`KernelBuildError` for ``cuda`` when it cannot be built); ``"pytorch"`` without a CUDA device.
     """
-    if requested_backend() != "cuda" and not torch.cuda.is_available():
+    choice = requested_backend()
+    if choice == "gather":
+        return "gather"
+    if choice != "cuda" and not torch.cuda.is_available():
         return "pytorch"
     return "cuda" if use_cuda_kernel() else "pytorch"
 
 
 __all__ = [
+    "BACKENDS",
     "BACKEND_ENV",
     "KernelBuildError",
     "deform_attn_backend",
     "kernel_loaded",
     "ms_deform_attn",
+    "ms_deform_attn_gather",
     "ms_deform_attn_pytorch",
     "requested_backend",
+    "use_backend",
 ]

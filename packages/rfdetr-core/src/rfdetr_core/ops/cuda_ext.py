@@ -4,13 +4,10 @@ The extension is compiled with ninja on first use (the first ``ms_deform_attn`` 
 ``$RFDETR_HOME/extensions/<torch>-<cuda>-<arch>/`` and loaded from there afterwards. ``<arch>`` follows
 ``TORCH_CUDA_ARCH_LIST`` when set (as ``torch.utils.cpp_extension`` does), else the visible GPUs.
 
-``RFDETR_DEFORM_ATTN`` chooses what CUDA tensors use:
-
-* ``auto`` (default): the kernel if it builds; otherwise one warning line and the pure-PyTorch path.
-* ``cuda``: the kernel; a failed or impossible build raises :class:`KernelBuildError`.
-* ``pytorch``: the pure-PyTorch path, never building anything.
-
-CPU tensors always take the pure-PyTorch path. Loading registers ``torch.ops.rfdetr._ms_deform_attn_cuda``
+The backend in force (``RFDETR_DEFORM_ATTN`` or :func:`rfdetr_core.ops.use_backend`, see
+:mod:`rfdetr_core.ops.backend`) decides whether CUDA tensors use it: ``auto`` if it builds (otherwise one
+warning line), ``cuda`` always (a failed or impossible build raises :class:`KernelBuildError`), ``pytorch`` and
+``gather`` never. CPU tensors never do. Loading registers ``torch.ops.rfdetr._ms_deform_attn_cuda``
 (autograd in C++) and ``_ms_deform_attn_cuda_backward``, plus their fake implementations for
 ``torch.compile``.
 
@@ -33,10 +30,9 @@ from pathlib import Path
 import torch
 
 from rfdetr_core.errors import RFDETRError
+from rfdetr_core.ops.backend import BACKEND_ENV, requested_backend
 from rfdetr_core.paths import extensions_dir
 
-BACKEND_ENV = "RFDETR_DEFORM_ATTN"
-BACKENDS = ("auto", "cuda", "pytorch")
 EXTENSION_NAME = "rfdetr_ms_deform_attn"
 SOURCES = ("ms_deform_attn_ops.cpp", "ms_deform_attn_cuda.cu")
 HEADERS = ("ms_deform_attn.h",)
@@ -59,17 +55,7 @@ _state = _BuildState()
 
 
 class KernelBuildError(RFDETRError, RuntimeError):
-    """The CUDA deformable-attention kernel was asked for (``RFDETR_DEFORM_ATTN=cuda``) but cannot be built."""
-
-
-def requested_backend() -> str:
-    """The backend asked for by ``$RFDETR_DEFORM_ATTN`` (``auto`` when unset)."""
-    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
-        raise RFDETRError(
-            f"{BACKEND_ENV}={choice!r} is not one of {', '.join(BACKENDS)}; unset it or pick one."
-        )
-    return choice
+    """The CUDA deformable-attention kernel was asked for (backend ``cuda``) but cannot be built."""
 
 
 def source_dir() -> Path | None:
@@ -233,11 +219,11 @@ def _try_build() -> None:
 def use_cuda_kernel() -> bool:
     """Whether CUDA tensors should go to the kernel, building and loading it on the first call.
 
-    ``pytorch`` -> False. ``cuda`` -> True, or :class:`KernelBuildError` if it cannot be built.
+    ``pytorch``, ``gather`` -> False. ``cuda`` -> True, or :class:`KernelBuildError` if it cannot be built.
     ``auto`` -> True if it builds, else False after logging one warning line (the build is tried once).
     """
     choice = requested_backend()
-    if choice == "pytorch":
+    if choice in ("pytorch", "gather"):
         return False
     if not _state.tried:
         with _lock:
@@ -247,8 +233,8 @@ def use_cuda_kernel() -> bool:
         return True
     if choice == "cuda":
         raise KernelBuildError(
-            f"{BACKEND_ENV}=cuda but the CUDA deformable-attention kernel cannot be built: {_state.failure}. "
-            f"Fix that, or set {BACKEND_ENV}=auto (falls back to PyTorch) or =pytorch."
+            f"{BACKEND_ENV}=cuda (or use_backend('cuda')) but the CUDA deformable-attention kernel cannot be "
+            f"built: {_state.failure}. Fix that, or use backend 'auto' (falls back to PyTorch) or 'pytorch'."
         ) from _state.error
     if not _state.warned:
         _state.warned = True

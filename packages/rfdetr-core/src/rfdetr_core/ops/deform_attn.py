@@ -1,8 +1,9 @@
-"""Multi-scale deformable attention (Zhu et al., "Deformable DETR", ICLR 2021), pure-PyTorch path.
+"""Multi-scale deformable attention (Zhu et al., "Deformable DETR", ICLR 2021), pure-PyTorch paths.
 
-This is the reference implementation behind ``torch.ops.rfdetr.ms_deform_attn``; the CUDA kernel built from
-``csrc/`` must match it. Sampling is bilinear with zero padding outside the map and ``align_corners=False``
-(pixel centres at ``(i + 0.5) / size``), as upstream RF-DETR does.
+:func:`ms_deform_attn_pytorch` (``F.grid_sample`` per level) is the reference implementation behind
+``torch.ops.rfdetr.ms_deform_attn``; the CUDA kernel built from ``csrc/`` and :func:`ms_deform_attn_gather`
+(one gather, no ``GridSample`` in an exported graph) must match it. Sampling is bilinear with zero padding
+outside the map and ``align_corners=False`` (pixel centres at ``(i + 0.5) / size``), as upstream RF-DETR does.
 """
 
 from __future__ import annotations
@@ -58,3 +59,81 @@ def ms_deform_attn_pytorch(
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
     # [B*M, D, Q] -> [B, M*D, Q] -> [B, Q, M*D]
     return out.view(batch, heads * dim, queries).transpose(1, 2).contiguous()
+
+
+# Corner offsets (dx, dy) of the four bilinear taps, in the order the gather path stacks them.
+_CORNER_DX = (0, 1, 0, 1)
+_CORNER_DY = (0, 0, 1, 1)
+
+
+def ms_deform_attn_gather(
+    value: torch.Tensor,
+    spatial_shapes: list[int],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`ms_deform_attn_pytorch` built from one gather instead of ``F.grid_sample``.
+
+    Same arguments, shapes and numbers (bilinear, zeros outside the map, ``align_corners=False``). In an
+    exported graph it is Floor/Cast/Min/Max/GatherElements/MatMul, never ``GridSample``, and every reshape
+    keeps the batch axis symbolic (``-1``), so a dynamic batch stays dynamic. Pixel coordinates and tap
+    weights are computed in at least float32 (as the CUDA kernel's accumulator does), so an fp16 graph keeps
+    exact integer indices; the result has ``value``'s dtype.
+
+    Args:
+        value: ``[B, S, M, D]``; spatial_shapes: flat ``[H_0, W_0, ...]`` of the ``L`` levels;
+        sampling_locations: ``[B, Q, M, L, P, 2]`` (x, y) in [0, 1]; attention_weights: ``[B, Q, M, L, P]``.
+
+    Returns:
+        ``[B, Q, M * D]``.
+    """
+    shapes = level_shapes(spatial_shapes)
+    _, positions, heads, dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    if levels != len(shapes):
+        raise ValueError(f"sampling_locations has {levels} levels but spatial_shapes has {len(shapes)}")
+    math_dtype = torch.promote_types(sampling_locations.dtype, torch.float32)
+    device = value.device
+    starts, start = [], 0
+    for h, w in shapes:
+        starts.append(start)
+        start += h * w
+    # Per-level constants, shaped to broadcast against [BM, Q, L, P, 4] (the taps on the last axis).
+    width = torch.tensor([w for _, w in shapes], device=device).view(levels, 1, 1)
+    height = torch.tensor([h for h, _ in shapes], device=device).view(levels, 1, 1)
+    level_start = torch.tensor(starts, device=device).view(levels, 1, 1)
+    size_xy = torch.tensor([[w, h] for h, w in shapes], dtype=math_dtype, device=device).view(levels, 1, 2)
+    dx = torch.tensor(_CORNER_DX, device=device)
+    dy = torch.tensor(_CORNER_DY, device=device)
+
+    # [B, Q, M, L, P, 2] -> [B, M, Q, L, P, 2] -> [B*M, Q, L, P, 2], then to pixel coordinates
+    xy = sampling_locations.to(math_dtype).transpose(1, 2).flatten(0, 1) * size_xy - 0.5
+    corner = xy.floor()
+    frac = xy - corner  # [BM, Q, L, P, 2]
+    corner = corner.to(torch.int64)
+    # [BM, Q, L, P, 4] integer tap coordinates and their bilinear weights
+    tap_x = corner[..., 0:1] + dx
+    tap_y = corner[..., 1:2] + dy
+    fx, fy = frac[..., 0:1], frac[..., 1:2]
+    weight_x = torch.where(dx == 1, fx, 1 - fx)
+    weight_y = torch.where(dy == 1, fy, 1 - fy)
+    inside = (tap_x >= 0) & (tap_x < width) & (tap_y >= 0) & (tap_y < height)
+    # [B, Q, M, L, P] -> [B, M, Q, L, P] -> [BM, Q, L, P, 1]
+    attn = attention_weights.to(math_dtype).transpose(1, 2).flatten(0, 1).unsqueeze(-1)
+    tap_weight = weight_x * weight_y * inside.to(math_dtype) * attn  # [BM, Q, L, P, 4]
+    # Outside taps read a clamped (valid) position with weight 0.
+    index = level_start + torch.minimum(torch.maximum(tap_y, torch.zeros_like(tap_y)), height - 1) * width
+    index = index + torch.minimum(torch.maximum(tap_x, torch.zeros_like(tap_x)), width - 1)
+
+    # value [B, S, M, D] -> [B, M, S, D] -> [BM, S, D]
+    flat_value = value.transpose(1, 2).reshape(-1, positions, dim)
+    taps = levels * points * 4
+    # [BM, Q, L, P, 4] -> [BM, Q*L*P*4, D] gather index
+    gather_index = index.reshape(-1, queries * taps, 1).expand(-1, -1, dim)
+    # [BM, Q*taps, D] -> [BM, Q, taps, D]
+    sampled = torch.gather(flat_value, 1, gather_index).reshape(-1, queries, taps, dim)
+    # [BM, Q, 1, taps] @ [BM, Q, taps, D] -> [BM, Q, 1, D]
+    out = torch.matmul(tap_weight.reshape(-1, queries, 1, taps), sampled.to(math_dtype))
+    # [BM, Q, 1, D] -> [B, M, Q, D] -> [B, Q, M, D] -> [B, Q, M*D]
+    out = out.reshape(-1, heads, queries, dim).transpose(1, 2).reshape(-1, queries, heads * dim)
+    return out.to(value.dtype)
