@@ -24,13 +24,14 @@ def main() -> None:
         if ann.get("iscrowd", 0):
             continue  # crowd regions are ignored by COCOeval, never detections
         rle = coco.annToRLE(ann)
+        counts = rle["counts"]  # bytes when pycocotools encoded it, str when the file held compressed RLE
         results.append(
             {
                 "image_id": ann["image_id"],
                 "category_id": ann["category_id"],
                 "bbox": ann["bbox"],
                 "score": 1.0,
-                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                "segmentation": {"size": rle["size"], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts},
             }
         )
     with open(args.out, "w") as fh:
