@@ -253,3 +253,31 @@ def test_json_report_and_real_entry_point_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rfdetr_train", "check", str(tmp_path / "nowhere")],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 1 and "no such file or folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_split_without_annotations_is_a_warning(tmp_path, run):
+    val = {**_base(), "annotations": []}
+    rc, text = run(_write_ds(tmp_path, _base(), val))
+    assert rc == 0 and "WARNING no-annotations" in text and "no annotations in this split (2 images)" in text
+    assert "every AP and AR is -1" in text
+
+
+def _boxes_only(coco: dict) -> dict:
+    return {
+        **coco,
+        "annotations": [{k: v for k, v in a.items() if k != "segmentation"} for a in coco["annotations"]],
+    }
+
+
+@pytest.mark.parametrize("skip", [(), ("--skip-invalid",)])
+def test_box_only_dataset_gets_one_no_masks_error(tmp_path, run, skip):
+    rc, text = run(_write_ds(tmp_path, _boxes_only(_base()), _boxes_only(_base())), *skip)
+    assert rc == 1 and "missing-key" not in text
+    assert text.count("this dataset has no masks: none of its 24 annotations (train, val)") == 1
+    assert "polygons or RLE masks" in text
+
+
+def test_box_only_split_named_once(tmp_path, run):
+    rc, text = run(_write_ds(tmp_path, _base(), _boxes_only(_base())))
+    assert rc == 1 and "missing-key" not in text
+    assert text.count("this dataset has no masks: none of the 12 annotations of this split") == 1

@@ -177,3 +177,18 @@ def test_validation_equals_pycocotools_on_the_results_it_stands_for(tmp_path):
         assert min(ref["APs"], ref["APm"], ref["APl"]) > 0
         _assert_same(report.metrics[t], ref)
         _assert_same(_ours(tmp_path, gt_path, res_path)[t], ref)  # and `eval` on that file agrees
+
+
+def test_ground_truth_without_annotations_gives_minus_one_like_pycocotools(tmp_path, capsys):
+    # a split of negative images: pycocotools gives -1 for every stat; `eval` must too, and say why
+    gt, results = _dataset()
+    gt["annotations"] = []
+    gt_path, res_path = tmp_path / "gt.json", tmp_path / "res.json"
+    gt_path.write_text(json.dumps(gt))
+    res_path.write_text(json.dumps(results))
+    ours = _ours(tmp_path, gt_path, res_path)
+    assert "No ground-truth objects in these 8 images: every AP and AR is -1" in capsys.readouterr().out
+    for t in ("bbox", "segm"):
+        ref = _pycocotools(gt_path, res_path, t)
+        assert set(ref.values()) == {-1.0}
+        _assert_same(ours[t], ref)

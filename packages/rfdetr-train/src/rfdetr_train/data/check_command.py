@@ -2,7 +2,7 @@
 
 Exit code 0 when there are no errors (warnings allowed), 1 otherwise. ``--json OUT.json`` also writes the
 report as JSON; ``--skip-invalid`` reports what training with that flag would drop and exits 0 unless a
-split cannot be read at all.
+split cannot be read at all or the dataset has no masks.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import sys
 
 from rfdetr_core.atomic_io import atomic_write_text
 from rfdetr_train.data.checks import check_dataset
+from rfdetr_train.data.findings import UNSKIPPABLE
 from rfdetr_train.data.report import build_report, format_report
 from rfdetr_train.data.sources import resolve_dataset
-
-_UNREADABLE = {"json-parse", "json-unreadable", "missing-section"}
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -35,7 +34,7 @@ def run_check(args: argparse.Namespace) -> int:
     if not errors:
         print("\nOK: no errors.")
         return 0
-    if args.skip_invalid and not any(f.code in _UNREADABLE for f in errors):
+    if args.skip_invalid and not any(f.code in UNSKIPPABLE for f in errors):
         dropped = sum(f.dropped for f in errors)
         print(
             f"\n--skip-invalid: training would drop {dropped} annotation(s)/image(s) named above and go on."

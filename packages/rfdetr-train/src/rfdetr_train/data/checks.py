@@ -73,8 +73,13 @@ def check_split(
     *,
     check_files: bool = True,
     max_instances: int = DEFAULT_MAX_INSTANCES,
+    no_masks_reported: bool = False,
 ) -> CheckedSplit | None:
-    """Validate one split; ``None`` when its top level is unusable (missing 'images' / 'categories')."""
+    """Validate one split; ``None`` when its top level is unusable (missing 'images' / 'categories').
+
+    A split whose annotations all lack 'segmentation' (a box-only export) gets one ``no-masks`` error, not
+    one per annotation; with ``no_masks_reported`` the caller has already said so for the whole dataset.
+    """
     coco, origin, sname = split.coco, str(split.origin), split.name
 
     def err(code, msg, **kw):
@@ -162,7 +167,13 @@ def check_split(
     per_image: Counter = Counter()
     dropped_with_images = 0
     valid_image_ids = {im.get("id") for im in coco["images"] if isinstance(im, dict) and _ident(im.get("id"))}
-    for i, a in enumerate(coco.get("annotations") or []):
+    raw_anns = coco.get("annotations") or []
+    if box_only_count(coco):
+        if not no_masks_reported:
+            err("no-masks", no_masks_message(f"none of the {len(raw_anns)} annotations of this split"),
+                dropped=len(raw_anns))  # fmt: skip
+        raw_anns = []
+    for i, a in enumerate(raw_anns):
         src = f" ({a['source']})" if isinstance(a, dict) and "source" in a else ""
         miss = [k for k in REQUIRED_ANN if not isinstance(a, dict) or k not in a]
         aid = a.get("id") if isinstance(a, dict) else None
@@ -267,6 +278,15 @@ def check_split(
             split=sname,
             image_id=iid,
         )
+    if not anns_out and images:
+        why = "no annotations" if not coco.get("annotations") else "no usable annotations left"
+        findings.warning(
+            "no-annotations",
+            f"{origin}: {why} in this split ({len(images)} images). Evaluated on it, every AP and AR is -1 "
+            "(nothing to measure, as pycocotools reports it); trained on it, the model only sees background.",
+            file=origin,
+            split=sname,
+        )
     out = {k: v for k, v in coco.items() if k not in REQUIRED_TOP}
     out.update(images=list(images.values()), annotations=anns_out, categories=list(cats.values()))
     n_ann = len(coco.get("annotations") or [])
@@ -278,6 +298,21 @@ def check_split(
         dropped_annotations=n_ann - len(anns_out),
         clamped_annotations=len(clamped),
         areas=areas,
+    )
+
+
+def box_only_count(coco: dict) -> int:
+    """Number of annotations when there are some and none has a 'segmentation' (boxes only), else 0."""
+    anns = coco.get("annotations")
+    if not isinstance(anns, list) or not anns:
+        return 0
+    return 0 if any(not isinstance(a, dict) or "segmentation" in a for a in anns) else len(anns)
+
+
+def no_masks_message(which: str) -> str:
+    return (
+        f"this dataset has no masks: {which} has a 'segmentation' (boxes only). RF-DETR-Seg learns instance "
+        "masks; export the dataset with polygons or RLE masks (COCO segmentation, YOLO-seg), or draw them."
     )
 
 
@@ -297,8 +332,26 @@ def check_dataset(
 ) -> dict[str, CheckedSplit]:
     """Check every split of ``source`` (findings go to ``source.findings``) and add cross-split warnings."""
     checked = {}
+    box_only = {n: box_only_count(s.coco) for n, s in source.splits.items() if isinstance(s.coco, dict)}
+    with_anns = [
+        n for n, s in source.splits.items() if isinstance(s.coco, dict) and s.coco.get("annotations")
+    ]
+    whole = bool(with_anns) and all(box_only.get(n) for n in with_anns)
+    if whole:  # one message for the dataset instead of one per split (or per annotation)
+        total = sum(box_only.values())
+        source.findings.error(
+            "no-masks",
+            no_masks_message(f"none of its {total} annotations ({', '.join(with_anns)})"),
+            dropped=total,
+        )
     for name, split in source.splits.items():
-        result = check_split(split, source.findings, check_files=check_files, max_instances=max_instances)
+        result = check_split(
+            split,
+            source.findings,
+            check_files=check_files,
+            max_instances=max_instances,
+            no_masks_reported=whole,
+        )
         if result is not None:
             checked[name] = result
     for cid in grouping_categories(checked):

@@ -9,6 +9,9 @@ from rfdetr_core.errors import RFDETRError
 
 ERROR = "error"
 WARNING = "warning"
+# Error codes that --skip-invalid cannot help with: a split that cannot be read, or a dataset without masks
+# (dropping every annotation would leave nothing to learn or to evaluate).
+UNSKIPPABLE = frozenset({"json-parse", "json-unreadable", "missing-section", "no-masks"})
 
 
 class DatasetError(RFDETRError):

@@ -14,14 +14,11 @@ from rfdetr_core.preprocess import PreprocessConfig
 from rfdetr_train.data.checks import DEFAULT_MAX_INSTANCES, CheckedSplit, check_dataset, grouping_categories
 from rfdetr_train.data.config import DataConfig
 from rfdetr_train.data.dataset import InstanceDataset
-from rfdetr_train.data.findings import DatasetError, FindingList, raise_for_errors
+from rfdetr_train.data.findings import UNSKIPPABLE, DatasetError, FindingList, raise_for_errors
 from rfdetr_train.data.loaders import TrainLoader, ValLoader
 from rfdetr_train.data.sampler import ResumableBatchSampler
 from rfdetr_train.data.sources import DatasetSource, resolve_dataset
 from rfdetr_train.data.transforms import TrainTransform, ValTransform, multi_scale_sizes
-
-# Problems that leave nothing to skip: the split itself cannot be read.
-_FATAL = {"json-parse", "json-unreadable", "missing-section"}
 
 
 @dataclass
@@ -126,12 +123,12 @@ def load_dataset(
 
     Errors raise :class:`~rfdetr_train.data.findings.DatasetError` (listing them) unless ``skip_invalid``,
     which keeps the cleaned splits (bad annotations / images dropped and counted in the findings). JSON
-    that does not parse always raises. ``max_instances`` is the model's query count (for the warning).
+    that does not parse and a dataset without masks always raise. ``max_instances`` is the model's query count (for the warning).
     """
     source = resolve_dataset(path, images=images, train_ann=train_ann, val_ann=val_ann, test_ann=test_ann)
     checked = check_dataset(source, check_files=check_files, max_instances=max_instances)
     label = str(path or train_ann or val_ann or test_ann)
-    fatal = [f for f in source.findings.errors if f.code in _FATAL]
+    fatal = [f for f in source.findings.errors if f.code in UNSKIPPABLE]
     if fatal:
         raise_for_errors(FindingList(fatal), label)
     if not skip_invalid:

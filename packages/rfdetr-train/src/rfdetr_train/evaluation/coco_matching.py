@@ -175,8 +175,11 @@ def evaluate_coco(
     for rows in d_blocks.values():
         rank[rows] = np.arange(rows.size)
     matched = match >= 0  # [A, T, D]
-    safe = np.maximum(match, 0)
-    d_ignored = np.where(matched, g_ignore[np.arange(num_a)[:, None, None], safe], d_out[:, None, :])
+    if g_ignore.shape[1]:
+        safe = np.maximum(match, 0)
+        d_ignored = np.where(matched, g_ignore[np.arange(num_a)[:, None, None], safe], d_out[:, None, :])
+    else:  # no ground truth at all (a split of negative images): nothing is matched, every stat is -1
+        d_ignored = np.broadcast_to(d_out[:, None, :], matched.shape)
     npig = np.zeros((num_k, num_a), dtype=np.int64)
     if g_rows.size:
         np.add.at(npig, g_cat[g_rows], (~g_ignore[:, g_rows]).T.astype(np.int64))

@@ -58,12 +58,28 @@ class EvalReport:
             ]
             for (what, iou, area, m), v in zip(specs, res.stats, strict=True):
                 lines.append(f"  {what} @[ IoU={iou:<9} | area={area:>6s} | maxDets={m:>3d} ] = {v:0.3f}")
+            if (res.stats == -1).any():
+                lines.append("  (-1: no ground-truth object in that size range, as pycocotools reports it)")
+        if self.num_ground_truth() == 0:
+            lines.append(self.no_ground_truth_note())
         return "\n".join(lines)
 
+    def num_ground_truth(self) -> int:
+        """Non-crowd ground-truth objects in the evaluated images."""
+        gt = self.ground_truth
+        return int(np.count_nonzero(np.isin(gt.image_id, self.image_ids) & ~gt.iscrowd))
+
+    def no_ground_truth_note(self) -> str:
+        return (
+            f"No ground-truth objects in these {len(self.image_ids)} images: every AP and AR is -1 "
+            "(pycocotools' value for 'nothing to measure'); add annotated images to this split to get metrics."
+        )
+
     def per_class_text(self) -> str:
-        return "\n\n".join(
+        text = "\n\n".join(
             format_table(rows, f"per class ({kind}):") for kind, rows in self.per_class.items()
         )
+        return text + ("\n" + self.no_ground_truth_note() if self.num_ground_truth() == 0 else "")
 
 
 def _as_int(x) -> int:

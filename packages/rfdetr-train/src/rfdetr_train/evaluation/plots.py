@@ -124,8 +124,16 @@ def plot_pr_curves(report, kind: str, path: str | Path) -> Path:
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_title(f"precision-recall ({kind}, IoU 0.5)")
-    ax.legend(fontsize=6, loc="lower left")
+    _legend_or_note(ax, bool(valid))
     return _save(plt, fig, Path(path))
+
+
+def _legend_or_note(ax, has_curves: bool) -> None:
+    """The legend, or a note when no class has ground truth (a split of negative images: no curve)."""
+    if has_curves:
+        ax.legend(fontsize=6, loc="lower left")
+    else:
+        ax.text(0.5, 0.5, "no ground-truth objects: nothing to plot", ha="center", va="center")
 
 
 def plot_f1_curves(report, kind: str, path: str | Path) -> Path:
@@ -154,5 +162,5 @@ def plot_f1_curves(report, kind: str, path: str | Path) -> Path:
     ax.set_xlabel("confidence")
     ax.set_ylabel("F1")
     ax.set_title(f"F1-confidence ({kind}, IoU 0.5)")
-    ax.legend(fontsize=6, loc="lower left")
+    _legend_or_note(ax, bool(curves))
     return _save(plt, fig, Path(path))
