@@ -118,8 +118,8 @@ def validate(model, variant, gt, batch: int, device, amp, path: str) -> tuple[fl
     from rfdetr_core.class_map import ClassMap
     from rfdetr_core.postprocess import boxes_to_pixels, select_topk
     from rfdetr_train.evaluation import Evaluator
+    from rfdetr_train.evaluation.coco_reference import logits_to_rle_naive
     from rfdetr_train.evaluation.coco_sets import coco_from_dict
-    from rfdetr_train.evaluation.mask_rle import logits_to_rle_naive
 
     model.eval()
     res = variant.resolution

@@ -105,8 +105,8 @@ def run_path(path: str, n_images: int, batch: int, grid: int, device: str, threa
     from rfdetr_core.class_map import ClassMap
     from rfdetr_core.postprocess import boxes_to_pixels, select_topk
     from rfdetr_train.evaluation import Evaluator
+    from rfdetr_train.evaluation.coco_reference import logits_to_rle_naive
     from rfdetr_train.evaluation.coco_sets import coco_from_dict
-    from rfdetr_train.evaluation.mask_rle import logits_to_rle_naive
 
     if threads:
         torch.set_num_threads(threads)

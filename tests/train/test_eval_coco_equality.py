@@ -9,10 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rfdetr_core.mask_rle import rle_area
 from rfdetr_train.evaluation.boundary import boundary_rles_for
 from rfdetr_train.evaluation.coco_matching import evaluate_coco
 from rfdetr_train.evaluation.coco_reference import evaluate_coco_reference
-from rfdetr_train.evaluation.coco_sets import DetectionSet, GroundTruthSet, rle_area
+from rfdetr_train.evaluation.coco_sets import DetectionSet, GroundTruthSet
 
 mask_utils = pytest.importorskip("pycocotools.mask")
 

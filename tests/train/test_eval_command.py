@@ -142,7 +142,7 @@ def test_empty_and_broken_files(tmp_path, capsys, gt_text, res_text, message):
 
 
 def test_rle_string_decoder_matches_pycocotools():
-    from rfdetr_train.evaluation.results_io import decode_rle_string
+    from rfdetr_core.mask_rle import decode_counts as decode_rle_string
 
     rng = np.random.default_rng(0)
     m = rng.random((37, 23)) > 0.6

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rfdetr_train.evaluation import mask_rle
-from rfdetr_train.evaluation.boundary import boundary_rles, boundary_width, mask_boundary
-from rfdetr_train.evaluation.mask_rle import logits_to_rle, logits_to_rle_naive
+from rfdetr_core.mask_rle import logits_to_rle
+from rfdetr_train.evaluation.boundary import boundary_fn, boundary_rles, boundary_width, mask_boundary
+from rfdetr_train.evaluation.coco_reference import logits_to_rle_naive
 
 mask_utils = pytest.importorskip("pycocotools.mask")
 
@@ -31,14 +31,15 @@ def _blob_logits(n, h, w, seed):
         ((16, 16), (64, 64), 1 << 16, False),
     ],
 )
-def test_fast_rle_equals_full_upsample(grid, out, budget, host_encode, monkeypatch):
-    monkeypatch.setattr(mask_rle, "HOST_ENCODE_LARGE", host_encode)
+def test_fast_rle_equals_full_upsample(grid, out, budget, host_encode):
     logits = _blob_logits(20, *grid, seed=sum(out))
     logits[0] = -5.0  # empty mask
     logits[1] = 5.0  # full mask: runs continue from one column into the next
     logits[2, :, -1] = 3.0  # touches the right border
     logits[3, 0, 0] = 9.0  # a single positive cell in a corner
-    fast, fast_area, bounds = logits_to_rle(logits, out, pixel_budget=budget, boundary_d=3)
+    fast, fast_area, bounds = logits_to_rle(
+        logits, out, pixel_budget=budget, boundary=boundary_fn(3), host_encode_large=host_encode
+    )
     ref, ref_area = logits_to_rle_naive(logits, out)
     assert len(fast) == len(ref) == 20
     diff = 0

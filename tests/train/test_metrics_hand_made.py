@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rfdetr_core.mask_rle import rle_area
 from rfdetr_train.evaluation import Evaluator
 from rfdetr_train.evaluation.boundary import boundary_width
-from rfdetr_train.evaluation.coco_sets import DetectionSet, GroundTruthSet, rle_area
+from rfdetr_train.evaluation.coco_sets import DetectionSet, GroundTruthSet
 from rfdetr_train.evaluation.confusion import confusion_matrix
 from rfdetr_train.evaluation.per_class import best_f1, f1_confidence_curve
 

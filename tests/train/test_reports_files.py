@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from rfdetr_core.mask_rle import rle_area
 from rfdetr_train.evaluation import Evaluator, append_results_row, write_validation_reports
-from rfdetr_train.evaluation.coco_sets import DetectionSet, rle_area
+from rfdetr_train.evaluation.coco_sets import DetectionSet
 
 mask_utils = pytest.importorskip("pycocotools.mask")
 pytest.importorskip("matplotlib")

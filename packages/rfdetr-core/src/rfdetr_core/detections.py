@@ -59,14 +59,13 @@ class Detections:
 
     def to_coco(self, image_id: int) -> list[dict]:
         """COCO results (one dict per detection): ``image_id``, ``category_id``, ``bbox`` [x, y, w, h],
-        ``score`` and, with masks, ``segmentation`` as compressed RLE (``counts`` a str). Needs pycocotools
-        for masks (``pip install 'rfdetr-core[coco]'``)."""
+        ``score`` and, with masks, ``segmentation`` as compressed RLE (``counts`` a str; the same RLE as
+        ``pycocotools.mask.encode``, computed by :func:`rfdetr_core.mask_rle.encode_masks`)."""
         rles = None
         if self.masks is not None and len(self):
-            mask_api = require("pycocotools.mask", "coco", "rfdetr-core")
-            # pycocotools wants Fortran-ordered uint8 [H, W, N]
-            stacked = np.asfortranarray(self.masks.transpose(1, 2, 0).astype(np.uint8))
-            rles = mask_api.encode(stacked)
+            from rfdetr_core.mask_rle import encode_masks
+
+            rles = encode_masks(self.masks)  # [N, H, W] bool -> N RLEs
         results = []
         for i in range(len(self)):
             x0, y0, x1, y1 = (float(v) for v in self.boxes[i])

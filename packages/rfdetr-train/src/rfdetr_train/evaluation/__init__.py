@@ -16,8 +16,7 @@ For the training engine::
 ``report.metrics`` is the nested schema of DESIGN: ``{"bbox": {AP, AP50, AP75, APs, APm, APl, AR1, AR10,
 AR100, ARs, ARm, ARl}, "segm": {...}, "boundary": {...}}`` (``AR{N}`` for ``max_dets = N``).
 
-Modules: :mod:`.evaluator` (Evaluator, EvalReport), :mod:`.mask_rle` (logits at H/4 -> RLE at source size),
-:mod:`.coco_matching` (the fast COCOeval), :mod:`.coco_reference` (pycocotools backend), :mod:`.boundary`
+Modules: :mod:`.evaluator` (Evaluator, EvalReport), :mod:`.coco_matching` (the fast COCOeval), :mod:`.coco_reference` (pycocotools backend), :mod:`.boundary`
 (Boundary IoU masks), :mod:`.per_class`, :mod:`.confusion`, :mod:`.reports` (files), :mod:`.plots`,
 :mod:`.gallery`, :mod:`.results_io` and :mod:`.eval_command` (``rfdetr-train eval``).
 """

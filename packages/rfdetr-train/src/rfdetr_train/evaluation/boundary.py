@@ -8,19 +8,27 @@ as in the authors' boundary-iou-api. Boundary AP uses, per detection/ground-trut
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from rfdetr_core.mask_rle import compress_counts, crop_runs, runs_to_counts
 from rfdetr_train.evaluation.coco_sets import DetectionSet, GroundTruthSet
-from rfdetr_train.evaluation.mask_rle import compress_counts, crop_runs, runs_to_counts
 from rfdetr_train.evaluation.morphology import inner_boundary
 
 
 def boundary_width(height: int, width: int, ratio: float) -> int:
     """Erosion half-width in pixels: ``max(1, round(ratio * sqrt(h^2 + w^2)))``."""
     return max(1, int(round(ratio * math.hypot(height, width))))
+
+
+def boundary_fn(d: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The inner boundary of width ``d`` as the callback :func:`rfdetr_core.mask_rle.logits_to_rle` takes
+    (``[N, h, w]`` bool -> ``[N, h, w]`` bool, outside counted as background)."""
+    return functools.partial(inner_boundary, d=d)
 
 
 def mask_boundary(mask: np.ndarray, d: int) -> np.ndarray:

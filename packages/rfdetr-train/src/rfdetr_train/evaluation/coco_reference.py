@@ -11,7 +11,9 @@ import contextlib
 import io
 
 import numpy as np
+import torch
 
+from rfdetr_core.mask_rle import rle_area
 from rfdetr_train.evaluation.coco_matching import CocoResult, MatchTable, coco_max_dets
 from rfdetr_train.evaluation.coco_sets import DetectionSet, GroundTruthSet
 
@@ -128,3 +130,23 @@ def _match_table(ev, gt: GroundTruthSet, cat_ids: np.ndarray, img_ids: np.ndarra
         ignored=np.asarray(ign, dtype=bool),
         num_gt=num_gt,
     )
+
+
+def logits_to_rle_naive(
+    logits: torch.Tensor, out_size: tuple[int, int], threshold: float = 0.0, chunk: int = 32
+) -> tuple[list[dict], np.ndarray]:
+    """The straightforward path (upstream's) through pycocotools: upsample every mask to full size, threshold,
+    encode.
+
+    ``[N, h, w]`` logits -> N RLEs and ``[N]`` areas. The reference of :func:`rfdetr_core.mask_rle.logits_to_rle`
+    in tests and the speed benchmark.
+    """
+    import torch.nn.functional as F
+    from pycocotools import mask as mask_utils
+
+    rles: list[dict] = []
+    for s in range(0, logits.shape[0], chunk):
+        up = F.interpolate(logits[s : s + chunk, None].float(), size=tuple(out_size), mode="bilinear")
+        m = (up[:, 0] > threshold).cpu().numpy()  # [c, H, W]
+        rles.extend(mask_utils.encode(np.asfortranarray(m.transpose(1, 2, 0).astype(np.uint8))))
+    return rles, rle_area(rles)

@@ -190,15 +190,3 @@ def coco_from_dict(dataset: dict):
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-def rle_area(rles: list[dict]) -> np.ndarray:
-    """``[N]`` float64 pixel areas of compressed RLEs.
-
-    ``pycocotools.mask.area`` builds its output from a uint8 array of length one holding N, which
-    overflows under NumPy 2 for N > 255; it is called in chunks of 255.
-    """
-    from pycocotools import mask as mask_utils
-
-    parts = [mask_utils.area(rles[i : i + 255]) for i in range(0, len(rles), 255)]
-    return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from rfdetr_core.errors import RFDETRError
-from rfdetr_train.evaluation.boundary import boundary_width
+from rfdetr_core.mask_rle import logits_to_rle, rle_area
+from rfdetr_train.evaluation.boundary import boundary_fn, boundary_width
 from rfdetr_train.evaluation.coco_matching import AREA_LABELS, CocoResult, evaluate_coco, stats_to_dict
 from rfdetr_train.evaluation.coco_sets import DetectionSet, GroundTruthSet
 from rfdetr_train.evaluation.confusion import ConfusionMatrix, confusion_matrix
-from rfdetr_train.evaluation.mask_rle import logits_to_rle
 from rfdetr_train.evaluation.per_class import ClassRow, format_table, overall_best_f1, per_class_table
 
 IOU_TYPES = ("bbox", "segm")
@@ -229,7 +229,7 @@ class Evaluator:
                     (h, w),
                     self.mask_threshold,
                     self.mask_chunk_pixels,
-                    d,
+                    boundary=boundary_fn(d) if d else None,
                 )
                 inv = inverse.cpu().numpy()
                 rles, areas = [u_rles[j] for j in inv], u_areas[inv]
@@ -256,8 +256,6 @@ class Evaluator:
         mask_areas=None,
     ) -> None:
         """Add ready detections of one image (source pixels, dataset category ids, masks as COCO RLE)."""
-        from rfdetr_train.evaluation.coco_sets import rle_area
-
         b = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
         self._seen.append(int(image_id))
         if rles is not None and mask_areas is None:

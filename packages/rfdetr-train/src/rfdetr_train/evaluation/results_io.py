@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from rfdetr_core.errors import RFDETRError
-from rfdetr_train.evaluation.coco_sets import DetectionSet, GroundTruthSet, rle_area
+from rfdetr_core.mask_rle import decode_counts, rle_area
+from rfdetr_train.evaluation.coco_sets import DetectionSet, GroundTruthSet
 
 
 class ResultsFileError(RFDETRError):
@@ -60,37 +61,6 @@ def load_ground_truth(path: str | Path) -> GroundTruthSet:
     return GroundTruthSet.from_coco(data)
 
 
-def decode_rle_string(counts: str) -> np.ndarray:
-    """COCO's compressed RLE string -> run lengths ``[n]`` int64 (pycocotools' ``rleFrString``, vectorised).
-
-    Each number is 5-bit groups, low first, with bit 0x20 meaning "more groups follow" and bit 0x10 of the
-    last group the sign; from the fourth number on, each is stored as a difference to the one two before.
-    Raises ValueError for characters outside the alphabet or a string that ends inside a number.
-    """
-    if not counts.isascii():
-        raise ValueError(f"character {next(c for c in counts if not c.isascii())!r} is not an RLE digit")
-    b = np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48
-    if b.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    bad = np.flatnonzero((b < 0) | (b >= 64))
-    if bad.size:
-        raise ValueError(f"character {counts[bad[0]]!r} is not an RLE digit")
-    ends = np.flatnonzero((b & 0x20) == 0)
-    if ends.size == 0 or ends[-1] != b.size - 1:
-        raise ValueError("the string ends inside a number")
-    starts = np.r_[0, ends[:-1] + 1]
-    nbytes = ends - starts + 1
-    if nbytes.max() > 12:
-        raise ValueError("a number is too long")
-    k = np.arange(b.size) - np.repeat(starts, nbytes)  # group index within its number
-    x = np.add.reduceat((b & 0x1F) << (5 * k), starts)
-    x = np.where(b[ends] & 0x10, x - (np.int64(1) << (5 * nbytes)), x)  # sign-extend negatives
-    out = x.copy()
-    out[1::2] = np.cumsum(x[1::2])  # x[3] += x[1], x[5] += x[3], ...
-    out[2::2] = np.cumsum(x[2::2])  # x[4] += x[2], ...
-    return out
-
-
 def _check_rle(seg, h: int, w: int) -> dict:
     """A results ``segmentation`` -> compressed RLE at (h, w); ValueError with the reason otherwise."""
     from pycocotools import mask as mask_utils
@@ -111,7 +81,7 @@ def _check_rle(seg, h: int, w: int) -> dict:
         runs = np.asarray(counts, dtype=np.int64)
     elif isinstance(counts, (str, bytes)):
         counts = counts.decode("ascii", errors="replace") if isinstance(counts, bytes) else counts
-        runs = decode_rle_string(counts)
+        runs = decode_counts(counts)
     else:
         raise ValueError("RLE 'counts' must be a string or a list of run lengths")
     if (runs < 0).any() or int(runs.sum()) != h * w:
