@@ -83,6 +83,24 @@ def test_mixed_dtypes_are_promoted():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
+# 16-bit inputs on CPU. B == 1 makes the per-level value view non-contiguous (W stride M*D = 256 here), and a
+# 20x22 level puts most reads past offset 2**15, where torch's 16-bit CPU grid_sample returned garbage/NaN.
+# Reference: the float64 loops on the same (rounded) inputs; tolerance a few units in the last place.
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)], ids=["bf16", "f16"]
+)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_16bit_cpu_inputs_match_float64(dtype, tol, batch):
+    shapes = [20, 22, 3, 4]
+    value, loc, attn = _inputs(shapes, batch=batch, queries=4, heads=2, dim=128, dtype=torch.float32, seed=5)
+    value, loc, attn = value.to(dtype), loc.to(dtype), attn.to(dtype)
+    out = torch.ops.rfdetr.ms_deform_attn(value, shapes, loc, attn)
+    assert out.dtype == dtype and out.shape == (batch, 4, 256)
+    ref = naive_ms_deform_attn(value, shapes, loc, attn)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
 def test_op_has_gradients_on_cpu():
     value, loc, attn = _inputs([3, 4], batch=1, queries=2, heads=2, dim=2)
     for t in (value, loc, attn):

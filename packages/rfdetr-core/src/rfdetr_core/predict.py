@@ -44,7 +44,7 @@ class RFDETR:
         variant: registered variant name, e.g. ``"seg-nano"``.
         num_classes: logit slots (default: the variant's 91-slot COCO layout).
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
-        dtype: model precision (default float32; ``torch.float16`` / ``torch.bfloat16`` on GPUs).
+        dtype: model precision (default float32; ``torch.float16`` / ``torch.bfloat16`` on GPUs and CPUs).
         resolution: input ``(H, W)`` or one int (default: the weights' or the variant's).
     """
 

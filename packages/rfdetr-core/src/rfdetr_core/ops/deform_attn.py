@@ -4,6 +4,16 @@
 ``torch.ops.rfdetr.ms_deform_attn``; the CUDA kernel built from ``csrc/`` and :func:`ms_deform_attn_gather`
 (one gather, no ``GridSample`` in an exported graph) must match it. Sampling is bilinear with zero padding
 outside the map and ``align_corners=False`` (pixel centres at ``(i + 0.5) / size``), as upstream RF-DETR does.
+
+In :func:`ms_deform_attn_pytorch`, bfloat16 and float16 CPU inputs are sampled in float32 (the result is cast
+back to the input dtype). torch's CPU ``grid_sample`` for these 16-bit dtypes (measured on torch 2.15) reads the
+right element only while its offset in an ``(n, c)`` plane, ``y * stride_H + x * stride_W``, is below ``2**15``;
+further reads return other memory (garbage or NaN), as if the offset wrapped in 16 bits. The per-level value
+view is not contiguous when ``B == 1``: ``stride_W = M * D`` (256 for most variants), so every level of more
+than ``2**15 / (M * D)`` cells (128) gave NaN; a contiguous copy would only move the limit to planes of
+``2**15`` cells. The same kernel computes source coordinates in the input dtype too (bfloat16 keeps 8
+significant bits: a whole pixel on a 200-pixel map). float32 has neither problem. CUDA tensors are sampled in
+their own dtype.
 """
 
 from __future__ import annotations
@@ -44,7 +54,10 @@ def ms_deform_attn_pytorch(
     if levels != len(shapes):
         raise ValueError(f"sampling_locations has {levels} levels but spatial_shapes has {len(shapes)}")
     values = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    # CPU 16-bit grid_sample misreads offsets >= 2**15 (see the module docstring): sample those in float32.
+    wide = value.device.type == "cpu" and value.dtype in (torch.bfloat16, torch.float16)
+    sample_dtype = torch.float32 if wide else value.dtype
+    grids = 2 * sampling_locations.to(sample_dtype) - 1  # grid_sample wants [-1, 1]
     sampled = []
     for lvl, (h, w) in enumerate(shapes):
         # [B, HW, M, D] -> [B*M, D, H, W]
@@ -52,7 +65,8 @@ def ms_deform_attn_pytorch(
         # [B, Q, M, P, 2] -> [B*M, Q, P, 2]
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         # -> [B*M, D, Q, P]
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+        s = F.grid_sample(v.to(sample_dtype), g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        sampled.append(s.to(value.dtype))
     # [B, Q, M, L, P] -> [B*M, 1, Q, L*P]
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     # [B*M, D, Q, L, P] -> [B*M, D, Q, L*P] -> weighted sum -> [B*M, D, Q]
