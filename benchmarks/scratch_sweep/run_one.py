@@ -45,6 +45,16 @@ recipes.SCRATCH.update(spec.get("recipe", {}))
 if spec.get("data"):
     recipes.SCRATCH_DATA.update(spec["data"])
 
+if spec.get("class_loss") == "focal" or spec.get("mask_final_only"):
+    # The patches below replace per-layer methods: keep the criterion on its per-layer pass.
+    _init = crit_mod.SetCriterion.__init__
+
+    def _per_layer_init(self, *args, **kwargs):
+        _init(self, *args, **kwargs)
+        self.batch_layers = False
+
+    crit_mod.SetCriterion.__init__ = _per_layer_init
+
 if spec.get("class_loss") == "focal":
     alpha = spec.get("focal_alpha", 0.25)
 

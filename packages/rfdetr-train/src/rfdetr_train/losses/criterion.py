@@ -2,7 +2,9 @@
 
 Every output layer is matched and supervised on its own: the final decoder layer (no suffix), each earlier
 decoder layer (``aux_outputs`` -> ``_0`` ... ``_{L-2}``) and the two-stage encoder proposals (``enc_outputs`` ->
-``_enc``). Losses are sums over matched pairs (or all queries x classes for the class loss) divided by
+``_enc``). When every layer has the same shapes (the model's training output), the losses of all layers are
+computed in one batched pass (:mod:`rfdetr_train.losses.layer_batch`): the same sums, a fraction of the kernel
+launches and autograd nodes; otherwise layer by layer. Losses are sums over matched pairs (or all queries x classes for the class loss) divided by
 ``num_boxes`` = objects in the batch x DETR groups, averaged over processes, at least 1. Formulas and default
 weights follow upstream RF-DETR 1.11.2 (see ``rfdetr-upstream.md`` section 3); the parity test checks them.
 """
@@ -16,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, matched_box_iou, matched_generalized_box_iou
+from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, matched_generalized_box_iou
+from rfdetr_train.losses.layer_batch import batched_layer_losses, can_batch_layers
+from rfdetr_train.losses.loss_terms import ia_bce_terms, point_mask_terms
 from rfdetr_train.losses.matcher import HungarianMatcher
 from rfdetr_train.losses.point_sampling import (
     ImportancePointSampler,
@@ -48,6 +52,8 @@ class SetCriterion(nn.Module):
             per layer with that layer's matched mask logits (no grad). Default: PointRend importance sampling.
         match_point_sampler: ``(num_points, device) -> [num_points, 2]``, the matcher's shared points.
         matcher: a ready :class:`HungarianMatcher` (then the two previous arguments and costs are its own).
+        batch_layers: compute the losses of same-shaped layers in one batched pass (equal to the per-layer
+            pass up to float32 summation order); False = always layer by layer.
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class SetCriterion(nn.Module):
         point_sampler: PointSampler | None = None,
         match_point_sampler: MatchPointSampler | None = None,
         matcher: HungarianMatcher | None = None,
+        batch_layers: bool = True,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -79,6 +86,7 @@ class SetCriterion(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.mask_point_sample_ratio = mask_point_sample_ratio
+        self.batch_layers = batch_layers
         self.point_sampler = point_sampler or ImportancePointSampler()
         self.matcher = matcher or HungarianMatcher(
             focal_alpha=focal_alpha,
@@ -129,6 +137,15 @@ class SetCriterion(nn.Module):
             if len(matches) != len(layers):
                 raise ValueError(f"{len(matches)} layer matches given for {len(layers)} output layers")
             num_boxes = self.num_boxes(batch, device)
+            self._check_classes(layers)
+            if self.batch_layers and can_batch_layers([out for _, out in layers], matches):
+                stacked = batched_layer_losses(self, [out for _, out in layers], batch, matches, num_boxes)
+                per_layer = {name: value.unbind(0) for name, value in stacked.items()}  # [L] -> L scalars
+                return {
+                    name + suffix: per_layer[name][i]
+                    for i, (suffix, _) in enumerate(layers)
+                    for name in per_layer
+                }
             losses: dict[str, Tensor] = {}
             for (suffix, out), layer_matches in zip(layers, matches):
                 layer_losses = self._layer_losses(out, batch, layer_matches, num_boxes)
@@ -182,16 +199,22 @@ class SetCriterion(nn.Module):
 
     # -- per layer --------------------------------------------------------------------------------------
 
+    def _check_classes(self, layers: list[tuple[str, dict[str, Any]]]) -> None:
+        for suffix, out in layers:
+            slots = out["pred_logits"].shape[-1]
+            if slots != self.num_classes:
+                raise TargetFormatError(
+                    f"pred_logits{suffix} have {slots} class slots but the criterion was built for "
+                    f"num_classes={self.num_classes}"
+                )
+            if self.segmentation and "pred_masks" not in out:
+                raise TargetFormatError("segmentation losses need 'pred_masks' in every output layer")
+
     def _layer_losses(
         self, out: dict[str, Any], batch: TargetBatch, matches: LayerMatches, num_boxes: Tensor
     ) -> dict[str, Tensor]:
         logits = out["pred_logits"].float()  # [B, GQ, K]
         boxes = out["pred_boxes"].float()  # [B, GQ, 4]
-        if logits.shape[2] != self.num_classes:
-            raise TargetFormatError(
-                f"pred_logits have {logits.shape[2]} class slots but the criterion was built for "
-                f"num_classes={self.num_classes}"
-            )
         b, q = matches.batch_idx, matches.query_idx
         src_boxes = boxes[b, q]  # [M, 4]
         tgt_boxes = batch.boxes[matches.flat_target_idx]  # [M, 4]
@@ -204,27 +227,14 @@ class SetCriterion(nn.Module):
         losses["loss_bbox"] = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
         losses["loss_giou"] = (1 - matched_generalized_box_iou(src_xyxy, tgt_xyxy)).sum() / num_boxes
         if self.segmentation:
-            if "pred_masks" not in out:
-                raise TargetFormatError("segmentation losses need 'pred_masks' in every output layer")
             losses.update(self._mask_losses(out["pred_masks"], batch, matches, num_boxes))
         return losses
 
     def _ia_bce(
         self, logits: Tensor, cells: tuple[Tensor, Tensor, Tensor], src_xyxy: Tensor, tgt_xyxy: Tensor
     ) -> Tensor:
-        """IoU-aware BCE summed over all queries x classes (not yet normalised).
-
-        At a matched (query, class) cell the target score is ``t = clamp(p^alpha * IoU^(1-alpha), 0.01)``
-        (detached), with weights ``t`` on ``-log p`` and ``1 - t`` on ``-log(1-p)``; every other cell is a
-        negative weighted by ``p^gamma`` (not detached, as upstream).
-        """
-        prob = logits.sigmoid()
-        iou = matched_box_iou(src_xyxy, tgt_xyxy)[0]  # [M], boxes already detached
-        t = (prob[cells].pow(self.focal_alpha) * iou.pow(1 - self.focal_alpha)).clamp(min=0.01).detach()
-        pos_weight = torch.zeros_like(logits).index_put(cells, t)
-        neg_weight = prob.pow(self.focal_gamma).index_put(cells, 1 - t)
-        # -w+ log p - w- log(1-p) with log(1-p) = log p - x, written with the stable logsigmoid.
-        return (neg_weight * logits - F.logsigmoid(logits) * (pos_weight + neg_weight)).sum()
+        """IoU-aware BCE (:func:`~rfdetr_train.losses.loss_terms.ia_bce_terms`) summed over all queries x classes."""
+        return ia_bce_terms(logits, cells, src_xyxy, tgt_xyxy, self.focal_alpha, self.focal_gamma).sum()
 
     def _matched_mask_logits(self, pred_masks: Any, matches: LayerMatches) -> Tensor:
         """Mask logits of the matched queries only: -> ``[M, h, w]``."""
@@ -259,9 +269,7 @@ class SetCriterion(nn.Module):
         point_logits = sample_points(logits, points)[:, 0]  # [M, P]
         with torch.no_grad():
             labels = batch.sample_masks(matches.flat_target_idx, points)  # [M, P]
-        bce = F.binary_cross_entropy_with_logits(point_logits, labels, reduction="none").mean(1)  # [M]
-        prob = point_logits.sigmoid()
-        dice = 1 - (2 * (prob * labels).sum(-1) + 1) / (prob.sum(-1) + labels.sum(-1) + 1)  # [M]
+        bce, dice = point_mask_terms(point_logits, labels)  # two [M]
         return {"loss_mask_ce": bce.sum() / num_boxes, "loss_mask_dice": dice.sum() / num_boxes}
 
 

@@ -1,0 +1,149 @@
+"""The criterion's losses for all output layers in one batched pass.
+
+The model's training output has ``L`` same-shaped layers (the decoder layers and the two-stage proposals), each
+matched on its own. Looping over them costs ``L`` times the kernel launches and autograd nodes of one layer,
+and on a GPU those launches, not the arithmetic, bound the step. Here the layers are stacked once
+(``[L, B, GQ, ...]``), the matched pairs of all layers are concatenated with a layer index, every loss term is
+computed once over ``L * M`` pairs (or ``L * B * GQ * K`` class cells) and summed per layer. The results equal
+the per-layer pass up to float32 summation order; the loss-point sampler is still called once per layer, in
+layer order, so it draws the same random numbers as the per-layer pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, matched_generalized_box_iou
+from rfdetr_train.losses.loss_terms import ia_bce_terms, point_mask_terms
+from rfdetr_train.losses.point_sampling import loss_num_points, sample_points
+from rfdetr_train.losses.targets import LayerMatches, TargetBatch
+
+_LAZY_KEYS = ("spatial_features", "query_features", "bias")
+
+
+def _signature(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return ("dense", tuple(value.shape), value.dtype)
+    if isinstance(value, dict):
+        return ("lazy",) + tuple((tuple(value[k].shape), value[k].dtype) for k in _LAZY_KEYS)
+    return None
+
+
+def can_batch_layers(layers: Sequence[dict[str, Any]], matches: Sequence[LayerMatches]) -> bool:
+    """Whether :func:`batched_layer_losses` applies: 2+ layers of equal shapes and dtypes, equal pair counts
+    per image in every layer, and at least one matched pair (an empty batch takes the per-layer pass, which
+    keeps every mask output in the graph with a zero loss)."""
+    if len(layers) < 2 or len(matches) != len(layers) or matches[0].num_pairs == 0:
+        return False
+    first = layers[0]
+    keys = ("pred_logits", "pred_boxes")
+    for out, match in zip(layers, matches):
+        if any(out[k].shape != first[k].shape or out[k].dtype != first[k].dtype for k in keys):
+            return False
+        if match.counts != matches[0].counts:
+            return False
+        if _signature(out.get("pred_masks")) != _signature(first.get("pred_masks")):
+            return False
+    return True
+
+
+def _stack(layers: Sequence[dict[str, Any]], key: str) -> Tensor:
+    return torch.stack([out[key] for out in layers]).float()
+
+
+def _pad_slots(counts: Sequence[int], device: torch.device) -> tuple[Tensor, int]:
+    """Position ``b * maxn + j`` of the ``j``-th pair of image ``b`` in a ``[B, maxn]`` padded layout."""
+    maxn = max(counts)
+    host = torch.from_numpy(
+        np.concatenate([np.arange(n, dtype=np.int64) + b * maxn for b, n in enumerate(counts)])
+    )
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True), maxn
+    return host.to(device), maxn
+
+
+def _matched_mask_logits(
+    layers: Sequence[dict[str, Any]], matches: Sequence[LayerMatches], layer: Tensor, b: Tensor, q: Tensor
+) -> Tensor:
+    """Mask logits of every layer's matched queries: -> ``[L*M, h, w]`` (layer after layer)."""
+    masks = [out["pred_masks"] for out in layers]
+    if isinstance(masks[0], Tensor):
+        return torch.stack(masks).float()[layer, b, q]  # [L, B, GQ, h, w] -> [L*M, h, w]
+    spatial = torch.stack([m["spatial_features"] for m in masks]).float()  # [L, B, C, h, w]
+    query = torch.stack([m["query_features"] for m in masks]).float()  # [L, B, GQ, C]
+    bias = torch.stack([m["bias"] for m in masks]).float()  # [L, 1]
+    num_layers, bsz, channels, height, width = spatial.shape
+    # Each pair's logits are its query's dot product with its own image's map: one batched product over the
+    # L*B (layer, image) maps, with each image's pairs padded to the largest image's count.
+    slots, maxn = _pad_slots(matches[0].counts, spatial.device)  # [M]
+    offsets = torch.arange(num_layers, device=spatial.device).unsqueeze(1) * (bsz * maxn)  # [L, 1]
+    slots = (slots.unsqueeze(0) + offsets).reshape(-1)  # [L*M] rows of the [L*B*maxn, ...] layout
+    q_pad = query.new_zeros(num_layers * bsz * maxn, channels).index_copy(0, slots, query[layer, b, q])
+    padded = torch.bmm(
+        q_pad.view(num_layers * bsz, maxn, channels),  # [L*B*maxn, C] -> [L*B, maxn, C]
+        spatial.view(num_layers * bsz, channels, height * width),  # [L, B, C, h, w] -> [L*B, C, h*w]
+    )  # [L*B, maxn, h*w]
+    logits = padded.view(-1, height * width)[slots] + bias[layer]  # [L*M, h*w]
+    return logits.view(-1, height, width)
+
+
+def batched_layer_losses(
+    criterion: Any,
+    layers: Sequence[dict[str, Any]],
+    batch: TargetBatch,
+    matches: Sequence[LayerMatches],
+    num_boxes: Tensor,
+) -> dict[str, Tensor]:
+    """Unweighted losses of every layer (each a ``[L]`` tensor, layers in the given order).
+
+    Args:
+        criterion: the :class:`~rfdetr_train.losses.SetCriterion` (its alpha, gamma, segmentation flag, point
+            ratio and loss-point sampler).
+        layers: output dicts accepted by :func:`can_batch_layers`.
+        batch: the packed targets; matches: one :class:`LayerMatches` per layer; num_boxes: the normaliser.
+    """
+    num_layers, num_pairs = len(layers), matches[0].num_pairs
+    logits = _stack(layers, "pred_logits")  # [L, B, GQ, K]
+    boxes = _stack(layers, "pred_boxes")  # [L, B, GQ, 4]
+    layer = torch.arange(num_layers, device=logits.device).repeat_interleave(num_pairs)  # [L*M]
+    b = torch.cat([m.batch_idx for m in matches])  # [L*M]
+    q = torch.cat([m.query_idx for m in matches])
+    t = torch.cat([m.flat_target_idx for m in matches])
+    src_boxes = boxes[layer, b, q]  # [L*M, 4]
+    tgt_boxes = batch.boxes[t]
+    src_xyxy, tgt_xyxy = box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)
+
+    cells = (layer, b, q, batch.labels[t])
+    ce = ia_bce_terms(
+        logits, cells, src_xyxy.detach(), tgt_xyxy, criterion.focal_alpha, criterion.focal_gamma
+    )
+    losses = {
+        "loss_ce": ce.flatten(1).sum(1),  # [L, B, GQ, K] -> [L]
+        "loss_bbox": F.l1_loss(src_boxes, tgt_boxes, reduction="none").view(num_layers, -1).sum(1),
+        "loss_giou": (1 - matched_generalized_box_iou(src_xyxy, tgt_xyxy)).view(num_layers, -1).sum(1),
+    }
+    if criterion.segmentation:
+        mask_logits = _matched_mask_logits(layers, matches, layer, b, q).unsqueeze(1)  # [L*M, 1, h, w]
+        height, width = mask_logits.shape[-2:]
+        num_points = loss_num_points(height, width, criterion.mask_point_sample_ratio)
+        with torch.no_grad():
+            detached = mask_logits.detach()
+            points = torch.cat(
+                [
+                    criterion.point_sampler(detached[i * num_pairs : (i + 1) * num_pairs], num_points)
+                    for i in range(num_layers)
+                ]
+            ).to(mask_logits.dtype)  # [L*M, P, 2]
+        point_logits = sample_points(mask_logits, points)[:, 0]  # [L*M, P]
+        with torch.no_grad():
+            labels = batch.sample_masks(t, points)  # [L*M, P]
+        bce, dice = point_mask_terms(point_logits, labels)  # two [L*M]
+        losses["loss_mask_ce"] = bce.view(num_layers, num_pairs).sum(1)
+        losses["loss_mask_dice"] = dice.view(num_layers, num_pairs).sum(1)
+    return {name: value / num_boxes for name, value in losses.items()}

@@ -1,0 +1,121 @@
+"""The layer-batched criterion pass equals the per-layer pass: values, gradients and random draws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rfdetr_train.losses import build_criterion
+from rfdetr_train.losses.layer_batch import can_batch_layers
+
+K, C, GROUPS, Q = 4, 8, 3, 6
+
+
+def _layer(b, g, dense=False, mask_hw=(12, 16)):
+    boxes = torch.cat(
+        [
+            torch.rand(b, GROUPS * Q, 2, generator=g) * 0.6 + 0.2,
+            torch.rand(b, GROUPS * Q, 2, generator=g) * 0.3 + 0.05,
+        ],
+        -1,
+    )
+    out = {"pred_logits": torch.randn(b, GROUPS * Q, K, generator=g), "pred_boxes": boxes}
+    if dense:
+        out["pred_masks"] = torch.randn(b, GROUPS * Q, *mask_hw, generator=g)
+    else:
+        out["pred_masks"] = {
+            "spatial_features": torch.randn(b, C, *mask_hw, generator=g),
+            "query_features": torch.randn(b, GROUPS * Q, C, generator=g),
+            "bias": torch.randn(1, generator=g),
+        }
+    return out
+
+
+def _case(sizes, seed, aux=3, dense=False):
+    g = torch.Generator().manual_seed(seed)
+    b = len(sizes)
+    out = _layer(b, g, dense)
+    out["aux_outputs"] = [_layer(b, g, dense) for _ in range(aux)]
+    out["enc_outputs"] = _layer(b, g, dense)
+    targets = []
+    for i, n in enumerate(sizes):
+        h, w = (24 + 4 * i, 30)
+        targets.append(
+            {
+                "labels": torch.randint(0, K, (n,), generator=g),
+                "boxes": torch.cat(
+                    [torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.3 + 0.05],
+                    -1,
+                ),
+                "masks": torch.rand(n, h, w, generator=g) > 0.5,
+            }
+        )
+    return out, targets
+
+
+def _leaves(node):
+    if isinstance(node, dict):
+        for key in sorted(node):
+            yield from _leaves(node[key])
+    elif isinstance(node, list):
+        for value in node:
+            yield from _leaves(value)
+    else:
+        yield node
+
+
+def _clone_with_grad(node):
+    if isinstance(node, dict):
+        return {k: _clone_with_grad(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_clone_with_grad(v) for v in node]
+    return node.clone().requires_grad_(True)
+
+
+def _run(outputs, targets, batch_layers, seed):
+    crit = build_criterion(K, GROUPS)  # default samplers: uniform matcher points, importance loss points
+    crit.batch_layers = batch_layers
+    outputs = _clone_with_grad(outputs)
+    torch.manual_seed(seed)
+    losses = crit(outputs, targets)
+    after = torch.rand(3)  # both passes must leave the global RNG at the same place
+    crit.total_loss(losses).backward()
+    return losses, [leaf.grad for leaf in _leaves(outputs)], after
+
+
+@pytest.mark.parametrize(
+    ("sizes", "dense"), [((3, 1, 7), False), ((2, 9), True), ((0, 4, 1, 5), False), ((6,), False)]
+)
+def test_batched_pass_equals_the_per_layer_pass(sizes, dense):
+    outputs, targets = _case(sizes, seed=len(sizes), dense=dense)
+    crit = build_criterion(K, GROUPS)
+    layers = [out for _, out in crit.layers(outputs)]
+    assert can_batch_layers(layers, crit.match(outputs, targets))  # the batched pass is what runs
+    per_layer, per_layer_grads, per_layer_rng = _run(outputs, targets, False, seed=11)
+    batched, batched_grads, batched_rng = _run(outputs, targets, True, seed=11)
+    assert list(batched) == list(per_layer)  # same keys in the same order
+    assert len(batched) == 5 * 5
+    for key, value in per_layer.items():
+        assert batched[key].dtype == torch.float32
+        torch.testing.assert_close(batched[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert torch.equal(batched_rng, per_layer_rng)  # same random draws, in the same order
+    for mine, reference in zip(batched_grads, per_layer_grads):
+        scale = reference.abs().max().clamp(min=1e-6)
+        assert (mine - reference).abs().max() <= 1e-6 * scale
+
+
+def test_layers_of_different_shapes_or_no_objects_take_the_per_layer_pass():
+    outputs, targets = _case((2, 3), seed=0)
+    crit = build_criterion(K, GROUPS)
+    matches = crit.match(outputs, targets)
+    layers = [out for _, out in crit.layers(outputs)]
+    assert can_batch_layers(layers, matches)
+    smaller = dict(layers[-1])
+    smaller["pred_masks"] = {k: v for k, v in smaller["pred_masks"].items()}
+    smaller["pred_masks"]["spatial_features"] = smaller["pred_masks"]["spatial_features"][..., :-2]
+    assert not can_batch_layers(layers[:-1] + [smaller], matches)
+    assert not can_batch_layers(layers[:1], matches[:1])
+    empty_out, empty_targets = _case((0, 0), seed=1)
+    assert not can_batch_layers(layers, crit.match(empty_out, empty_targets))
+    losses = crit(empty_out, empty_targets)  # the per-layer pass: zeros that keep every output in the graph
+    assert all(float(v) == 0.0 for k, v in losses.items() if k.startswith("loss_bbox"))
