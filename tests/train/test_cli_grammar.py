@@ -124,3 +124,65 @@ def test_top_level_help_lists_subcommands():
     for name in cli.SUBCOMMANDS:
         assert name in proc.stdout
     assert proc.stdout.startswith("usage: rfdetr-train")
+
+
+def _subparsers():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    return sub.choices
+
+
+def test_every_option_has_help_and_every_value_option_shows_its_default():
+    for name, p in _subparsers().items():
+        for action in p._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            flag = action.option_strings[-1]
+            assert action.help, f"{name} {flag} has no help line"
+            if action.nargs != 0 and not action.required and action.dest not in ("resume", "config", "json"):
+                assert "default" in action.help, f"{name} {flag} does not show its default: {action.help!r}"
+
+
+def test_recipe_dependent_defaults_show_both_recipes():
+    from rfdetr_train.engine.recipes import FINETUNE, SCRATCH
+
+    helps = {a.dest: a.help for a in _subparsers()["train"]._actions}
+    assert f"finetune recipe {FINETUNE['lr']}, scratch recipe {SCRATCH['lr']}" in helps["lr"]
+    assert f"finetune recipe {FINETUNE['grad_accum']}, scratch recipe {SCRATCH['grad_accum']}" in helps["grad_accum"]
+    assert str(SCRATCH["steps"]) in helps["steps"] and str(FINETUNE["epochs"]) in helps["epochs"]
+
+
+def test_a_dataset_path_where_a_subcommand_was_expected_suggests_data(recorder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([str(tmp_path)])
+    assert exc.value.code == 2 and f"--data {tmp_path}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["chek", "ds"])
+    assert "did you mean `rfdetr-train check`" in capsys.readouterr().err
+    assert not recorder
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--epoch", "3"], "unrecognized option --epoch; did you mean --epochs?"),
+        (["--batchsize", "3"], "did you mean --batch-size"),
+        (["eval", "--gt", "g", "--pred", "p", "--max-det", "5"], "did you mean --max-dets"),
+    ],
+)
+def test_flag_typos_are_errors_with_a_suggestion_and_the_subcommand_usage(recorder, capsys, argv, expected):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and expected in err
+    assert "usage: rfdetr-train " + ("eval" if argv[0] == "eval" else "train") in err
+    assert not recorder  # never an accepted prefix
+
+
+def test_check_takes_data_like_train_and_val(recorder, capsys):
+    cli.main(["check", "--data", "some/folder"])
+    cli.main(["check", "some/folder"])
+    assert [c[1].path for c in recorder] == ["some/folder", "some/folder"]
+    with pytest.raises(SystemExit):
+        cli.main(["check", "a", "--data", "b"])
+    assert "two datasets" in capsys.readouterr().err

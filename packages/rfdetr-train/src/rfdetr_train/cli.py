@@ -9,6 +9,7 @@ User errors print one or two lines and exit non-zero; ``--debug`` shows the trac
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -46,6 +47,74 @@ def score(text: str) -> float:
     return value
 
 
+# Defaults that no config field or recipe table holds as one value: what decides them, as --help shows it.
+DERIVED_DEFAULTS = {
+    "data": "the built-in synthetic dataset",
+    "images": "found from --data",
+    "train_ann": "found from --data",
+    "val_ann": "found from --data",
+    "model": "the --weights file's variant, else seg-tiny",
+    "weights": "none: random initialisation",
+    "resolution": "the weights file's, else the variant's",
+    "num_queries": "the variant's",
+    "device": "CUDA when available, else CPU",
+    "workers": "0 for CPU training on <= 2 cores, else min(4, CPUs - 1)",
+    "steps_per_validation": "once per epoch; scratch recipe 400",
+    "test_limit": "every validation image",
+    "patience": "off",
+    "name": "train, train2, ... (the first free name)",
+    "output": "runs",
+    "val_batch_size": "2 x --batch-size",
+}
+
+
+def _recipe_default(key: str) -> str | None:
+    """``"finetune X, scratch Y"`` for a field the training recipes set, else ``None``."""
+    from rfdetr_train.engine.recipes import FINETUNE, SCRATCH
+
+    if key == "epochs":
+        return f"finetune recipe {FINETUNE['epochs']}; the scratch recipe counts --steps"
+    if key == "steps":
+        return f"scratch recipe {SCRATCH['steps']}; the finetune recipe counts --epochs"
+    if key not in FINETUNE or key not in SCRATCH:
+        return None
+    return f"finetune recipe {FINETUNE[key]}, scratch recipe {SCRATCH[key]}"
+
+
+def _config_default(key: str):
+    """The fixed default of a config field of that name (training, data or evaluation section)."""
+    from rfdetr_train.config import RunConfig
+
+    for section in RunConfig.model_fields.values():
+        fields = section.annotation.model_fields
+        if key in fields and fields[key].default is not None:
+            return fields[key].default
+    return None
+
+
+def show_defaults(parser: argparse.ArgumentParser, overrides: dict[str, str] | None = None) -> None:
+    """Append ``(default: ...)`` to the help of every value option of ``parser`` that does not say it yet:
+    the argparse default, else ``overrides``, else the recipes' values, else the config field's default."""
+    for action in parser._actions:
+        if not action.option_strings or action.nargs == 0 or action.dest == "help" or action.required:
+            continue
+        if action.help is None or "default" in action.help:
+            continue
+        key = {"eval_max_dets": "max_dets"}.get(action.dest, action.dest)  # CLI name -> config field
+        if action.default not in (None, argparse.SUPPRESS):
+            text = str(action.default)
+        elif overrides and key in overrides:
+            text = overrides[key]
+        elif key in DERIVED_DEFAULTS:
+            text = DERIVED_DEFAULTS[key]
+        else:
+            text = _recipe_default(key) or (
+                str(_config_default(key)) if _config_default(key) is not None else None
+            )
+        if text is not None:
+            action.help = f"{action.help} (default: {text})"
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
@@ -72,7 +141,7 @@ def _add_data_flags(p: argparse.ArgumentParser, *, with_data: bool = True) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Train, validate and evaluate RF-DETR-Seg models, and check datasets. "
         "Without a subcommand, `train` is run.",
@@ -85,9 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
         "  rfdetr-train predict runs/train/best.safetensors photo.jpg photos/ --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,val,check,eval,predict}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,val,check,eval,predict}", parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a model (the default)", description="Train a model.")
+    t = sub.add_parser(
+        "train",
+        help="train a model (the default)",
+        description="Train a model. Options left out take the recipe's value: the finetune recipe "
+        "(upstream RF-DETR's) for published variants and runs with --weights, the scratch recipe for a "
+        "model trained from random weights (the seg-tiny demo).",
+    )
     _add_data_flags(t)
     m = t.add_argument_group("model")
     m.add_argument("--model", metavar="VARIANT", help="variant name, e.g. seg-nano (default: seg-tiny)")
@@ -96,25 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-queries", type=int, metavar="N", help="queries per group")
     o = t.add_argument_group("optimisation")
     length = o.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, metavar="N")
+    length.add_argument("--epochs", type=int, metavar="N", help="passes over the training split")
     length.add_argument("--steps", type=int, metavar="N", help="fixed budget of optimiser steps")
-    o.add_argument("--batch-size", type=int, metavar="N")
+    o.add_argument("--batch-size", type=int, metavar="N", help="images per step and process")
     o.add_argument("--grad-accum", type=int, metavar="N", help="gradient accumulation steps")
-    o.add_argument("--lr", type=float, metavar="X")
+    o.add_argument("--lr", type=float, metavar="X", help="learning rate (the encoder's scales with it)")
     o.add_argument("--lr-scheduler", choices=("step", "cosine"), help="learning-rate schedule after warm-up")
     o.add_argument(
         "--warmup-steps", type=int, metavar="N", help="linear learning-rate warm-up, optimiser steps"
     )
-    o.add_argument("--weight-decay", type=float, metavar="X")
+    o.add_argument("--weight-decay", type=float, metavar="X", help="AdamW weight decay")
     o.add_argument("--clip-grad-norm", type=float, metavar="X", help="max gradient norm (0 = off)")
-    o.add_argument("--ema-decay", type=float, metavar="X")
+    o.add_argument("--ema-decay", type=float, metavar="X", help="decay of the weights' moving average")
     o.add_argument("--drop-path", type=float, metavar="X", help="stochastic depth of the backbone blocks")
     o.add_argument(
         "--mixed-precision",
         choices=("auto", "no", "bf16", "fp16"),
         help="auto (default): bf16 on CUDA cards that have it, fp16 on older cards, fp32 on CPU",
     )
-    o.add_argument("--seed", type=int, metavar="N")
+    o.add_argument("--seed", type=int, metavar="N", help="random seed (data order, augmentation, init)")
     o.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1 (default: best available)")
     o.add_argument("--workers", type=int, metavar="N", help="data-loader worker processes")
     o.add_argument(
@@ -151,49 +226,86 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these options")
     r.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
     _add_common(t)
+    show_defaults(t)
 
     va = sub.add_parser("val", help="validate weights on a dataset split", description="Validate a model.")
     va.add_argument("--weights", required=True, metavar="PATH", help="checkpoint to validate")
     _add_data_flags(va)
-    va.add_argument("--split", choices=("val", "test"), default="val")
-    va.add_argument("--batch-size", type=int, metavar="N")
-    va.add_argument("--device", metavar="D")
-    va.add_argument("--workers", type=int, metavar="N")
-    va.add_argument("--eval-max-dets", type=int, metavar="N")
+    va.add_argument("--split", choices=("val", "test"), default="val", help="dataset split to score")
+    va.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass (default: 8)")
+    va.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1")
+    va.add_argument("--workers", type=int, metavar="N", help="data-loader worker processes (default: 0)")
+    va.add_argument("--eval-max-dets", type=int, metavar="N", help="max detections per image")
     va.add_argument("--output", metavar="DIR", help="where to write the reports")
     _add_common(va)
+    show_defaults(va, {"device": DERIVED_DEFAULTS["device"], "output": "runs/val, runs/val2, ..."})
 
     c = sub.add_parser("check", help="check a dataset and print a report", description="Check a dataset.")
-    c.add_argument("path", nargs="?", metavar="PATH", help="dataset (any supported layout)")
-    _add_data_flags(c, with_data=False)
+    c.add_argument("path", nargs="?", metavar="PATH", help="dataset (any supported layout); same as --data")
+    _add_data_flags(c)
     c.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
     _add_common(c)
+    show_defaults(c)
 
     e = sub.add_parser("eval", help="COCO metrics of a results file", description="Evaluate COCO results.")
     e.add_argument("--gt", required=True, metavar="GT.json", help="COCO ground-truth annotations")
     e.add_argument("--pred", required=True, metavar="RESULTS.json", help="COCO results (list of detections)")
-    e.add_argument("--iou-type", choices=("bbox", "segm", "both"), default="both")
+    e.add_argument(
+        "--iou-type", choices=("bbox", "segm", "both"), default="both", help="which metrics to compute"
+    )
     e.add_argument("--json", metavar="OUT.json", help="write the nested metrics JSON here")
-    e.add_argument("--max-dets", type=int, default=100, metavar="N")
+    e.add_argument("--max-dets", type=int, default=100, metavar="N", help="max detections per image")
     e.add_argument("--no-boundary", action="store_true", help="skip Boundary AP")
     _add_common(e)
+    show_defaults(e)
 
     pr = sub.add_parser(
         "predict",
         help="detect and segment objects in images",
         description="Detect and segment objects in image files: write drawn images and COCO results.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     pr.add_argument("weights", metavar="WEIGHTS", help="weights file (ours or upstream) or an official name")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
-    pr.add_argument("--threshold", type=score, default=0.5, help="keep detections scoring above this")
+    pr.add_argument("--threshold", type=score, default=0.5, metavar="S", help="keep detections scoring above this")
     pr.add_argument("--out", default="predictions", metavar="DIR", help="where drawn images and JSON go")
     pr.add_argument("--json", action="store_true", help="also write DIR/predictions.json (COCO results)")
     pr.add_argument("--no-draw", action="store_true", help="do not write drawn images")
     pr.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass")
-    pr.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1 (default: best available)")
+    pr.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1")
     _add_common(pr)
+    show_defaults(pr)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """No flag abbreviations (``--epoch`` is an error, not ``--epochs``), and an unknown flag is answered
+    with the closest known ones and this (sub)command's usage."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        unknown = [a for a in extras if a.startswith("-")]
+        if unknown and self.prog.count(" ") >= 1:  # a subcommand's parser: say it here, with its usage
+            flag = unknown[0].split("=", 1)[0]
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; see `{self.prog} -h`"
+            self.error(f"unrecognized option {flag}{hint}")
+        return ns, extras
+
+
+def _misplaced_path(token: str) -> str | None:
+    """The message for a first word that is neither a subcommand nor a flag (e.g. a dataset path)."""
+    close = difflib.get_close_matches(token, SUBCOMMANDS, n=1, cutoff=0.6)
+    if close:
+        return f"unknown subcommand {token!r}; did you mean `{PROG} {close[0]}`?"
+    return (
+        f"{token!r} is not a subcommand ({', '.join(SUBCOMMANDS)}); to train on a dataset there, "
+        f"did you mean `{PROG} --data {token}`?"
+    )
 
 
 def normalize_argv(argv: Sequence[str]) -> list[str]:
@@ -221,8 +333,15 @@ def _resolve(command: str) -> Callable[[argparse.Namespace], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = normalize_argv(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if raw and not raw[0].startswith("-") and raw[0] not in SUBCOMMANDS:
+        parser.error(_misplaced_path(raw[0]))
+    args = parser.parse_args(normalize_argv(raw))
+    if args.command == "check" and args.path and args.data and args.path != args.data:
+        parser.error(f"check got two datasets: {args.path} and --data {args.data}; give one")
+    if args.command == "check":
+        args.path = args.path or args.data
     try:
         return int(_resolve(args.command)(args) or 0)
     except KeyboardInterrupt:
