@@ -162,3 +162,71 @@ def test_variant_from_shapes():
     assert guess_variant_from_shapes(_shapes_sd(grid=36, layers=5)) == "seg-medium"
     assert guess_variant_from_shapes(_shapes_sd(patch=16, grid=24, layers=2, seg=False)) == "nano"
     assert guess_variant_from_shapes(_shapes_sd(grid=30)) is None  # fits nothing registered
+
+
+def _broken_files(tmp_path) -> dict[str, pathlib.Path]:
+    """Files that are no (complete) checkpoint, named as weights files are."""
+    ours = save_checkpoint(tmp_path / "ok.safetensors", {"x": torch.ones(4000)}, {"variant": "seg-tiny"})
+    zipped, legacy = tmp_path / "ok.pth", tmp_path / "legacy.pth"
+    torch.save({"model": _upstream_sd()}, zipped)
+    torch.save({"model": _upstream_sd()}, legacy, _use_new_zipfile_serialization=False)
+    text = b"<html><body>404 Not Found</body></html>\n"  # what a failed download often saves
+    blobs = {
+        "text.pth": text,
+        "text.safetensors": text,
+        "empty.pth": b"",
+        "random.pth": bytes(range(256)) * 8,
+        "half.safetensors": ours.read_bytes()[: ours.stat().st_size // 2],
+        "header-cut.safetensors": ours.read_bytes()[:40],
+        "header-damaged.safetensors": ours.read_bytes()[:20] + b"\xff\xfe" + ours.read_bytes()[22:],
+        "half-zip.pth": zipped.read_bytes()[: zipped.stat().st_size // 2],
+        "half-legacy.pth": legacy.read_bytes()[: legacy.stat().st_size // 2],
+        "cut-legacy.pth": legacy.read_bytes()[:30],
+        "zip-as.safetensors": zipped.read_bytes()[: zipped.stat().st_size // 2],
+    }
+    out = {}
+    for name, data in blobs.items():
+        (tmp_path / name).write_bytes(data)
+        out[name] = tmp_path / name
+    return out
+
+
+def test_files_that_are_no_checkpoint_raise_checkpoint_error(tmp_path):
+    # issue 12.5: text renamed .pth ended in KeyError from torch's unpickler, as .safetensors in a
+    # SafetensorError; truncated downloads in either. Each must say what it is not, that it may be
+    # truncated or corrupt, and what to do, through every entry point.
+    from rfdetr_core.factory import load_model
+    from rfdetr_core.predict import RFDETR
+
+    entry_points = {
+        "read_weights_file": read_weights_file,
+        "load_model": lambda p: load_model(weights=p),
+        "RFDETR.from_checkpoint": lambda p: RFDETR.from_checkpoint(p, device="cpu"),
+    }
+    for name, path in _broken_files(tmp_path).items():
+        for entry, load in entry_points.items():
+            with pytest.raises(CheckpointError) as info:
+                load(path)
+            msg = str(info.value)
+            assert str(path) in msg, (name, entry, msg)
+            assert "not a weights file" in msg or "is not a" in msg or "damaged" in msg, (name, entry, msg)
+            assert "truncated or corrupt" in msg and "download or export it again" in msg, (name, entry, msg)
+            assert "\n" not in msg and len(msg) < 400, (name, entry, msg)
+
+
+def test_what_the_file_is_is_named(tmp_path):
+    files = _broken_files(tmp_path)
+    cases = {
+        "text.safetensors": "is a text file (it starts with '<html><b')",
+        "empty.pth": "is not a weights file: it is empty",
+        "half.safetensors": "is not a complete safetensors checkpoint",
+        "header-cut.safetensors": "is not a complete safetensors checkpoint: its header should be",
+        "header-damaged.safetensors": "is a damaged safetensors file",
+        "half-zip.pth": "is not a readable PyTorch checkpoint (RuntimeError",
+        "zip-as.safetensors": "is not a readable PyTorch checkpoint",
+        "random.pth": "is a file of an unknown kind",
+    }
+    for name, expected in cases.items():
+        with pytest.raises(CheckpointError) as info:
+            read_weights_file(files[name])
+        assert expected in str(info.value), (name, str(info.value))

@@ -106,3 +106,16 @@ def test_recipe_loss_weights_reach_the_criterion():
     upstream = build_criterion_for(nano, 80, **recipes.criterion_options(finetune)).weight_dict
     assert upstream == {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_mask_ce": 5.0,
                         "loss_mask_dice": 5.0}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["notes.pth", "notes.safetensors"])
+@pytest.mark.parametrize("command", [["val"], []])
+def test_a_file_that_is_no_checkpoint_gives_one_line(tmp_path, capsys, name, command):
+    from rfdetr_train.cli import main
+
+    path = tmp_path / name
+    path.write_text("these are my notes, not weights\n")
+    assert main([*command, "--weights", str(path), "--output", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2
+    assert "is a text file" in err and "truncated or corrupt" in err and "download or export it again" in err

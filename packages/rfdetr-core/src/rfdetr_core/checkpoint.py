@@ -57,12 +57,16 @@ def save_checkpoint(
     return dest
 
 
+REDOWNLOAD = "It may be truncated or corrupt (an interrupted download or copy): download or export it again."
+
+
 def _read_header(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: file is empty or truncated (not a safetensors checkpoint).")
+                size_text = "empty" if not head else f"only {len(head)} bytes long"
+                raise CheckpointError(f"{path} is not a weights file: it is {size_text}. {REDOWNLOAD}")
             (size,) = struct.unpack("<Q", head)
             if size > 100 * 2**20:
                 raise CheckpointError(_not_safetensors(path, head))
@@ -71,25 +75,45 @@ def _read_header(path: Path) -> dict:
         raise CheckpointError(f"Checkpoint not found: {path}") from exc
     except IsADirectoryError as exc:
         raise CheckpointError(f"{path} is a folder; pass the .safetensors file inside it.") from exc
+    if len(raw) < size and raw[:1] == b"{":
+        raise CheckpointError(
+            f"{path} is not a complete safetensors checkpoint: its header should be {size} bytes but the file "
+            f"ends after {len(raw)}. {REDOWNLOAD}"
+        )
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(_not_safetensors(path, head)) from None
+        raise CheckpointError(_not_safetensors(path, head + raw[:8])) from None
     if not isinstance(header, dict):
-        raise CheckpointError(_not_safetensors(path, head))
+        raise CheckpointError(_not_safetensors(path, head + raw[:8]))
     return header
 
 
-def _not_safetensors(path: Path, head: bytes) -> str:
-    kind = "a file"
+def describe_start(head: bytes) -> str:
+    """What a file whose first bytes are ``head`` looks like, for messages ("a zip archive (...)", ...)."""
     if head[:2] == b"PK":
-        kind = "a zip archive (torch.save / PyTorch pickle format)"
-    elif head[:1] == b"\x80":
-        kind = "a Python pickle"
+        return "a zip archive (torch.save / PyTorch pickle format)"
+    if head[:1] == b"\x80":
+        return "a Python pickle"
+    if head[8:9] == b"{":
+        return "a damaged safetensors file"
+    if head and all(32 <= b < 127 or b in b"\t\n\r" for b in head):
+        return f"a text file (it starts with {head.decode('ascii')!r})"
+    return f"a file of an unknown kind (it starts with bytes {head[:8].hex(' ')})"
+
+
+def _not_safetensors(path: Path, head: bytes) -> str:
+    kind = describe_start(head)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return (
+            f"{path} is {kind}, not an rfdetr safetensors checkpoint. Pickled files are never unpickled here. "
+            "Upstream RF-DETR .pth/.ckpt weights load through `create_model(variant, weights=PATH)` or "
+            "`RFDETR.from_checkpoint(PATH)`, which read them with torch.load(weights_only=True)."
+        )
+    if head[8:9] == b"{":
+        return f"{path} is {kind}: its header is not valid JSON. {REDOWNLOAD}"
     return (
-        f"{path} is {kind}, not an rfdetr safetensors checkpoint. Pickled files are never unpickled here. "
-        "Upstream RF-DETR .pth/.ckpt weights load through `create_model(variant, weights=PATH)` or "
-        "`RFDETR.from_checkpoint(PATH)`, which read them with torch.load(weights_only=True)."
+        f"{path} is {kind}, not a weights file (rfdetr .safetensors or PyTorch .pth/.pt/.ckpt). {REDOWNLOAD}"
     )
 
 
@@ -133,5 +157,8 @@ def load_checkpoint(
     try:
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: cannot read tensors ({exc}); the file may be truncated.") from exc
+        raise CheckpointError(
+            f"{path} is not a complete safetensors checkpoint: its header reads but its tensors do not ({exc}). "
+            f"{REDOWNLOAD}"
+        ) from exc
     return tensors, meta

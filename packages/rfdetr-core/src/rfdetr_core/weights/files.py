@@ -9,6 +9,10 @@ Three kinds of file are understood (:func:`read_weights_file`):
   bare state dict;
 * **upstream Lightning** ``.ckpt``: ``state_dict`` with every model key prefixed ``model.``.
 
+The reader is chosen by the file's first bytes (a zip archive or a pickle go to torch, anything else to the
+safetensors reader), never by its suffix; a file that is none of these, or a truncated or damaged one, raises
+a :class:`~rfdetr_core.errors.CheckpointError` saying what the file is and to download or export it again.
+
 Pickles are never executed: ``torch.load(weights_only=True)`` with an explicit allow-list of the plain
 containers upstream stores (:data:`SAFE_GLOBALS`). A file that needs any other class is refused with a
 :class:`~rfdetr_core.errors.CheckpointError` naming it.
@@ -21,7 +25,6 @@ import os
 import pickle
 import re
 import types
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,7 @@ from typing import Any
 
 import torch
 
-from rfdetr_core.checkpoint import is_safetensors, load_checkpoint
+from rfdetr_core.checkpoint import REDOWNLOAD, load_checkpoint
 from rfdetr_core.class_map import ClassMap
 from rfdetr_core.coco_classes import COCO_NAMES, coco_class_map
 from rfdetr_core.errors import CheckpointError
@@ -102,26 +105,39 @@ def load_pickle_safely(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        # a file object, so that torch.load does not pick its reader by the suffix (".safetensors")
+        with open(path, "rb") as fh, torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(fh, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise CheckpointError(f"Weights file not found: {path}") from exc
     except IsADirectoryError as exc:
         raise CheckpointError(f"{path} is a folder, not a weights file.") from exc
     except pickle.UnpicklingError as exc:
         wanted = _unsafe_globals(path) or _globals_in_message(str(exc))
-        what = ", ".join(wanted) if wanted else "an object that is not allowed"
+        if not wanted:  # nothing disallowed named: the pickle stream itself is broken
+            raise CheckpointError(_unreadable_pickle(path, exc)) from exc
         raise CheckpointError(
-            f"{path} was refused: loading it would need {what}, which is not on the allow-list of plain data "
+            f"{path} was refused: loading it would need {', '.join(wanted)}, which is not on the allow-list "
+            "of plain data "
             "that rfdetr reads from pickles (tensors, dicts, lists, argparse.Namespace). Loading never runs "
             "pickled code. If you trust the file, re-save only its tensors, e.g. "
             "`torch.save({'model': ckpt['model']}, 'clean.pth')`, or convert it to safetensors."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(
-            f"Cannot read {path} as a PyTorch weights file ({exc}). It may be truncated or not a checkpoint; "
-            "download it again."
-        ) from exc
+    except Exception as exc:
+        # (RuntimeError from the zip reader, EOFError, KeyError / struct.error from the unpickler, ...)
+        raise CheckpointError(_unreadable_pickle(path, exc)) from exc
+
+
+def _unreadable_pickle(path: Path, exc: BaseException) -> str:
+    detail = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:120]  # torch's first sentence
+    return f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {detail}). {REDOWNLOAD}"
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """True for a torch.save zip archive or a raw pickle (protocol >= 2), by the file's first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -170,7 +186,8 @@ def read_weights_file(path: str | os.PathLike) -> WeightsFile:
         raise CheckpointError(f"Weights file not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; pass the weights file inside it.")
-    if is_safetensors(path):
+    if not _looks_like_pickle(path):
+        # ours, or no weights file at all: the safetensors reader says which (text, truncated, damaged, ...)
         return _read_ours(path)
     obj = load_pickle_safely(path)
     if not isinstance(obj, Mapping):
