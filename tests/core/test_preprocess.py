@@ -124,3 +124,17 @@ def test_config_round_trips_through_json():
         PreprocessConfig.from_json({"resize": "stretch", "bogus": 1})
     with pytest.raises(ValueError, match="resize must be"):
         PreprocessConfig(resize="crop")
+
+
+def test_file_object_decodes_like_its_path(tmp_path):
+    import io
+
+    big = (np.random.default_rng(2).random((400, 600, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(big).save(path, quality=90)
+    from_path, size_path = load_image(path, min_size=(50, 50))
+    from_bytes, size_bytes = load_image(io.BytesIO(path.read_bytes()), min_size=(50, 50))
+    assert size_bytes == size_path == (400, 600)
+    torch.testing.assert_close(from_bytes, from_path, rtol=0, atol=0)  # same draft scale, same pixels
+    with pytest.raises(ImageError, match="Cannot read image"):
+        load_image(io.BytesIO(b"not an image"))

@@ -2,7 +2,7 @@
 
 Input types (see :func:`to_float_rgb`):
 
-* a path (``str`` / ``os.PathLike``) to an image file,
+* a path (``str`` / ``os.PathLike``) to an image file, or a binary file object (``io.BytesIO``) holding one,
 * a ``PIL.Image`` of any mode (greyscale, RGBA, palette, 16-bit ``I;16``),
 * a numpy array, **RGB** ``HxWx3`` (or ``HxW`` / ``HxWx1`` greyscale, ``HxWx4`` RGBA), dtype uint8,
   uint16 or float in [0, 1],
@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -75,8 +75,9 @@ class PreprocessConfig:
         return cls(**d)
 
 
-def open_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None):
-    """Open an image file as PIL; returns ``(image, (source_height, source_width))``.
+def open_image(path: str | os.PathLike | BinaryIO, min_size: tuple[int, int] | None = None):
+    """Open an image file (a path, or a binary file object such as ``io.BytesIO(upload)``) as PIL; returns
+    ``(image, (source_height, source_width))``.
 
     With ``min_size`` (H, W), JPEGs are decoded at reduced scale ("draft" mode skips DCT work) while keeping
     at least ``min_size`` pixels per side, so the network input barely changes; the returned source size is
@@ -84,7 +85,8 @@ def open_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None)
     """
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    if not hasattr(path, "read"):
+        path = Path(path)
     try:
         img = Image.open(path)
         source_size = (img.height, img.width)
@@ -94,7 +96,8 @@ def open_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None)
     except FileNotFoundError as exc:
         raise ImageError(f"Image file not found: {path}") from exc
     except (UnidentifiedImageError, OSError) as exc:
-        raise ImageError(f"Cannot read image {path}: {exc}. Is it a valid image file?") from exc
+        where = path if isinstance(path, Path) else getattr(path, "name", "from the file object")
+        raise ImageError(f"Cannot read image {where}: {exc}. Is it a valid image file?") from exc
     return img, source_size
 
 
@@ -162,9 +165,10 @@ def to_float_rgb(image: Any, min_size: tuple[int, int] | None = None) -> torch.T
 
 
 def load_image(image: Any, min_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Like :func:`to_float_rgb`, and also the source size ``(h, w)`` (the file's size for paths)."""
+    """Like :func:`to_float_rgb`, and also the source size ``(h, w)`` (the file's size for paths and binary
+    file objects, which are decoded exactly like paths)."""
     source_size = None
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (str, os.PathLike)) or hasattr(image, "read"):
         image, source_size = open_image(image, min_size)
     t = _to_tensor(image)
     return t, source_size or (int(t.shape[1]), int(t.shape[2]))
