@@ -1,27 +1,113 @@
-"""``rfdetr-serve MODEL``: serve a model over HTTP (``POST /predict``).
+"""``rfdetr-serve MODEL``: serve a model over HTTP (``POST /predict``) with uvicorn.
 
-Not built yet: the command parses its flags and says so, exiting with code 2.
+::
+
+    rfdetr-serve seg-nano                                  # official weights, http://127.0.0.1:8000
+    rfdetr-serve runs/train/checkpoints/best.safetensors --host 0.0.0.0 --port 8080 --api-key "$KEY"
+    rfdetr-serve model.onnx --workers 2 --max-batch 8 --max-wait-ms 5
+
+It binds to 127.0.0.1 unless ``--host`` says otherwise. ``--workers N`` runs N processes (each loads the
+model; torch threads are split between them). SIGTERM (or Ctrl-C) drains the requests in flight, then exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import tempfile
 from collections.abc import Sequence
+
+from rfdetr_serve.limits import Limits
+from rfdetr_serve.settings import API_KEY_ENV, SETTINGS_ENV, ServeSettings
+
+# Seconds uvicorn waits for in-flight requests after SIGTERM before closing them.
+GRACEFUL_SHUTDOWN_S = 30
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rfdetr-serve", description="Serve an RF-DETR-Seg model over HTTP.")
-    p.add_argument("model", nargs="?", metavar="MODEL", help="checkpoint, exported model or variant name")
-    p.add_argument("--host", default="127.0.0.1")
+    d = ServeSettings(model="-")
+    p = argparse.ArgumentParser(
+        prog="rfdetr-serve",
+        description="Serve an RF-DETR-Seg model over HTTP (POST /predict; docs at /docs, a demo page at /).",
+    )
+    p.add_argument("model", metavar="MODEL",
+                   help="an exported .onnx/.engine file, a checkpoint (ours or upstream's) or an official name")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    p.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"images per model call (default {d.max_batch})")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help=f"longest wait for a batch to fill (default {d.max_wait_ms:g} ms)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"images waiting before new requests get 503 (default {d.max_queue})")
+    p.add_argument("--api-key", default=None,
+                   help=f"require this key (Authorization: Bearer KEY or X-API-Key); default ${API_KEY_ENV}")
+    p.add_argument("--max-upload-mb", type=float, default=d.limits.max_upload_bytes / 2**20,
+                   help=f"request body limit (default {d.limits.max_upload_bytes / 2**20:g} MiB)")
+    p.add_argument("--max-pixels", type=int, default=d.limits.max_pixels,
+                   help=f"width x height limit of an image (default {d.limits.max_pixels})")
+    p.add_argument("--threshold", type=float, default=d.threshold,
+                   help=f"default score threshold (default {d.threshold})")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="debug also logs tracebacks")
     return p
 
 
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels)
+    return ServeSettings(
+        model=args.model, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, threshold=args.threshold, api_key=api_key, limits=limits,
+        log_level=args.log_level,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("rfdetr-serve: the HTTP server is not built yet in this version (0.1.0).", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        if not 0 <= args.port < 65536:
+            raise ValueError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
+    except ValueError as exc:
+        print(f"rfdetr-serve: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings, args.host, args.port, args.workers, args.log_level)
+
+
+def serve(settings: ServeSettings, host: str, port: int, workers: int, log_level: str) -> int:
+    import uvicorn
+
+    os.environ[SETTINGS_ENV] = settings.to_env()
+    if workers > 1:
+        # each worker is its own process: split the cores, and let /metrics add the processes up
+        os.environ.setdefault("RFDETR_SERVE_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="rfdetr-serve-metrics-"))
+    config = dict(host=host, port=port, log_level=log_level, access_log=False,
+                  timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    if workers > 1:
+        uvicorn.run("rfdetr_serve.app:app_from_env", factory=True, workers=workers, **config)
+        return 0
+    from rfdetr_serve.app import create_app
+
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, **config))
+    # a model that fails to load stops the server the same way SIGTERM does (drain, then exit)
+    app.state.rfdetr.on_fatal = lambda: setattr(server, "should_exit", True)
+    # uvicorn re-raises the signal it handled once it has drained; this makes that a normal exit (status 0)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    error = app.state.rfdetr.load_error
+    if error:
+        print(f"rfdetr-serve: cannot serve {settings.model!r}: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

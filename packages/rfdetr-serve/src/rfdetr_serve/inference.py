@@ -1,0 +1,123 @@
+"""The served model: what ``MODEL`` names, loaded once, warmed up, and called on batches of uploads.
+
+``MODEL`` is an exported file (``.onnx``, ``.engine``: run through the runner that rfdetr-export registers
+with core), a weights file (ours or upstream's), or the name of official weights (``seg-nano``). All of them
+end up as one :class:`rfdetr_core.RFDETR`, whose ``predict`` is the only model path the server uses: the
+response equals ``RFDETR.predict`` on the same image by construction.
+"""
+
+from __future__ import annotations
+
+import io
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EXPORTED_SUFFIXES = (".onnx", ".engine")
+
+
+@dataclass
+class ImageJob:
+    """One image for the model thread: the upload's bytes (decoded again by ``predict`` exactly as a file
+    would be; the request thread has already checked they decode) and the request's score threshold."""
+
+    data: bytes
+    threshold: float
+
+
+def load_rfdetr(model: str, device: str | None):
+    """``MODEL`` -> an :class:`rfdetr_core.RFDETR` on ``device``.
+
+    Raises :class:`rfdetr_core.errors.RFDETRError` subclasses (missing file, unknown name, offline download)
+    with messages for the user.
+    """
+    from rfdetr_core import RFDETR
+    from rfdetr_core.errors import CheckpointError
+
+    path = Path(model)
+    if path.suffix.lower() in EXPORTED_SUFFIXES:
+        if not path.is_file():
+            raise CheckpointError(f"Exported model {model!r} not found; check the path.")
+        from_file = getattr(RFDETR, "from_file", None)
+        if from_file is None:
+            raise CheckpointError(
+                f"Serving {path.suffix} files needs rfdetr-core's runner seam (RFDETR.from_file), which this "
+                "installation lacks; serve the PyTorch checkpoint instead or upgrade rfdetr-core."
+            )
+        return from_file(path, device=device) if device else from_file(path)
+    if path.exists():
+        return RFDETR.from_checkpoint(path, device=device)
+    return RFDETR.from_pretrained(model, device=device)
+
+
+class ServedModel:
+    """An ``RFDETR`` plus what the server needs around it. Only the model thread calls :meth:`run_batch`
+    and :meth:`warm_up`."""
+
+    def __init__(self, rfdetr, source: str):
+        self.rfdetr = rfdetr
+        self.source = source
+
+    @property
+    def name(self) -> str:
+        return self.rfdetr.variant.name
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self.rfdetr.resolution)
+
+    @property
+    def backend(self) -> str:
+        runner = getattr(self.rfdetr, "runner", None)
+        return str(getattr(runner, "backend", "pytorch"))
+
+    def run_batch(self, jobs: Sequence[ImageJob]) -> list[Any]:
+        """One ``predict`` call over the batch at the lowest threshold any job asked for; each request then
+        keeps ``score > its threshold``, which gives exactly what ``predict`` at that threshold returns (the
+        top-k selection does not depend on the threshold, and every kept row is computed the same way)."""
+        threshold = min(job.threshold for job in jobs)
+        images = [io.BytesIO(job.data) for job in jobs]
+        return self.rfdetr.predict(images, threshold=threshold, batch_size=len(images))
+
+    def warm_up(self, max_batch: int) -> None:
+        """Run the batch sizes the server will see first (1 and ``max_batch``) so the first requests do not
+        pay for allocator growth and kernel selection."""
+        import numpy as np
+        from PIL import Image
+
+        h, w = self.resolution
+        rng = np.random.default_rng(0)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        job = ImageJob(buf.getvalue(), 0.5)
+        for size in sorted({1, max_batch}):
+            self.run_batch([job] * size)
+
+    def card(self) -> dict[str, Any]:
+        """What ``GET /model`` reports about the model (the limits and batching are added by the app)."""
+        import torch
+
+        import rfdetr_core
+        import rfdetr_serve
+
+        r = self.rfdetr
+        card = getattr(r, "card", None)
+        return {
+            "name": self.name,
+            "source": self.source,
+            "variant": self.name,
+            "resolution": list(self.resolution),
+            "backend": self.backend,
+            "device": str(r.device),
+            "classes": [{"category_id": int(c), "name": n}
+                        for c, n in zip(r.class_map.category_ids, r.class_map.names)],
+            "card": card.to_metadata() if card is not None else None,
+            "versions": {
+                "rfdetr_serve": rfdetr_serve.__version__,
+                "rfdetr_core": rfdetr_core.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        }
