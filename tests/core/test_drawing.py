@@ -26,7 +26,7 @@ def test_line_and_font_grow_with_the_image():
     small, large = line_and_font_size((480, 640)), line_and_font_size((2160, 3840))
     assert large[0] > small[0] and large[1] > small[1]
     assert large[1] >= 3 * small[1] * 0.9  # roughly proportional to the longer side
-    assert line_and_font_size((20, 30)) == (1, 10)  # never below 1 px / 10 px
+    assert line_and_font_size((20, 30)) == (1, 11)  # never below 1 px / 11 px
 
 
 def test_labels_of_touching_boxes_do_not_overlap():
