@@ -146,3 +146,17 @@ def test_pml_weights_need_license_acceptance(server, monkeypatch):
 def test_unknown_name(monkeypatch):
     with pytest.raises(CheckpointError, match="Official names"):
         dl.download_weights("not-a-model")
+
+
+def test_a_hand_download_under_the_urls_own_name_is_used_without_renaming(fake_registry, monkeypatch):
+    """Offline users fetch rf-detr-seg-n-ft.pth (the URL's name); it must work where the error says."""
+    monkeypatch.setenv("RFDETR_WEIGHTS_URL", "http://127.0.0.1:9/nowhere")
+    with pytest.raises(dl.DownloadError) as info:
+        dl.download_weights("seg-nano", progress=False, timeout=2)
+    assert str(weights_dir() / "rf-detr-seg-n-ft.pth") in str(info.value)  # both names are offered
+    hand = weights_dir() / "rf-detr-seg-n-ft.pth"
+    hand.write_bytes(PAYLOAD)
+    assert dl.download_weights("seg-nano", progress=False) == hand  # no network, no rename
+    hand.write_bytes(b"truncated")  # a wrong md5 is not taken
+    with pytest.raises(dl.DownloadError):
+        dl.download_weights("seg-nano", progress=False, timeout=2)

@@ -104,14 +104,42 @@ def download_weights(
     if w.needs_license_acceptance and not accept_license:
         raise LicenseNotAcceptedError(_license_message(variant, w))
     dest = weights_dir(create=True) / w.filename
-    if dest.is_file() and not force and (w.md5 is None or file_md5(dest) == w.md5):
-        return dest
+    if not force:
+        for cached in cache_candidates(w):
+            if cached.is_file() and (w.md5 is None or file_md5(cached) == w.md5):
+                return cached
     url = w.url(weights_base_url(WEIGHTS_BASE_URL))
-    _fetch(url, dest, w.md5, progress=progress, timeout=timeout)
+    _fetch(url, dest, w.md5, progress=progress, timeout=timeout, weights=w)
     return dest
 
 
-def _fetch(url: str, dest: Path, md5: str | None, progress: bool, timeout: float) -> None:
+def cache_candidates(w: PretrainedWeights) -> list[Path]:
+    """Where a cached copy of ``w`` may be: ``$RFDETR_HOME/weights/<cache name>``, and the same folder under
+    the name the URL itself gives (``rf-detr-seg-n-ft.pth``), so a file downloaded by hand needs no rename.
+    A remote name shared by several weights (``checkpoint_best_regular.pth``) is not accepted."""
+    folder = weights_dir()
+    names = [w.filename]
+    remote = Path(w.remote).name
+    if "/" not in w.remote and remote != w.filename:
+        names.append(remote)
+    return [folder / n for n in names]
+
+
+def _put_it_at(dest: Path, w: PretrainedWeights | None) -> str:
+    """``dest``, plus the URL's own file name when that is accepted too (see :func:`cache_candidates`)."""
+    if w is None or "/" in w.remote or Path(w.remote).name == dest.name:
+        return str(dest)
+    return f"{dest} (or keep the downloaded name: {dest.parent / Path(w.remote).name})"
+
+
+def _fetch(
+    url: str,
+    dest: Path,
+    md5: str | None,
+    progress: bool,
+    timeout: float,
+    weights: PretrainedWeights | None = None,
+) -> None:
     """Stream ``url`` to ``dest`` atomically, checking ``md5`` before the file takes its final name.
 
     On any failure (network, checksum) the temporary file is deleted and ``dest`` is left as it was.
@@ -121,8 +149,8 @@ def _fetch(url: str, dest: Path, md5: str | None, progress: bool, timeout: float
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise DownloadError(
             f"Could not download {url} ({_reason(exc)}). If this machine is offline, download that URL "
-            f"elsewhere and put the file at {dest} (or pass its path instead of the name); set "
-            "RFDETR_WEIGHTS_URL to use a mirror (file:// works)."
+            f"elsewhere and put the file at {_put_it_at(dest, weights)}, or pass its path instead of the "
+            "name; set RFDETR_WEIGHTS_URL to use a mirror (file:// works)."
         ) from exc
     h = hashlib.md5(usedforsecurity=False)
     bar = _progress_bar(_content_length(response), dest.name) if progress else None
