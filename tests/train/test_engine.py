@@ -134,3 +134,49 @@ def test_drop_path_reaches_the_backbone(dataset, tmp_path, monkeypatch):
         drop_path=0.1, progress=False, plots=False, gallery_images=0,
     )  # fmt: skip
     assert rates == [0.1]
+
+
+def test_quick_look_stops_after_the_first_validation_and_per_class_last(dataset, tmp_path, capsys, caplog):
+    """`--steps-per-validation 2 --test-limit 2` without --steps: 2 steps, one validation, one table."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="rfdetr_train")
+    code = main(["--data", str(dataset), "--output", str(tmp_path), "--batch-size", "2", "--resolution", "64",
+                 "--workers", "0", "--steps-per-validation", "2", "--test-limit", "2"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "validation at step 2" in out and "validation at step 4" not in out
+    assert out.count("per class (segm)") == 1
+    assert "quick look" in caplog.text and "stops after the first validation, at step 2" in caplog.text
+    code = main(["--data", str(dataset), "--output", str(tmp_path), "--steps", "3", "--batch-size", "2",
+                 "--resolution", "64", "--workers", "0", "--steps-per-validation", "1", "--test-limit", "2",
+                 "--per-class", "last"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "validation at step 3" in out
+    assert out.count("per class (segm)") == 1  # only after the last of three validations
+
+
+def test_recipe_warmup_scales_with_a_short_run_and_quick_look_length():
+    from rfdetr_core.variants import get_variant
+    from rfdetr_train.engine import recipes
+    from rfdetr_train.engine.config import TrainConfig
+
+    tiny, nano = get_variant("seg-tiny"), get_variant("seg-nano")
+    full = recipes.resolve(TrainConfig(), tiny)
+    assert (full.steps, full.warmup_steps) == (recipes.SCRATCH["steps"], recipes.SCRATCH["warmup_steps"])
+    short = recipes.resolve(TrainConfig(steps=68), tiny)
+    assert short.warmup_steps == 2  # the recipe's 100 of 3400 steps, scaled to 68
+    assert recipes.resolve(TrainConfig(steps=68, warmup_steps=30), tiny).warmup_steps == 30  # explicit wins
+    look = recipes.resolve(TrainConfig(test_limit=20, steps_per_validation=20), tiny)
+    assert look.steps == 20
+    assert recipes.resolve(TrainConfig(test_limit=20), tiny).steps == recipes.SCRATCH["steps_per_validation"]
+    fine = recipes.resolve(TrainConfig(test_limit=20, weights="w.pth"), nano)
+    assert (fine.epochs, fine.steps) == (1, None)  # validation once per epoch: one epoch
+    assert recipes.resolve(TrainConfig(test_limit=20, steps=50), tiny).steps == 50  # a length wins
+
+
+def test_per_class_accepts_the_old_booleans():
+    from rfdetr_train.evaluation.config import EvalConfig
+
+    assert EvalConfig(per_class=True).per_class == "every" and EvalConfig(per_class=False).per_class == "never"
+    assert EvalConfig(per_class="last").per_class == "last"

@@ -201,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--test-limit", type=int, metavar="N", help="validate on the first N validation images")
     v.add_argument("--eval-max-dets", type=int, metavar="N", help="max detections per image (default 100)")
     v.add_argument(
+        "--per-class",
+        choices=("every", "last", "never"),
+        help="when to print the per-class tables (the per_class_*.csv files are written at every validation)",
+    )
+    v.add_argument(
         "--metric",
         metavar="KIND/KEY",
         help="metric that picks best.safetensors and drives early stopping, e.g. segm/AP50 (default segm/AP)",

@@ -120,6 +120,9 @@ def train(config: str | os.PathLike | None = None, **options: Any):
         run = saved.model_copy(update={"train": saved.train.model_copy(update={"resume": str(last)})})
         resume_state = TrainingState(last)
     variant = resolve_variant(run.train.model, run.train.weights, run.train.num_queries)
+    quick_look = resume_state is None and run.train.test_limit is not None and not (
+        run.train.steps or run.train.epochs
+    )
     train_cfg = recipes.resolve(run.train, variant)
     run = run.model_copy(
         update={"train": train_cfg, "data": recipes.resolve_data(run.data, train_cfg.recipe)}
@@ -127,6 +130,12 @@ def train(config: str | os.PathLike | None = None, **options: Any):
     cfg = run.train
     acc = make_accelerator(cfg.device, cfg.mixed_precision, cfg.grad_accum)
     _setup_logging(acc.is_main_process)
+    if quick_look and acc.is_main_process:
+        length = f"step {cfg.steps}" if cfg.steps else "the end of epoch 1"
+        log.info(
+            "quick look (--test-limit without --steps or --epochs): training stops after the first "
+            "validation, at %s; give --steps or --epochs for a longer run.", length,
+        )  # fmt: skip
     torch.manual_seed(cfg.seed)  # same initial weights in every process (DDP also broadcasts them)
     if resume_state is None:
         run_dir = Path(

@@ -116,8 +116,18 @@ def resolve(config: TrainConfig, variant: Variant) -> TrainConfig:
         if getattr(config, key) is None:
             updates[key] = value
     if config.epochs is None and config.steps is None:
-        length = "steps" if "steps" in table else "epochs"
-        updates[length] = table[length]
+        if config.test_limit is not None:
+            # A quick look (--test-limit without a length): train up to the first validation, then stop.
+            first = config.steps_per_validation or table.get("steps_per_validation")
+            updates.update({"steps": first} if first else {"epochs": 1})
+        else:
+            length = "steps" if "steps" in table else "epochs"
+            updates[length] = table[length]
+    steps = updates.get("steps", config.steps)
+    if config.warmup_steps is None and steps is not None and "steps" in table and steps < table["steps"]:
+        # a shorter run than the recipe's keeps the recipe's share of warm-up (a 60-step run must not end
+        # still warming up)
+        updates["warmup_steps"] = round(table["warmup_steps"] * steps / table["steps"])
     # A user-given --lr scales the encoder rate with it unless that was given too (upstream ratio 1.5).
     if config.lr is not None and config.lr_encoder is None:
         updates["lr_encoder"] = config.lr * table["lr_encoder"] / table["lr"]

@@ -227,7 +227,8 @@ class Trainer:
             bar.write(
                 f"validation at step {self.step} ({time.perf_counter() - t0:.1f} s): {summary_line(metrics)}"
             )
-            if self.run.eval.per_class:
+            last = final or self.early.should_stop
+            if self.run.eval.per_class == "every" or (self.run.eval.per_class == "last" and last):
                 bar.write(report.per_class_text())
             extra = {"step": self.step, "epoch": self.train_loader.epoch, "time_s": round(elapsed, 2)}
             write_reports(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from rfdetr_train.config_base import ConfigSection
 
@@ -30,7 +30,19 @@ class EvalConfig(ConfigSection):
     mask_chunk_pixels: int = Field(
         1 << 23, ge=1 << 16, description="pixel budget of one chunk of upsampled masks (bounds peak memory)"
     )
-    per_class: bool = Field(True, description="print and save the per-class tables after each validation")
+    per_class: Literal["every", "last", "never"] = Field(
+        "every",
+        description="when the per-class tables are printed: after every validation, after the last one, or "
+        "never (the per_class_*.csv files are written either way)",
+    )
     confusion_iou: float = Field(0.5, gt=0, le=1, description="IoU of a match in the confusion matrix")
     plots: bool = Field(True, description="write confusion matrix, PR and F1-confidence PNGs")
     gallery_images: int = Field(8, ge=0, description="validation images drawn in the gallery (0: none)")
+
+    @field_validator("per_class", mode="before")
+    @classmethod
+    def _per_class_bool(cls, value):
+        """``true``/``false`` (config files of 0.1.0) mean ``every``/``never``."""
+        if isinstance(value, bool):
+            return "every" if value else "never"
+        return value
