@@ -230,3 +230,24 @@ def test_what_the_file_is_is_named(tmp_path):
         with pytest.raises(CheckpointError) as info:
             read_weights_file(files[name])
         assert expected in str(info.value), (name, str(info.value))
+
+
+def test_a_run_folder_or_the_training_state_points_to_the_weights_file(tmp_path):
+    """`val --weights runs/train` and `.../checkpoints/last/model.safetensors` name the file to pass."""
+    from rfdetr_core import RFDETR
+
+    run = tmp_path / "train"
+    (run / "checkpoints" / "last").mkdir(parents=True)
+    (run / "best.safetensors").write_bytes(b"x")
+    (run / "last.safetensors").write_bytes(b"x")
+    (run / "checkpoints" / "last" / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="training run folder; pass its weights file") as info:
+        RFDETR.from_checkpoint(run)
+    assert str(run / "best.safetensors") in str(info.value)
+    with pytest.raises(CheckpointError, match="resumable training state") as info:
+        RFDETR.from_checkpoint(run / "checkpoints" / "last" / "model.safetensors")
+    assert str(run / "last.safetensors") in str(info.value) and "--resume" in str(info.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="no weights file in it"):
+        RFDETR.from_checkpoint(empty)

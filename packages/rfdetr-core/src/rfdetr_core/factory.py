@@ -52,7 +52,7 @@ def default_class_map(num_slots: int, variant: Variant) -> ClassMap:
 def resolve_weights_path(weights: str | os.PathLike, accept_license: bool = False) -> Path:
     """An existing file path as is; otherwise an official name, downloaded (or found in the cache)."""
     path = Path(weights).expanduser()
-    if path.is_file():
+    if path.exists():  # a file, or a folder that read_weights_file explains
         return path
     from rfdetr_core.weights.download import download_weights, resolve_official_name
 

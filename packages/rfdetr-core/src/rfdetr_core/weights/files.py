@@ -179,13 +179,31 @@ def _looks_upstream(sd: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith("backbone.0.") for k in sd)
 
 
+def folder_message(path: Path) -> str:
+    """What to pass instead of a folder: a run folder's best/last weights, else the weights files in it."""
+    if (path / "best.safetensors").is_file() or (path / "last.safetensors").is_file():
+        options = [str(path / n) for n in ("best.safetensors", "last.safetensors") if (path / n).is_file()]
+        return f"{path} is a training run folder; pass its weights file: {' or '.join(options)}."
+    found = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt", ".ckpt"))
+    if found:
+        return f"{path} is a folder; pass one of the weights files in it: {', '.join(found[:5])}."
+    return f"{path} is a folder with no weights file in it; pass the path of a .safetensors, .pth or .ckpt file."
+
+
 def read_weights_file(path: str | os.PathLike) -> WeightsFile:
     """Read any supported weights file (see the module docstring) without executing pickled code."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"Weights file not found: {path}")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; pass the weights file inside it.")
+        raise CheckpointError(folder_message(path))
+    if path.name == "model.safetensors" and path.parent.name == "last" and path.parent.parent.name == "checkpoints":
+        run = path.parent.parent.parent
+        raise CheckpointError(
+            f"{path} is part of the resumable training state (raw weights without the model's record). "
+            f"For the trained model pass {run / 'last.safetensors'} (latest EMA weights) or "
+            f"{run / 'best.safetensors'}; to continue training use --resume {run}."
+        )
     if not _looks_like_pickle(path):
         # ours, or no weights file at all: the safetensors reader says which (text, truncated, damaged, ...)
         return _read_ours(path)
