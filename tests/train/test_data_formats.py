@@ -266,3 +266,19 @@ def test_large_jpeg_is_draft_decoded_and_stays_aligned(tmp_path):
     red = s["image"][0] > s["image"][1] + 2  # normalised red clearly above green
     m = s["target"]["masks"][0]
     assert (red & m).sum() / m.sum() > 0.95 and (red & ~m).sum() / red.sum() < 0.05
+
+
+def test_only_splits_ignores_problems_in_splits_never_read(tmp_path):
+    """`val --split test` must not refuse because train.json has a bad polygon or is not even JSON."""
+    root = tmp_path / "ds"
+    bad = _tiny_split(root, prefix="train_")
+    bad["annotations"][0]["segmentation"] = [[1, 2, 3, 4]]
+    _write(root / "train.json", bad)
+    (root / "val.json").write_text("{ not json")
+    _write(root / "test.json", _tiny_split(root, prefix="test_"))
+    with pytest.raises(DatasetError):
+        load_dataset(root)
+    data = load_dataset(root, only_splits=("test",))
+    assert set(data.splits) == {"test"} and not data.findings.errors
+    with pytest.raises(DatasetError, match="polygon"):
+        load_dataset(root, only_splits=("train",))

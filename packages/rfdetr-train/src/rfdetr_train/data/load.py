@@ -118,14 +118,23 @@ def load_dataset(
     skip_invalid: bool = False,
     check_files: bool = True,
     max_instances: int = DEFAULT_MAX_INSTANCES,
+    only_splits: tuple[str, ...] | None = None,
 ) -> LoadedDataset:
     """Resolve the layout, read every split, run the checks of ``rfdetr-train check`` and build the class map.
+
+    ``only_splits`` (e.g. ``("test",)`` for ``val --split test``) keeps just those splits: problems in the
+    others (which are never read) neither stop nor slow the run.
 
     Errors raise :class:`~rfdetr_train.data.findings.DatasetError` (listing them) unless ``skip_invalid``,
     which keeps the cleaned splits (bad annotations / images dropped and counted in the findings). JSON
     that does not parse and a dataset without masks always raise. ``max_instances`` is the model's query count (for the warning).
     """
     source = resolve_dataset(path, images=images, train_ann=train_ann, val_ann=val_ann, test_ann=test_ann)
+    if only_splits is not None:
+        source.splits = {k: v for k, v in source.splits.items() if k in only_splits}
+        source.findings.items = [
+            f for f in source.findings.items if f.split is None or f.split in only_splits
+        ]
     checked = check_dataset(source, check_files=check_files, max_instances=max_instances)
     label = str(path or train_ann or val_ann or test_ann)
     fatal = [f for f in source.findings.errors if f.code in UNSKIPPABLE]
@@ -146,7 +155,12 @@ def load_dataset(
     return LoadedDataset(source, checked, ClassMap.from_coco_categories(cats.values()))
 
 
-def load_from_config(cfg: DataConfig, *, max_instances: int = DEFAULT_MAX_INSTANCES) -> LoadedDataset:
+def load_from_config(
+    cfg: DataConfig,
+    *,
+    max_instances: int = DEFAULT_MAX_INSTANCES,
+    only_splits: tuple[str, ...] | None = None,
+) -> LoadedDataset:
     """:func:`load_dataset` from a :class:`DataConfig`; no path at all means the built-in synthetic dataset."""
     path = cfg.path
     if path is None and not (cfg.train_ann or cfg.val_ann or cfg.test_ann):
@@ -162,6 +176,7 @@ def load_from_config(cfg: DataConfig, *, max_instances: int = DEFAULT_MAX_INSTAN
         skip_invalid=cfg.skip_invalid,
         check_files=cfg.check_files,
         max_instances=max_instances,
+        only_splits=only_splits,
     )
 
 
