@@ -242,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--workers", type=int, metavar="N", help="data-loader worker processes (default: 0)")
     va.add_argument("--eval-max-dets", type=int, metavar="N", help="max detections per image")
     va.add_argument("--output", metavar="DIR", help="where to write the reports")
+    va.add_argument(
+        "--allow-class-mismatch",
+        action="store_true",
+        help="score the model even if its classes are not the dataset's categories (refused otherwise)",
+    )
     _add_common(va)
     show_defaults(va, {"device": DERIVED_DEFAULTS["device"], "output": "runs/val, runs/val2, ..."})
 

@@ -6,8 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from rfdetr_core.errors import RFDETRError
-
 log = logging.getLogger("rfdetr_train")
 
 
@@ -16,7 +14,9 @@ def val(weights: str, split: str = "val", config: str | None = None, **options: 
     :class:`~rfdetr_train.evaluation.evaluator.EvalReport`.
 
     Options: ``data`` (and the other data options), ``batch_size``, ``device``, ``workers``,
-    ``eval_max_dets``, ``output`` (reports folder; default ``runs/val``, ``runs/val2``, ...).
+    ``eval_max_dets``, ``output`` (reports folder; default ``runs/val``, ``runs/val2``, ...),
+    ``allow_class_mismatch``: score the model even when its classes are not the dataset's categories
+    (otherwise :class:`~rfdetr_train.evaluation.class_match.ClassMismatchError` names the mismatching ids).
     """
     from rfdetr_core.factory import load_model
     from rfdetr_train.data import build_val_loader
@@ -25,22 +25,27 @@ def val(weights: str, split: str = "val", config: str | None = None, **options: 
     from rfdetr_train.engine.run_dir import next_free_dir
     from rfdetr_train.engine.setup import load_data, make_accelerator
     from rfdetr_train.engine.validation import evaluate, image_loader_for, summary_line, write_reports
+    from rfdetr_train.evaluation.class_match import check_classes
     from rfdetr_train.evaluation.evaluator import Evaluator
 
     output = options.pop("output", None)
     batch_size = options.pop("batch_size", None) or 8
+    allow_mismatch = bool(options.pop("allow_class_mismatch", False))
     run = build_run_config(options, config)
     acc = make_accelerator(run.train.device, run.train.mixed_precision, 1)
     _setup_logging(acc.is_main_process)
     loaded = load_model(weights=weights)
     data = load_data(run, loaded.variant)
-    gt_cats = {c.category_id: c.name for c in data.class_map.entries}
-    model_cats = {c.category_id: c.name for c in loaded.class_map.entries}
-    if not set(gt_cats) & set(model_cats):
-        raise RFDETRError(
-            f"{weights} predicts category ids {sorted(model_cats)[:10]} but the dataset has "
-            f"{sorted(gt_cats)[:10]}: these weights were not trained on this dataset's classes."
-        )
+    d = run.data
+    synthetic = d.path is None and not (d.train_ann or d.val_ann or d.test_ann)
+    label = str(d.path or d.val_ann or d.test_ann or d.train_ann)
+    if synthetic:
+        label = f"the built-in synthetic dataset ({', '.join(data.class_map.names)}; no --data given)"
+        if acc.is_main_process:
+            print(f"No --data given: validating on the built-in synthetic dataset at {data.source.root}.")
+    mismatch = check_classes(loaded.class_map, data.class_map, str(weights), label, allow_mismatch)
+    if mismatch and acc.is_main_process:
+        print(f"warning: --allow-class-mismatch: scoring anyway although {mismatch.describe()}.")
     workers = run.data.workers if run.data.workers is not None else 0
     loader = build_val_loader(
         data,
