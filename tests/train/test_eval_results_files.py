@@ -110,7 +110,7 @@ def _assert_same(ours: dict, ref: dict):
 
 
 @pytest.mark.parametrize("kind", ["bbox+segmentation", "segmentation", "bbox"])
-def test_eval_equals_pycocotools_on_every_kind_of_results_file(tmp_path, kind):
+def test_eval_equals_pycocotools_on_every_kind_of_results_file(tmp_path, capsys, kind):
     gt, results = _dataset()
     if kind == "segmentation":
         results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
@@ -120,6 +120,8 @@ def test_eval_equals_pycocotools_on_every_kind_of_results_file(tmp_path, kind):
     gt_path.write_text(json.dumps(gt))
     res_path.write_text(json.dumps(results))
     ours = _ours(tmp_path, gt_path, res_path)
+    note = "segm small/medium/large use the results' box areas" in capsys.readouterr().out
+    assert note == (kind == "bbox+segmentation")  # said when it differs from validation's mask areas
     types = ("bbox",) if kind == "bbox" else ("bbox", "segm")
     assert set(ours) == set(types)
     for t in types:

@@ -43,6 +43,11 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"{len(dt)} detections on {len(gt.image_sizes)} images, {len(gt.categories)} categories")
     if args.iou_type == "both" and not has_masks:
         print("(no masks in the results: box metrics only)")
+    if "segm" in types and dt.area_rule == "box":
+        print(
+            "(segm small/medium/large use the results' box areas, as pycocotools does when the first result "
+            "has a 'bbox'; results without 'bbox' get mask areas, as training-time validation uses)"
+        )
     print(report.summary_text())
     print()
     print(report.per_class_text())
