@@ -1,9 +1,17 @@
 """Our checkpoint format: ONE safetensors file, metadata as JSON in its header.
 
-``__metadata__["rfdetr"]`` holds a JSON object::
+``__metadata__["rfdetr"]`` holds a JSON object: the model card (:meth:`ModelCard.to_metadata
+<rfdetr_core.model_card.ModelCard.to_metadata>`) plus the writer's record (step, epoch, metrics, ...)::
 
-    {"format_version": 1, "variant": "seg-medium", "resolution": [432, 432],
-     "preprocess": {...PreprocessConfig...}, "class_map": {...ClassMap...}, ...extra keys}
+    {"format_version": 1, "variant": "seg-medium", "num_queries": 200, "resolution": [432, 432],
+     "preprocess": {...}, "class_map": {...}, ...other card fields, ...record keys}
+
+:func:`save_model` writes it from a card. Training files keep every DETR group (fine-tuning needs them);
+``strip=True`` keeps group 0 only (all that inference runs) and records ``"detr_groups": 1`` with
+``format_version`` 2, so that rfdetr-core 0.1.0 (which could not load such a file) asks for an upgrade
+instead of failing on shapes. Loading a stripped file into a model with more groups starts groups
+``1..G-1`` as copies of group 0 (:func:`expand_groups`). Optimiser and resume state never go into these files
+(they live in a run's ``checkpoints/last/``).
 
 Writes are atomic (temporary file + rename). Loading never unpickles anything: a file that is not
 safetensors (for instance a ``torch.save`` pickle) is refused with a message saying how to load it instead.
@@ -14,24 +22,36 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rfdetr_core.atomic_io import atomic_path
 from rfdetr_core.errors import CheckpointError
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from rfdetr_core.model_card import ModelCard
+
+FORMAT_VERSION = 1  # files with every DETR group (what save_checkpoint writes)
+STRIPPED_FORMAT_VERSION = 2  # group 0 only (save_model(strip=True)); the newest format read here
 METADATA_KEY = "rfdetr"
+STRIPPED_KEY = "detr_groups"
+
+# Tensors that hold one block per DETR group (the model's layout, rfdetr_core.models.detector): the query
+# tables have G*Q rows, group g = rows g*Q:(g+1)*Q; the two-stage heads are module lists indexed by group.
+_QUERY_TABLES = ("query_feat.weight", "refpoint_embed.weight")
+_GROUP_LIST = re.compile(r"^(query_selection\.(?:proj|norm|class_embed|bbox_embed)\.)(\d+)(\..+)$")
 
 
 def save_checkpoint(
     path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]
 ) -> Path:
-    """Write ``state_dict`` and JSON-serialisable ``metadata`` to ``path`` atomically.
+    """Write ``state_dict`` and JSON-serialisable ``metadata`` to ``path`` atomically (the low-level writer;
+    model files go through :func:`save_model`).
 
     Tensors are saved contiguous and de-duplicated (safetensors refuses shared storage).
     """
@@ -58,6 +78,106 @@ def save_checkpoint(
 
 
 REDOWNLOAD = "It may be truncated or corrupt (an interrupted download or copy): download or export it again."
+
+
+def save_model(
+    path: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    card: ModelCard,
+    *,
+    strip: bool = False,
+    record: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a model's weights with its card (the checkpoint writer of training, strip and export).
+
+    Args:
+        path: destination ``.safetensors`` (written atomically).
+        state_dict: the model's tensors in our layout (all DETR groups, as ``RFDETRModel.state_dict()``).
+        card: the model card; its :meth:`~rfdetr_core.model_card.ModelCard.to_metadata` becomes the header.
+        strip: keep group 0 only (an inference-only file; see the module docstring).
+        record: extra JSON-safe keys for the record (``step``, ``epoch``, ``metrics``, ...); they must not
+            overwrite card fields.
+
+    Returns:
+        ``path``.
+    """
+    meta = card.to_metadata()
+    extra = dict(record or {})
+    clash = sorted(set(extra) & (set(meta) | {"format_version", STRIPPED_KEY}))
+    if clash:
+        raise CheckpointError(f"record keys {clash} would overwrite the model card; rename them")
+    meta.update(extra)
+    if strip:
+        state_dict = strip_state_dict(state_dict, card.num_queries)
+        meta.update({"format_version": STRIPPED_FORMAT_VERSION, STRIPPED_KEY: 1})
+    return save_checkpoint(path, state_dict, meta)
+
+
+def strip_state_dict(state_dict: Mapping[str, torch.Tensor], num_queries: int) -> dict[str, torch.Tensor]:
+    """Only what inference runs: rows ``[:num_queries]`` of the query tables and the group-0 two-stage heads.
+
+    ``state_dict`` is in our layout with ``G`` groups (``[G*Q, ...]`` query tables, ``query_selection.*.g.*``
+    heads); an already stripped one is returned unchanged.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        m = _GROUP_LIST.match(key)
+        if m is not None:
+            if m.group(2) == "0":
+                out[key] = value
+            continue
+        if key in _QUERY_TABLES:
+            if value.shape[0] % num_queries:
+                raise CheckpointError(
+                    f"{key} has {value.shape[0]} rows, not a multiple of num_queries={num_queries}"
+                )
+            value = value[:num_queries]
+        out[key] = value
+    return out
+
+
+def expand_groups(
+    state_dict: Mapping[str, torch.Tensor], num_queries: int, groups: int
+) -> dict[str, torch.Tensor]:
+    """The inverse shape of :func:`strip_state_dict`: group 0 copied into ``groups`` groups.
+
+    Used when a stripped file is loaded into a model with ``groups`` DETR groups (fine-tuning from it): every
+    group starts as group 0, the tables ``[Q, ...] -> [groups*Q, ...]``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        m = _GROUP_LIST.match(key)
+        if m is not None and m.group(2) == "0":
+            for g in range(groups):
+                out[f"{m.group(1)}{g}{m.group(3)}"] = value
+            continue
+        if key in _QUERY_TABLES and value.shape[0] == num_queries:
+            value = value.repeat(groups, *([1] * (value.ndim - 1)))  # [Q, D] -> [G*Q, D]
+        out[key] = value
+    return out
+
+
+def strip_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> tuple[int, int]:
+    """Write an inference-only copy of our checkpoint ``src`` to ``dst``; returns both sizes in bytes.
+
+    The card and the record (step, metrics, ...) are kept. Raises :class:`CheckpointError` for a file that is
+    not ours (upstream ``.pth`` files: load them with ``RFDETR.from_checkpoint`` and save from there).
+    """
+    from rfdetr_core.model_card import ModelCard
+
+    src, dst = Path(src), Path(dst)
+    sd, meta = load_checkpoint(src)
+    if not meta:
+        raise CheckpointError(
+            f"{src} has no rfdetr metadata; only checkpoints written by rfdetr can be stripped."
+        )
+    card = ModelCard.from_metadata(meta)
+    card_keys = set(card.to_metadata()) | {"format_version", STRIPPED_KEY}
+    record = {k: v for k, v in meta.items() if k not in card_keys}
+    if src.resolve() == dst.resolve():
+        raise CheckpointError(f"strip would overwrite {src}; give another output path.")
+    save_model(dst, sd, card, strip=True, record=record)
+    return src.stat().st_size, dst.stat().st_size
 
 
 def _read_header(path: Path) -> dict:
@@ -137,10 +257,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: the rfdetr metadata is not valid JSON ({exc}).") from exc
     version = meta.get("format_version", 0)
-    if version > FORMAT_VERSION:
+    if version > STRIPPED_FORMAT_VERSION:
         raise CheckpointError(
             f"{path} uses checkpoint format {version}, newer than this rfdetr-core understands "
-            f"({FORMAT_VERSION}). Upgrade rfdetr-core."
+            f"({STRIPPED_FORMAT_VERSION}). Upgrade rfdetr-core."
         )
     return meta
 

@@ -19,26 +19,64 @@ from torch import nn
 from rfdetr_core.class_map import ClassMap
 from rfdetr_core.coco_classes import coco_class_map
 from rfdetr_core.errors import CheckpointError
+from rfdetr_core.model_card import ModelCard
 from rfdetr_core.preprocess import PreprocessConfig
 from rfdetr_core.variants import Variant, get_variant
 
 
 @dataclass
 class LoadedModel:
-    """A model and what is needed to run it the way it was trained.
+    """A model and its card: what is needed to run it the way it was trained.
 
-    ``class_map`` maps the model's logit slots to dataset category ids and names; ``resolution`` is the
-    default input ``(H, W)``; ``preprocess`` the image resize/normalisation; ``source`` the weights file
-    (``None`` for a random init); ``warnings`` what loading adjusted (class count, queries, ...).
+    ``card`` (:class:`~rfdetr_core.model_card.ModelCard`) holds the variant, queries, slots, default input
+    resolution, preprocessing and class map; ``source`` is the weights file (``None`` for a random init);
+    ``warnings`` what loading adjusted (class count, queries, ...). ``variant``, ``class_map``,
+    ``resolution`` and ``preprocess`` read the card.
     """
 
     model: nn.Module
-    variant: Variant
-    class_map: ClassMap
-    resolution: tuple[int, int]
-    preprocess: PreprocessConfig
+    card: ModelCard
     source: Path | None = None
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def variant(self) -> Variant:
+        """The registry entry of ``card.variant`` (its default query count; the model's is ``card.num_queries``)."""
+        return get_variant(self.card.variant)
+
+    @property
+    def class_map(self) -> ClassMap:
+        return self.card.class_map
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return self.card.resolution
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.card.preprocess
+
+
+def card_for(
+    model: nn.Module,
+    variant: Variant,
+    class_map: ClassMap,
+    resolution: tuple[int, int],
+    preprocess: PreprocessConfig,
+    num_select: int | None = None,
+) -> ModelCard:
+    """The card of a built model (the one place a card is made from a model and its variant)."""
+    return ModelCard(
+        variant=variant.name,
+        num_queries=int(model.num_queries),
+        num_slots=int(model.num_slots),
+        resolution=resolution,
+        preprocess=preprocess,
+        class_map=class_map,
+        is_segmentation=bool(model.is_segmentation),
+        mask_downsample=int(variant.mask_downsample_ratio),
+        num_select=num_select,
+    )
 
 
 def default_class_map(num_slots: int, variant: Variant) -> ClassMap:
@@ -124,7 +162,9 @@ def load_model(
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
-    return LoadedModel(model, v, class_map, resolution, preprocess, wf.path if wf else None, notes)
+    num_select = wf.card.num_select if wf is not None and wf.card is not None else None
+    card = card_for(model, v, class_map, resolution, preprocess, num_select)
+    return LoadedModel(model, card, wf.path if wf else None, notes)
 
 
 def create_model(
@@ -188,13 +228,19 @@ def _map_fits(class_map: ClassMap, model_slots: int, file_slots: int | None) -> 
 
 def _load_state(model: nn.Module, wf) -> list[str]:
     """Load ``wf``'s tensors into ``model`` (converting upstream keys); returns notes for warnings."""
+    from rfdetr_core.checkpoint import STRIPPED_KEY, expand_groups
+
     if wf.upstream_layout:
         from rfdetr_core.weights.upstream import convert_upstream_state_dict
 
         sd, notes = convert_upstream_state_dict(wf.state_dict, model)
         notes = list(notes)
     else:
-        sd, notes = _fit_heads(wf.state_dict, model)
+        sd = wf.state_dict
+        if wf.metadata.get(STRIPPED_KEY) == 1 and model.group_detr > 1:
+            # an inference-only file: fine-tuning starts every group from group 0
+            sd = expand_groups(sd, model.num_queries, model.group_detr)
+        sd, notes = _fit_heads(sd, model)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -1,7 +1,7 @@
 """One command-line grammar for ``python -m rfdetr_train``, ``accelerate launch -m rfdetr_train`` and the
 ``rfdetr-train`` / ``rfdetr-mask`` scripts.
 
-A first token naming a subcommand (``train``, ``val``, ``check``, ``eval``, ``predict``) selects it; anything else means
+A first token naming a subcommand (``train``, ``val``, ``check``, ``eval``, ``predict``, ``strip``) selects it; anything else means
 ``train``. Every kebab-case flag also accepts its snake_case spelling (``--batch_size 8``).
 User errors print one or two lines and exit non-zero; ``--debug`` shows the traceback.
 """
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from rfdetr_core.errors import RFDETRError
 
-SUBCOMMANDS = ("train", "val", "check", "eval", "predict")
+SUBCOMMANDS = ("train", "val", "check", "eval", "predict", "strip")
 
 # subcommand -> "module:function" taking the parsed namespace and returning an exit code. Each lives in the
 # package it drives and is imported lazily, so that `--help` and `check` never import training code.
@@ -26,6 +26,7 @@ HANDLERS = {
     "check": "rfdetr_train.data.check_command:run_check",
     "eval": "rfdetr_train.evaluation.eval_command:run_eval",
     "predict": "rfdetr_train.predict_command:run_predict",
+    "strip": "rfdetr_train.strip_command:run_strip",
 }
 
 
@@ -154,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  rfdetr-train predict runs/train/best.safetensors photo.jpg photos/ --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,val,check,eval,predict}", parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", metavar="{train,val,check,eval,predict}", parser_class=_Parser
+    )
 
     t = sub.add_parser(
         "train",
@@ -276,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("weights", metavar="WEIGHTS", help="weights file (ours or upstream) or an official name")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
-    pr.add_argument("--threshold", type=score, default=0.5, metavar="S", help="keep detections scoring above this")
+    pr.add_argument(
+        "--threshold", type=score, default=0.5, metavar="S", help="keep detections scoring above this"
+    )
     pr.add_argument("--out", default="predictions", metavar="DIR", help="where drawn images and JSON go")
     pr.add_argument("--json", action="store_true", help="also write DIR/predictions.json (COCO results)")
     pr.add_argument("--no-draw", action="store_true", help="do not write drawn images")
@@ -284,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1")
     _add_common(pr)
     show_defaults(pr)
+
+    st = sub.add_parser(
+        "strip",
+        help="write an inference-only copy of a weights file (smaller)",
+        description="Keep DETR group 0 only (all that inference runs); the model card and record are kept.",
+    )
+    st.add_argument("input", metavar="IN", help="weights file written by rfdetr (last/best.safetensors)")
+    st.add_argument("output", metavar="OUT", help="where to write the stripped .safetensors")
+    _add_common(st)
     return parser
 
 

@@ -35,7 +35,8 @@ import torch
 from rfdetr_core.checkpoint import REDOWNLOAD, load_checkpoint
 from rfdetr_core.class_map import ClassMap
 from rfdetr_core.coco_classes import COCO_NAMES, coco_class_map
-from rfdetr_core.errors import CheckpointError
+from rfdetr_core.errors import CheckpointError, RFDETRError
+from rfdetr_core.model_card import ModelCard
 from rfdetr_core.preprocess import PreprocessConfig
 
 # Everything non-tensor that upstream checkpoints hold: the training ``args`` namespace (old engine.py
@@ -84,6 +85,7 @@ class WeightsFile:
         preprocess: preprocessing recorded in the file (ours only).
         num_slots: logit slots of the classification head (``class_embed.bias`` rows), when present.
         metadata: our metadata, or upstream's ``args`` as a plain dict.
+        card: the model card of our files (``None`` for upstream files and for ours without a full card).
     """
 
     path: Path
@@ -96,6 +98,7 @@ class WeightsFile:
     preprocess: PreprocessConfig | None = None
     num_slots: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    card: ModelCard | None = None
 
 
 def load_pickle_safely(path: str | os.PathLike) -> Any:
@@ -255,6 +258,27 @@ def read_weights_file(path: str | os.PathLike) -> WeightsFile:
 
 def _read_ours(path: Path) -> WeightsFile:
     sd, meta = load_checkpoint(path)
+    card = None
+    if all(meta.get(k) is not None for k in ("variant", "num_queries", "resolution", "class_map")):
+        try:
+            card = ModelCard.from_metadata(meta)
+        except RFDETRError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+    if card is not None:
+        return WeightsFile(
+            path=path,
+            format=FORMAT_OURS,
+            state_dict=sd,
+            upstream_layout=_looks_upstream(sd),
+            variant=card.variant,
+            resolution=card.resolution,
+            class_map=card.class_map,
+            preprocess=card.preprocess,
+            num_slots=card.num_slots,
+            metadata=meta,
+            card=card,
+        )
+    # a partial record (files written by hand or by tests): take what it has
     res = meta.get("resolution")
     class_map = ClassMap.from_json(meta["class_map"]) if meta.get("class_map") else None
     return WeightsFile(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rfdetr_core.atomic_io import atomic_write_text
+from rfdetr_core.model_card import ModelCard
 from rfdetr_train.engine import recipes
 from rfdetr_train.engine.options import build_run_config, dump_yaml, load_saved
 from rfdetr_train.engine.run_dir import new_run_dir, resolve_resume, run_dir_of
@@ -38,9 +39,7 @@ class Parts:
     accelerator: Any
     variant: Any
     model: Any
-    resolution: tuple[int, int]
-    preprocess: Any
-    class_map: Any
+    card: ModelCard
     data: Any
     train_loader: Any
     val_loader: Any
@@ -153,7 +152,7 @@ def train(config: str | os.PathLike | None = None, **options: Any):
     if cfg.drop_path:
         built.model.set_drop_path(cfg.drop_path)  # backbone stochastic depth, ramped over the blocks
     train_loader, val_loader = build_loaders(
-        run, data, variant, built.resolution, built.preprocess, acc, workers
+        run, data, variant, built.card.resolution, built.card.preprocess, acc, workers
     )
     evaluator = None
     if val_loader is not None:
@@ -167,7 +166,7 @@ def train(config: str | os.PathLike | None = None, **options: Any):
         log.info(
             "training %s (%s recipe, %s) at %dx%d on %s: %d classes, %d train images, batch %d x %d accum x %d "
             "processes, mixed precision %s",
-            variant.name, cfg.recipe, what, built.resolution[0], built.resolution[1], acc.device,
+            variant.name, cfg.recipe, what, built.card.resolution[0], built.card.resolution[1], acc.device,
             len(data.class_map), len(train_loader.dataset), cfg.batch_size, cfg.grad_accum, acc.num_processes,
             acc.mixed_precision,
         )  # fmt: skip
@@ -175,9 +174,7 @@ def train(config: str | os.PathLike | None = None, **options: Any):
         accelerator=acc,
         variant=variant,
         model=built.model,
-        resolution=built.resolution,
-        preprocess=built.preprocess,
-        class_map=data.class_map,
+        card=built.card,
         data=data,
         train_loader=train_loader,
         val_loader=val_loader,

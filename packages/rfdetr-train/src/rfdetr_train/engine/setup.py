@@ -15,6 +15,8 @@ from torch import nn
 
 from rfdetr_core.class_map import ClassMap
 from rfdetr_core.errors import RFDETRError
+from rfdetr_core.factory import card_for
+from rfdetr_core.model_card import ModelCard
 from rfdetr_core.preprocess import PreprocessConfig
 from rfdetr_core.variants import Variant, get_variant
 
@@ -102,10 +104,10 @@ def _variant_of_weights(weights: str) -> Variant:
 
 @dataclass
 class ModelSetup:
+    """The model to train and its card (the run's one record of variant, resolution, preprocessing, classes)."""
+
     model: nn.Module
-    variant: Variant
-    resolution: tuple[int, int]
-    preprocess: PreprocessConfig
+    card: ModelCard
 
 
 def build_train_model(
@@ -132,7 +134,7 @@ def build_train_model(
         res = resolution or loaded.resolution
         preprocess = loaded.preprocess
     variant.check_resolution(*res)
-    return ModelSetup(model, variant, tuple(res), preprocess)
+    return ModelSetup(model, card_for(model, variant, class_map, tuple(res), preprocess))
 
 
 def load_data(run, variant: Variant):

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from rfdetr_core.checkpoint import save_model
 from rfdetr_train.engine.early_stop import EarlyStopping
 from rfdetr_train.engine.ema import ModelEMA
 from rfdetr_train.engine.guard import NonFiniteGuard
@@ -35,7 +36,6 @@ from rfdetr_train.engine.validation import (
     summary_line,
     write_reports,
 )
-from rfdetr_train.engine.weights_out import save_weights, weights_metadata
 
 log = logging.getLogger("rfdetr_train")
 
@@ -93,8 +93,7 @@ class Trainer:
     def __init__(self, run, run_dir: Path, parts, resume: TrainingState | None = None):
         self.run, self.cfg, self.run_dir = run, run.train, Path(run_dir)
         self.acc = parts.accelerator
-        self.variant, self.resolution, self.preprocess = parts.variant, parts.resolution, parts.preprocess
-        self.class_map, self.data = parts.class_map, parts.data
+        self.variant, self.card, self.data = parts.variant, parts.card, parts.data
         self.train_loader, self.val_loader = parts.train_loader, parts.val_loader
         self.criterion = parts.criterion.to(self.acc.device).train()
         self.evaluator = parts.evaluator
@@ -156,17 +155,15 @@ class Trainer:
     def eval_model(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.raw_model
 
-    def _meta(self, **extra) -> dict:
-        return weights_metadata(
-            self.variant,
-            self.resolution,
-            self.preprocess,
-            self.class_map,
-            step=self.step,
-            epoch=self.train_loader.epoch,
-            weights="ema" if self.ema is not None else "model",
+    def _save_weights(self, path: Path, **extra) -> None:
+        """``last``/``best.safetensors``: the evaluated weights, the run's card and the training record."""
+        record = {
+            "step": self.step,
+            "epoch": self.train_loader.epoch,
+            "weights": "ema" if self.ema is not None else "model",
             **extra,
-        )
+        }
+        save_model(path, self.eval_model.state_dict(), self.card, record=record)
 
     def save_state(self, reason: str) -> None:
         """Write ``checkpoints/last/`` and ``last.safetensors`` (collective: every process must call it)."""
@@ -202,7 +199,7 @@ class Trainer:
                 rng_per_rank=rngs,
                 state=state,
             )
-            save_weights(self.run_dir / "last.safetensors", self.eval_model.state_dict(), self._meta())
+            self._save_weights(self.run_dir / "last.safetensors")
         self.acc.wait_for_everyone()
 
     def _restore_rng(self) -> None:
@@ -241,11 +238,7 @@ class Trainer:
                 load_image=image_loader_for(self.data, "val"),
             )
             if is_best:
-                save_weights(
-                    self.run_dir / "best.safetensors",
-                    self.eval_model.state_dict(),
-                    self._meta(metrics=metrics),
-                )
+                self._save_weights(self.run_dir / "best.safetensors", metrics=metrics)
             self.trackers.log({f"val/{k}": v for k, v in _flat(metrics).items()}, self.step, csv=False)
         self.acc.wait_for_everyone()
         return self.early.should_stop
@@ -346,7 +339,7 @@ class Trainer:
                 self.validate(True, ProgressBar(0, 0, False), started)
             self.save_state(stopped)
         if self.main and self.val_loader is None:
-            save_weights(self.run_dir / "best.safetensors", self.eval_model.state_dict(), self._meta())
+            self._save_weights(self.run_dir / "best.safetensors")
         self.trackers.close()
         return TrainResult(
             run_dir=self.run_dir,
