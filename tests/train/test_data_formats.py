@@ -282,3 +282,5 @@ def test_only_splits_ignores_problems_in_splits_never_read(tmp_path):
     assert set(data.splits) == {"test"} and not data.findings.errors
     with pytest.raises(DatasetError, match="polygon"):
         load_dataset(root, only_splits=("train",))
+    with pytest.raises(DatasetError, match=r"has no 'val' split \(found: train\)"):
+        load_dataset(root / "train.json", only_splits=("val",))

@@ -131,6 +131,13 @@ def load_dataset(
     """
     source = resolve_dataset(path, images=images, train_ann=train_ann, val_ann=val_ann, test_ann=test_ann)
     if only_splits is not None:
+        missing = [k for k in only_splits if k not in source.splits]
+        if missing:
+            raise DatasetError(
+                f"The dataset at {source.root} has no '{missing[0]}' split (found: "
+                f"{', '.join(source.splits) or 'none'})."
+                + (" Pass --val-ann, or use a folder with val.json." if missing[0] == "val" else "")
+            )
         source.splits = {k: v for k, v in source.splits.items() if k in only_splits}
         source.findings.items = [
             f for f in source.findings.items if f.split is None or f.split in only_splits

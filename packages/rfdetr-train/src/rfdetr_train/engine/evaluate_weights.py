@@ -35,7 +35,7 @@ def val(weights: str, split: str = "val", config: str | None = None, **options: 
     acc = make_accelerator(run.train.device, run.train.mixed_precision, 1)
     _setup_logging(acc.is_main_process)
     loaded = load_model(weights=weights)
-    data = load_data(run, loaded.variant)
+    data = load_data(run, loaded.variant, only_splits=(split,))
     d = run.data
     synthetic = d.path is None and not (d.train_ann or d.val_ann or d.test_ann)
     label = str(d.path or d.val_ann or d.test_ann or d.train_ann)

@@ -137,11 +137,12 @@ def build_train_model(
     return ModelSetup(model, card_for(model, variant, class_map, tuple(res), preprocess))
 
 
-def load_data(run, variant: Variant):
-    """The checked dataset of ``run.data`` (the synthetic one without a path) and its class map."""
+def load_data(run, variant: Variant, only_splits: tuple[str, ...] | None = None):
+    """The checked dataset of ``run.data`` (the synthetic one without a path) and its class map;
+    ``only_splits`` keeps just the splits the caller reads (``val --split test``)."""
     from rfdetr_train.data import load_from_config
 
-    return load_from_config(run.data, max_instances=variant.num_queries)
+    return load_from_config(run.data, max_instances=variant.num_queries, only_splits=only_splits)
 
 
 def build_loaders(
