@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -84,14 +85,19 @@ def serve(settings: ServeSettings, host: str, port: int, workers: int, log_level
     import uvicorn
 
     os.environ[SETTINGS_ENV] = settings.to_env()
-    if workers > 1:
-        # each worker is its own process: split the cores, and let /metrics add the processes up
-        os.environ.setdefault("RFDETR_SERVE_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="rfdetr-serve-metrics-"))
     config = dict(host=host, port=port, log_level=log_level, access_log=False,
                   timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     if workers > 1:
-        uvicorn.run("rfdetr_serve.app:app_from_env", factory=True, workers=workers, **config)
+        # each worker is its own process: split the cores, and let /metrics add the processes up
+        os.environ.setdefault("RFDETR_SERVE_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        made_dir = None
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            made_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="rfdetr-serve-metrics-")
+        try:
+            uvicorn.run("rfdetr_serve.app:app_from_env", factory=True, workers=workers, **config)
+        finally:
+            if made_dir:
+                shutil.rmtree(made_dir, ignore_errors=True)
         return 0
     from rfdetr_serve.app import create_app
 
