@@ -177,34 +177,47 @@ async def run_load(url: str, image: bytes, clients: int, seconds: float, warmup:
     }
 
 
-def litserve_main(model: str, port: str, max_batch: str, wait_ms: str, threshold: str) -> None:
-    """The LitServe peer: same model, same predict, same JSON."""
-    import litserve as ls
+try:  # the LitServe peer's API must be importable at module level: LitServe spawns its worker processes
+    import litserve as _ls
+except ImportError:  # only the third server needs it
+    _ls = None
 
-    from rfdetr_core import RFDETR
-    from rfdetr_serve.responses import MaskFormat, detections_json, select
+if _ls is not None:
 
-    thr = float(threshold)
+    class SegAPI(_ls.LitAPI):
+        """The LitServe peer: same model, same predict, same JSON as our server."""
 
-    class SegAPI(ls.LitAPI):
+        def __init__(self, model: str, threshold: float, **kwargs):
+            super().__init__(**kwargs)
+            self.model_path, self.threshold = model, threshold
+
         def setup(self, device):
-            self.model = RFDETR.from_checkpoint(model, device="cpu")
+            from rfdetr_core import RFDETR
+
+            self.model = RFDETR.from_checkpoint(self.model_path, device="cpu")
 
         def decode_request(self, request):
             return request["file"].file.read()
 
         def predict(self, batch):
             images = batch if isinstance(batch, list) else [batch]
-            dets = self.model.predict([io.BytesIO(b) for b in images], threshold=thr, batch_size=len(images))
+            dets = self.model.predict([io.BytesIO(b) for b in images], threshold=self.threshold,
+                                      batch_size=len(images))
             return dets if isinstance(batch, list) else dets[0]
 
         def encode_response(self, det):
+            from rfdetr_serve.responses import MaskFormat, detections_json, select
+
             h, w = det.image_size
             return {"image": {"width": w, "height": h}, "model": "seg-nano",
-                    "detections": detections_json(det, select(det, thr, None, None), MaskFormat.rle)}
+                    "detections": detections_json(det, select(det, self.threshold, None, None), MaskFormat.rle)}
 
-    api = SegAPI(max_batch_size=int(max_batch), batch_timeout=float(wait_ms) / 1000.0)
-    server = ls.LitServer(api, accelerator="cpu", timeout=120)
+
+def litserve_main(model: str, port: str, max_batch: str, wait_ms: str, threshold: str) -> None:
+    if _ls is None:
+        raise SystemExit("litserve is not installed: uv sync --frozen --all-packages --group bench")
+    api = SegAPI(model, float(threshold), max_batch_size=int(max_batch), batch_timeout=float(wait_ms) / 1000.0)
+    server = _ls.LitServer(api, accelerator="cpu", timeout=120)
     server.run(host="127.0.0.1", port=int(port), num_api_servers=1, generate_client_file=False,
                log_level="warning")
 
@@ -220,12 +233,7 @@ def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "fastapi": fastapi.__version__,
            "uvicorn": uvicorn.__version__, "rfdetr_core": rfdetr_core.__version__,
            "rfdetr_serve": rfdetr_serve.__version__}
-    try:
-        import litserve
-
-        out["litserve"] = litserve.__version__
-    except ImportError:
-        out["litserve"] = None
+    out["litserve"] = _ls.__version__ if _ls is not None else None
     return out
 
 
