@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
+from rfdetr_core.errors import MissingDependencyError
 from rfdetr_serve.batching import Batcher, BatcherStopped, QueueFull
 from rfdetr_serve.inference import ImageJob, ServedModel, load_rfdetr
 from rfdetr_serve.limits import BodySizeLimit, RequestRejected, decode_image
@@ -147,6 +148,17 @@ def create_app(settings: ServeSettings, served: ServedModel | None = None) -> Fa
     @app.exception_handler(RequestRejected)
     async def _on_rejected(request: Request, exc: RequestRejected):
         return _rejected(exc)
+
+    @app.exception_handler(MissingDependencyError)
+    async def _on_missing(request: Request, exc: MissingDependencyError):  # e.g. polygons without OpenCV
+        return JSONResponse({"detail": str(exc)}, status_code=501)
+
+    @app.exception_handler(Exception)
+    async def _on_crash(request: Request, exc: Exception):  # the traceback goes to the log; the server lives on
+        rid = getattr(request.state, "request_id", "")
+        log.error(json.dumps({"event": "error", "path": request.url.path, "error": f"{type(exc).__name__}: {exc}"}))
+        return JSONResponse({"detail": "Internal error while handling the request; the server log has the "
+                                       f"details{' (request ' + rid + ')' if rid else ''}."}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError):
@@ -366,6 +378,7 @@ class RequestLog:
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex[:16]
         status = 500
         metrics = self.state.metrics
+        scope.setdefault("state", {})["request_id"] = request_id  # request.state.request_id for handlers
 
         async def send_with_id(message):
             nonlocal status
