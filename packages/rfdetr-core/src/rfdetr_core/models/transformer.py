@@ -178,8 +178,13 @@ def encoder_proposals(
             torch.arange(w, dtype=torch.float32, device=device),
             indexing="ij",
         )
+        # the divisor is filled on the device: a host tensor here would be a host-to-device copy inside every
+        # forward, which a CUDA graph cannot capture (and a Python-number divisor rounds differently on CUDA)
+        size = torch.stack(
+            [torch.full((), w, dtype=torch.float32, device=device), torch.full_like(xs[0, 0], h)]
+        )
         # [h, w, 2] -> [h*w, 2] centres (x, y) in [0, 1]
-        centres = (torch.stack([xs, ys], -1) + 0.5) / torch.tensor([w, h], dtype=torch.float32, device=device)
+        centres = (torch.stack([xs, ys], -1) + 0.5) / size
         centres = centres.reshape(-1, 2)
         parts.append(torch.cat([centres, torch.full_like(centres, 0.05 * 2.0**lvl)], dim=-1))
     proposals = torch.cat(parts, dim=0)
