@@ -7,6 +7,9 @@ All arrays are numpy on the CPU, rows in descending score order:
 * ``category_ids`` ``[N]`` int64, the dataset category id of each detection (from the class map),
 * ``class_names``  ``N`` strings,
 * ``masks``        ``[N, H, W]`` bool at the source size (``None`` for detection-only models),
+* ``rles``         ``N`` COCO RLE dicts of the same masks (``{"size": [H, W], "counts": bytes}``) when the
+  masks left the device encoded (the default of ``predict`` on CUDA); ``masks`` then decodes them on first
+  access, so a caller that only needs RLE (COCO results, the HTTP API) never builds the dense array.
 * ``slots``        ``[N]`` int64, the model's logit slot (training id) of each detection.
 """
 
@@ -38,17 +41,33 @@ class Detections:
     slots: np.ndarray
     image_size: tuple[int, int]
     source: Any = field(default=None, repr=False)
+    rles: list[dict] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         n = len(self.scores)
+        if self.rles is not None and len(self.rles) != n:
+            raise ValueError(f"rles must hold one RLE per detection ({n}), got {len(self.rles)}")
         if self.boxes.shape != (n, 4):
             raise ValueError(f"boxes must be [{n}, 4], got {self.boxes.shape}")
         if len(self.category_ids) != n or len(self.class_names) != n or len(self.slots) != n:
             raise ValueError("scores, category_ids, class_names and slots must have one entry per detection")
-        if self.masks is not None and self.masks.shape != (n, *self.image_size):
+        masks = self.__dict__["masks"]  # not decoded from rles here
+        if masks is not None and masks.shape != (n, *self.image_size):
             raise ValueError(
-                f"masks must be [{n}, {self.image_size[0]}, {self.image_size[1]}], got {self.masks.shape}"
+                f"masks must be [{n}, {self.image_size[0]}, {self.image_size[1]}], got {masks.shape}"
             )
+
+    def __getattribute__(self, name: str):
+        # ``masks`` of an RLE-backed result is decoded once, on first access (dataclass fields have no
+        # property hook; this keeps ``Detections(masks=...)`` and ``.masks`` working unchanged).
+        if name == "masks":
+            d = object.__getattribute__(self, "__dict__")
+            if d.get("masks") is None and d.get("rles") is not None:
+                from rfdetr_core.mask_rle import decode_masks
+
+                h, w = d["image_size"]
+                d["masks"] = decode_masks(d["rles"]) if d["rles"] else np.zeros((0, h, w), dtype=bool)
+        return object.__getattribute__(self, name)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -60,9 +79,10 @@ class Detections:
     def to_coco(self, image_id: int) -> list[dict]:
         """COCO results (one dict per detection): ``image_id``, ``category_id``, ``bbox`` [x, y, w, h],
         ``score`` and, with masks, ``segmentation`` as compressed RLE (``counts`` a str; the same RLE as
-        ``pycocotools.mask.encode``, computed by :func:`rfdetr_core.mask_rle.encode_masks`)."""
-        rles = None
-        if self.masks is not None and len(self):
+        ``pycocotools.mask.encode``, computed by :func:`rfdetr_core.mask_rle.encode_masks`, or the RLE the
+        masks came back as)."""
+        rles = self.rles
+        if rles is None and self.masks is not None and len(self):
             from rfdetr_core.mask_rle import encode_masks
 
             rles = encode_masks(self.masks)  # [N, H, W] bool -> N RLEs

@@ -132,6 +132,22 @@ def compress_counts(counts: Sequence[Sequence[int]], height: int, width: int) ->
     return [{"size": [int(height), int(width)], "counts": s} for s in _counts_to_strings(flat, lengths)]
 
 
+def decode_masks(rles: Sequence[dict]) -> np.ndarray:
+    """Compressed COCO RLEs of one size -> bool masks ``[N, H, W]`` (equal to ``pycocotools.mask.decode``)."""
+    if not rles:
+        raise ValueError("decode_masks needs at least one RLE (the size comes from them)")
+    height, width = (int(v) for v in rles[0]["size"])
+    out = np.zeros((len(rles), width * height), dtype=bool)  # column-major pixels per mask
+    for i, rle in enumerate(rles):
+        if [int(v) for v in rle["size"]] != [height, width]:
+            raise ValueError(f"RLE {i} has size {rle['size']}, the first has {[height, width]}")
+        counts = decode_counts(rle["counts"])
+        if int(counts.sum()) != height * width:
+            raise ValueError(f"RLE {i} covers {int(counts.sum())} pixels, not {height}x{width}")
+        out[i] = np.repeat(np.arange(counts.size) % 2 == 1, counts)  # runs alternate 0, 1, 0, ...
+    return out.reshape(len(rles), width, height).transpose(0, 2, 1)
+
+
 def rle_area(rles: Sequence[dict]) -> np.ndarray:
     """``[N]`` float64 pixel areas of COCO RLEs (compressed ``counts`` as str/bytes, or uncompressed lists).
 
@@ -250,6 +266,10 @@ def encode_masks(masks: np.ndarray | torch.Tensor) -> list[dict]:
         return []
     if h * w == 0:
         return [{"size": [h, w], "counts": b"0"} for _ in range(n)]
+    if isinstance(m, torch.Tensor):
+        from rfdetr_core.mask_rle_cuda import encode_masks_on_device
+
+        return encode_masks_on_device(m)  # everything on the device: a few syncs for all masks
     step = max(1, _ENCODE_CHUNK_PIXELS // (h * w))
     out: list[dict] = []
     for s in range(0, n, step):

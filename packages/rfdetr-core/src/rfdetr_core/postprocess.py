@@ -10,6 +10,12 @@ Masks are only computed for detections that survive the score threshold (and, in
 maps to a class): each needed query's mask logits are upsampled once, bilinearly (``align_corners=False``)
 to the source size, and thresholded at logit 0. Upsampling runs in chunks sized by a pixel budget, so a
 1080p image never holds hundreds of float masks at once, and small chunks stay in the CPU cache.
+
+On a CUDA device the batch is post-processed as a whole (:func:`_postprocess_batch`): one host copy of the
+keep mask, one gather of the kept rows of every image, one upsampling pass per source size and, with
+``mask_format="rle"``, one RLE encoding pass on the device; the number of device synchronisations no longer
+grows with the batch (per image, they cost more than the GPU work at batch 8). The results are the same as
+the per-image path's (tested).
 """
 
 from __future__ import annotations
@@ -121,6 +127,9 @@ def postprocess(
     valid_slots: torch.Tensor | None = None,
     with_masks: bool = True,
     chunk_elements: int | None = None,
+    mask_format: str = "bool",
+    host: bool = False,
+    batched: bool | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Per-image detections from a batch of raw outputs (images may have different source sizes).
 
@@ -133,12 +142,18 @@ def postprocess(
         valid_slots: optional ``[K]`` bool; detections whose slot is False are dropped (before masks).
         with_masks: compute masks when the outputs have them.
         chunk_elements: mask upsampling chunk budget (see :func:`upsample_masks`).
+        mask_format: ``"bool"`` -> ``masks [N, H, W]`` bool on the outputs' device; ``"rle"`` -> ``rles``, N
+            COCO RLE dicts encoded on that device (:func:`rfdetr_core.mask_rle.encode_masks`).
+        host: return ``scores``, ``labels``, ``queries`` and ``boxes`` on the CPU (one copy for the batch).
+        batched: the whole-batch implementation (default: on CUDA devices) or the per-image one.
 
     Returns:
         One dict per image, rows in descending score order: ``scores [N]``, ``labels [N]`` (slots, int64),
         ``queries [N]`` (int64), ``boxes [N, 4]`` xyxy source pixels, and ``masks [N, H, W]`` bool at the
-        source size when masks were computed.
+        source size (or ``rles``) when masks were computed.
     """
+    if mask_format not in ("bool", "rle"):
+        raise ValueError(f"mask_format must be 'bool' or 'rle', got {mask_format!r}")
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     masks = outputs.get("pred_masks") if with_masks else None
     batch = logits.shape[0]
@@ -146,6 +161,20 @@ def postprocess(
     scores, slots, queries = select_topk(logits, num_select)
     pixel_boxes = boxes_to_pixels(boxes, queries, sizes)
     size_list = [(int(h), int(w)) for h, w in sizes.round().long().tolist()]
+    if batched or (batched is None and logits.device.type == "cuda"):
+        return _postprocess_batch(
+            scores,
+            slots,
+            queries,
+            pixel_boxes,
+            masks,
+            size_list,
+            threshold,
+            valid_slots,
+            mask_format,
+            host,
+            chunk_elements,
+        )
 
     keep_all = threshold is None and valid_slots is None
     results = []
@@ -162,7 +191,83 @@ def postprocess(
         res = {"scores": s_i, "labels": l_i, "queries": q_i, "boxes": b_i}
         if masks is not None:
             res["masks"] = _masks_for_queries(masks[i], q_i, size_list[i], chunk_elements)
+            if mask_format == "rle":
+                from rfdetr_core.mask_rle import encode_masks
+
+                res["rles"] = encode_masks(res.pop("masks"))
+        if host:
+            res = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in res.items()}
         results.append(res)
+    return results
+
+
+def _postprocess_batch(
+    scores: torch.Tensor,
+    slots: torch.Tensor,
+    queries: torch.Tensor,
+    pixel_boxes: torch.Tensor,
+    masks: torch.Tensor | None,
+    size_list: list[tuple[int, int]],
+    threshold: float | None,
+    valid_slots: torch.Tensor | None,
+    mask_format: str,
+    host: bool,
+    chunk_elements: int | None,
+) -> list[dict]:
+    """:func:`postprocess` for the whole batch at once (see the module docstring); same results.
+
+    ``scores, slots, queries [B, N]``, ``pixel_boxes [B, N, 4]``, ``masks [B, Q, h, w]`` logits or None.
+    """
+    import numpy as np
+
+    batch, n = scores.shape
+    device = scores.device
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if threshold is not None:
+        keep &= scores > threshold
+    if valid_slots is not None:
+        keep &= valid_slots.to(device)[slots]
+    keep_host = keep.cpu().numpy()  # the one synchronisation of the selection
+    counts = keep_host.sum(axis=1).tolist()
+    flat = torch.from_numpy(np.flatnonzero(keep_host.reshape(-1))).to(device, non_blocking=True)  # [M]
+    # [B, N] -> [B*N] rows; the kept rows of image 0, then of image 1, ...
+    picked = {
+        "scores": scores.reshape(-1)[flat],
+        "labels": slots.reshape(-1)[flat],
+        "queries": queries.reshape(-1)[flat],
+        "boxes": pixel_boxes.reshape(-1, 4)[flat],
+    }
+    if host:
+        picked = {k: v.cpu() for k, v in picked.items()}  # small; one copy per field for the batch
+    parts = {k: torch.split(v, counts) for k, v in picked.items()}
+    results = [{k: parts[k][i] for k in picked} for i in range(batch)]
+    if masks is None:
+        return results
+    image_of = flat // n  # [M]
+    # one gather of every kept mask; a query kept with several classes is upsampled once per row here
+    # (on the GPU that costs less than finding the repeats)
+    logits = masks[image_of, queries.reshape(-1)[flat]]  # [M, h, w]
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(size_list):
+        by_size.setdefault(size, []).append(i)
+    for size, images in by_size.items():
+        rows = torch.from_numpy(
+            np.concatenate([np.arange(starts[i], starts[i + 1]) for i in images]).astype(np.int64)
+        ).to(device, non_blocking=True)
+        up = upsample_masks(logits.index_select(0, rows), size, chunk_elements)  # [m, H, W] bool
+        if mask_format == "rle":
+            from rfdetr_core.mask_rle import encode_masks
+
+            encoded = encode_masks(up)
+            offset = 0
+            for i in images:
+                results[i]["rles"] = encoded[offset : offset + counts[i]]
+                offset += counts[i]
+        else:
+            split = torch.split(up, [counts[i] for i in images])
+            for i, part in zip(images, split, strict=True):
+                results[i]["masks"] = part
     return results
 
 

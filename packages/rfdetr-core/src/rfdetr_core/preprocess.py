@@ -209,18 +209,88 @@ def _to_tensor(image: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
+def _to_unit_float(t: torch.Tensor) -> torch.Tensor:
+    """``uint8``/``uint16`` -> float32 in [0, 1] by the fixed rule (divide by the dtype's maximum); floats
+    pass as float32."""
+    if t.dtype == torch.uint8:
+        return t.float() / 255.0
+    if t.dtype == torch.uint16:
+        return t.float() / 65535.0
+    return t.float()
+
+
+_NORM_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(config: PreprocessConfig, dtype: torch.dtype, device: torch.device):
+    """``[1, 3, 1, 1]`` mean and std on ``device``, made once per (config, dtype, device): building them
+    per call would be two host-to-device copies per batch."""
+    key = (config.mean, config.std, dtype, str(device))
+    if key not in _NORM_CACHE:
+        mean = torch.tensor(config.mean, dtype=dtype, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(config.std, dtype=dtype, device=device).view(1, 3, 1, 1)
+        _NORM_CACHE[key] = (mean, std)
+    return _NORM_CACHE[key]
+
+
 def resize_normalize(
     image: torch.Tensor, size: tuple[int, int], config: PreprocessConfig = PreprocessConfig()
 ) -> torch.Tensor:
-    """``[3,h,w]`` or ``[B,3,h,w]`` float in [0,1] -> normalised ``[B,3,H,W]`` at ``size = (H, W)``."""
+    """``[3,h,w]`` or ``[B,3,h,w]`` float in [0,1] -> normalised ``[B,3,H,W]`` at ``size = (H, W)``.
+
+    Runs on the image's device (on a GPU: resize and normalisation there, no host copy)."""
     x = image[None] if image.ndim == 3 else image
     if tuple(x.shape[-2:]) != tuple(size):
         kwargs = {"align_corners": False} if config.interpolation != "nearest" else {}
         aa = config.antialias and config.interpolation != "nearest"
         x = F.interpolate(x, size=tuple(size), mode=config.interpolation, antialias=aa, **kwargs)
-    mean = torch.tensor(config.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(config.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(config, x.dtype, x.device)
     return (x - mean) / std
+
+
+def _device_ready(item: Any, min_size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image as a ``[3, h, w]`` tensor still in its integer dtype where it has one (uint8 travels to the
+    device as 1 byte per value, not 4), and its source size. Same pixels as :func:`load_image`."""
+    if isinstance(item, torch.Tensor) and item.dtype in (torch.uint8, torch.uint16):
+        t = item.detach()
+        if t.ndim == 2:
+            t = t[None]
+        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+            raise ImageError(f"Tensor images must be [3,H,W] (or [1,H,W]), got shape {tuple(item.shape)}.")
+        t = t[:3]
+        t = t.expand(3, -1, -1) if t.shape[0] == 1 else t
+        return t, (int(t.shape[1]), int(t.shape[2]))
+    source_size = None
+    if isinstance(item, (str, os.PathLike)):
+        item, source_size = open_image(item, min_size)
+    arr = None
+    if isinstance(item, np.ndarray):
+        arr = item
+    elif not isinstance(item, torch.Tensor):
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover - pillow is a dependency
+            Image = None
+        if Image is not None and isinstance(item, Image.Image) and item.mode in ("RGB", "L"):
+            arr = np.asarray(item)
+    if arr is not None and arr.dtype == np.uint8 and arr.ndim in (2, 3):
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.shape[2] in (1, 3, 4):
+            t = torch.from_numpy(np.ascontiguousarray(arr[:, :, :3])).permute(2, 0, 1)  # HWC -> CHW view
+            t = t.expand(3, -1, -1) if t.shape[0] == 1 else t
+            return t, source_size or (int(t.shape[1]), int(t.shape[2]))
+    t = _to_tensor(item)
+    return t, source_size or (int(t.shape[1]), int(t.shape[2]))
+
+
+def _to_device(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """Host tensor -> ``device``; host-to-GPU copies go through pinned memory without blocking."""
+    if device is None or t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.contiguous().pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def preprocess(
@@ -232,6 +302,8 @@ def preprocess(
     """Images -> model input ``[B, 3, H, W]`` (normalised) and their source sizes ``[(h, w), ...]``.
 
     ``images`` is one image or a list of them (any type :func:`to_float_rgb` takes); a 4-d tensor is a batch.
+    With a ``device``, integer images are copied there as integers and converted, resized and normalised
+    on the device; consecutive images of one size are resized in one call.
     """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         items: list[Any] = list(images)
@@ -241,11 +313,21 @@ def preprocess(
         items = [images]
     if not items:
         raise ImageError("No images given.")
-    batch, sizes = [], []
-    for item in items:
-        t, source_size = load_image(item, min_size=size)
-        if device is not None:
-            t = t.to(device)
-        sizes.append(source_size)
-        batch.append(resize_normalize(t, size, config))
-    return torch.cat(batch), sizes
+    dev = torch.device(device) if device is not None else None
+    loaded = [_device_ready(item, size) for item in items]
+    sizes = [source_size for _, source_size in loaded]
+    batch: list[torch.Tensor] = []
+    start = 0
+    while start < len(loaded):
+        # a run of images with one shape and dtype: one stack, one conversion, one resize
+        first = loaded[start][0]
+        end = start + 1
+        while (
+            end < len(loaded) and loaded[end][0].shape == first.shape and loaded[end][0].dtype == first.dtype
+        ):
+            end += 1
+        group = [_to_device(t, dev) for t, _ in loaded[start:end]]
+        stacked = group[0][None] if len(group) == 1 else torch.stack(group)  # [n, 3, h, w]
+        batch.append(resize_normalize(_to_unit_float(stacked), size, config))
+        start = end
+    return (batch[0] if len(batch) == 1 else torch.cat(batch)), sizes

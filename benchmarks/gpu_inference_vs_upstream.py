@@ -1,0 +1,351 @@
+"""GPU inference, ours against upstream rfdetr 1.11.2, on one card with the same weights and inputs.
+
+For each variant (seg-nano, seg-medium, seg-large) and batch size (1, 8):
+
+* **end to end**: from decoded ``uint8 [3, 480, 640]`` images already on the GPU to detections with
+  source-size masks on the host (ours: COCO RLE, decoded only on request; upstream: its dense bool masks in
+  ``supervision.Detections``). Upstream's eager ``predict`` (the float [0, 1] tensor it asks for is made
+  from the uint8 image inside the timed call); ours eager ``predict`` and ours after ``optimize()``.
+* **model only**: a normalised input batch at the model's resolution to raw outputs on the GPU. Upstream
+  eager forward and upstream's best forward-only path (``inference(compile=True,
+  compile_backend="inductor", dtype=bf16)``: ``export()``, bf16 cast, ``torch.compile(mode=
+  "reduce-overhead")``); ours eager forward and our fast path (bf16, CUDA graph, optionally compiled).
+
+Detection load: random weights give ~0.01-0.07 scores, so a fixed threshold would keep nothing or
+everything. ``typical`` uses the threshold that keeps ``--typical`` detections on the first image (the same
+threshold for ours and upstream: same weights, same scores); ``all`` uses threshold 0 (every top-k pair).
+
+Timing: CUDA events around each call (the end-to-end call returns host objects, so its events span the
+host work too), warm-up, ``--blocks`` interleaved blocks of ``--iters`` calls per method (>= 50 calls in
+all), median and p90 in ms. Cold start: ``optimize()``'s own report, and for seg-medium a second process
+that optimises the same weights with the compile cache left by the first.
+
+Run on the GPU machine (upstream's wheels installed, see docs/benchmarks.md):
+
+    PYTHONPATH=packages/rfdetr-core/src python3 benchmarks/gpu_inference_vs_upstream.py --json $OUT/gpu_inference.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+UPSTREAM_CLASSES = {
+    "seg-nano": "RFDETRSegNano",
+    "seg-medium": "RFDETRSegMedium",
+    "seg-large": "RFDETRSegLarge",
+}
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_calls(fn, n: int) -> list[float]:
+    """``n`` calls of ``fn``, each timed with CUDA events (ms); wall clock on the CPU."""
+    out = []
+    for _ in range(n):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def interleaved(methods: dict, blocks: int, iters: int, warmup: int) -> dict:
+    """Time every method in round-robin blocks; a method that raises is reported, not silently dropped."""
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    errors: dict[str, str] = {}
+    for name, fn in methods.items():
+        try:
+            time_calls(fn, warmup)
+        except Exception as exc:  # reported in the JSON and the table
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+    for _ in range(blocks):
+        for name, fn in methods.items():
+            if name not in errors:
+                times[name].extend(time_calls(fn, iters))
+    result = {}
+    for name in methods:
+        if name in errors:
+            result[name] = {"error": errors[name]}
+            continue
+        ts = sorted(times[name])
+        result[name] = {
+            "median_ms": statistics.median(ts),
+            "p90_ms": ts[min(len(ts) - 1, int(0.9 * len(ts)))],
+            "n": len(ts),
+        }
+    return result
+
+
+def make_images(batch: int, height: int = 480, width: int = 640, device="cuda") -> list[torch.Tensor]:
+    """``batch`` smooth random photos-like uint8 ``[3, H, W]`` images (low-frequency noise + edges)."""
+    g = torch.Generator().manual_seed(0)
+    imgs = []
+    for _ in range(batch):
+        low = torch.rand(1, 3, height // 16, width // 16, generator=g)
+        img = torch.nn.functional.interpolate(low, size=(height, width), mode="bicubic", align_corners=False)[
+            0
+        ]
+        img = img + 0.1 * torch.rand(3, height, width, generator=g)
+        imgs.append((img.clamp(0, 1) * 255).to(torch.uint8).to(device))
+    return imgs
+
+
+def upstream_checkpoint(up_model: torch.nn.Module, name: str, resolution: int, num_classes: int, path: Path):
+    """The upstream module's weights in upstream's ``.pth`` layout, for our loader to convert."""
+    ckpt = {
+        "model": {k: v.detach().cpu().clone() for k, v in up_model.state_dict().items()},
+        "model_name": name,
+        "args": {"resolution": int(resolution), "num_classes": int(num_classes)},
+    }
+    torch.save(ckpt, path)
+
+
+def second_process_start(ckpt: Path, batch_sizes, compile: bool) -> dict:
+    """Optimise the same weights in a fresh process (compile cache warm) and return its report."""
+    code = (
+        "import json, sys, time, warnings, torch\n"
+        "warnings.filterwarnings('ignore')\n"
+        "t0 = time.perf_counter()\n"
+        "from rfdetr_core import RFDETR\n"
+        f"m = RFDETR.from_checkpoint({str(ckpt)!r}, device='cuda')\n"
+        "t1 = time.perf_counter()\n"
+        f"rep = m.optimize(batch_sizes={tuple(batch_sizes)!r}, compile={compile!r})\n"
+        "rep['load_seconds'] = t1 - t0\n"
+        "print('REPORT' + json.dumps(rep))\n"
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    wall = time.perf_counter() - t0
+    for line in proc.stdout.splitlines():
+        if line.startswith("REPORT"):
+            rep = json.loads(line[6:])
+            rep["process_wall_seconds"] = wall
+            return rep
+    return {"error": (proc.stderr or proc.stdout)[-2000:]}
+
+
+def bench_variant(variant: str, args, rows: list, report: dict) -> None:
+    import rfdetr
+
+    from rfdetr_core import RFDETR
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = dev == "cuda"
+    torch.manual_seed(0)
+    up = getattr(rfdetr, UPSTREAM_CLASSES[variant])(pretrain_weights=None, device=dev)
+    up_module = up.model.model.eval()
+    resolution = int(up.model.resolution)
+    num_classes = int(up.model_config.num_classes)
+    tmp = Path(tempfile.mkdtemp())
+    ckpt = tmp / f"{variant}-upstream-random.pth"
+    upstream_checkpoint(up_module, UPSTREAM_CLASSES[variant], resolution, num_classes, ckpt)
+    ours = RFDETR.from_checkpoint(ckpt, device=dev)
+    fast = RFDETR.from_checkpoint(ckpt, device=dev) if gpu else None
+    fast_compiled = RFDETR.from_checkpoint(ckpt, device=dev) if args.compile_ours and gpu else None
+    info = report.setdefault(variant, {"resolution": resolution})
+
+    start = time.perf_counter()
+    if fast is not None:
+        info["optimize"] = fast.optimize(batch_sizes=(1, 8), compile=False)
+    if fast_compiled is not None:
+        info["optimize_compiled"] = fast_compiled.optimize(batch_sizes=(1, 8), compile=True)
+        if args.second_process and variant == "seg-medium":
+            info["second_process_compiled"] = second_process_start(ckpt, (1, 8), True)
+    print(f"{variant}: our optimize() took {time.perf_counter() - start:.1f} s", flush=True)
+
+    # upstream's best forward-only path, one compiled module per batch size (its API compiles for one size)
+    up_best: dict[int, object] = {}
+    for bs in (1, 8) if gpu else ():
+        t0 = time.perf_counter()
+        up.inference(compile=True, batch_size=bs, dtype=torch.bfloat16, compile_backend="inductor")
+        up_best[bs] = up.model.inference_model
+        info[f"upstream_compile_seconds_b{bs}"] = time.perf_counter() - t0
+        up.remove_optimized_model()  # its eager predict below runs the eager module again
+    print(
+        f"{variant}: upstream compile took {sum(info.get(f'upstream_compile_seconds_b{b}', 0) for b in (1, 8)):.1f} s"
+    )
+
+    for bs in args.batches:
+        imgs = make_images(bs, device=dev)
+        x = torch.randn(bs, 3, resolution, resolution, device=dev)
+        xb = x.to(torch.bfloat16)
+        with torch.inference_mode():
+            first = ours.predict(imgs[0], threshold=0.0, mask_format="bool")
+        typical = float(np.sort(first.scores)[::-1][min(args.typical, len(first)) - 1]) - 1e-7
+        loads = {"typical": typical, "all": 0.0}
+
+        def up_predict(thr, up=up, imgs=imgs):
+            def run():
+                return up.predict(
+                    [im.float() / 255.0 for im in imgs], threshold=thr, include_source_image=False
+                )
+
+            return run
+
+        def our_predict(model, thr, imgs=imgs):
+            def run():
+                res = model.predict(list(imgs), threshold=thr, batch_size=8)
+                return [r.rles for r in res]
+
+            return run
+
+        methods = {}
+        for load, thr in loads.items():
+            methods[f"e2e/{load}/upstream_predict"] = up_predict(thr)
+            methods[f"e2e/{load}/ours_eager_predict"] = our_predict(ours, thr)
+            if fast is not None:
+                methods[f"e2e/{load}/ours_fast_predict"] = our_predict(fast, thr)
+            if fast_compiled is not None:
+                methods[f"e2e/{load}/ours_fast_compiled_predict"] = our_predict(fast_compiled, thr)
+
+        def fwd(module, inp):
+            def run():
+                with torch.inference_mode():
+                    return module(inp)
+
+            return run
+
+        methods["model/upstream_eager"] = fwd(up_module, x)
+        if bs in up_best:
+            methods["model/upstream_best"] = fwd(up_best[bs], xb)
+        methods["model/ours_eager"] = fwd(ours.model, x)
+        if fast is not None:
+            methods["model/ours_fast"] = fwd(fast._graphed, x)
+        if fast_compiled is not None:
+            methods["model/ours_fast_compiled"] = fwd(fast_compiled._graphed, x)
+
+        counts = {}
+        for load, thr in loads.items():
+            with torch.inference_mode():
+                counts[load] = {
+                    "ours": sum(len(d) for d in ours.predict(list(imgs), threshold=thr)),
+                    "upstream": sum(len(d) for d in up_predict(thr)()),
+                }
+        res = interleaved(methods, args.blocks, args.iters, args.warmup)
+        for name, r in res.items():
+            rows.append({"variant": variant, "batch": bs, "method": name, **r})
+        info[f"b{bs}"] = {"thresholds": loads, "detections": counts, "results": res}
+        print(json.dumps({"variant": variant, "batch": bs, "detections": counts}), flush=True)
+        for name, r in res.items():
+            print(
+                f"  {name:<44} {r.get('median_ms', float('nan')):9.3f} ms  p90 {r.get('p90_ms', float('nan')):9.3f}"
+                + (f"  ERROR {r['error']}" if "error" in r else ""),
+                flush=True,
+            )
+    up_best.clear()
+    if gpu:
+        torch.cuda.empty_cache()
+
+
+def _best(*values: float) -> float:
+    """The smallest measured value (NaN = not measured)."""
+    real = [v for v in values if v == v]
+    return min(real) if real else float("nan")
+
+
+def ratio_table(report: dict) -> list[str]:
+    """Markdown rows: ours vs upstream's best forward-only path (latency ratio at B=1, throughput at B=8)."""
+    lines = [
+        "| variant | B | upstream best fwd ms | ours fast fwd ms | fwd ratio | ours fast e2e typical ms | "
+        "e2e/upstream-best-fwd | ours fast e2e all ms | upstream predict typical ms | ours eager predict typical ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for variant, info in report.items():
+        for bs in (1, 8):
+            r = info.get(f"b{bs}", {}).get("results", {})
+
+            def med(k, r=r):
+                return r.get(k, {}).get("median_ms", float("nan"))
+
+            best = med("model/upstream_best")
+            ffwd = _best(med("model/ours_fast"), med("model/ours_fast_compiled"))
+            e2e_t = _best(med("e2e/typical/ours_fast_predict"), med("e2e/typical/ours_fast_compiled_predict"))
+            e2e_a = _best(med("e2e/all/ours_fast_predict"), med("e2e/all/ours_fast_compiled_predict"))
+            lines.append(
+                f"| {variant} | {bs} | {best:.3f} | {ffwd:.3f} | {ffwd / best:.2f}x | {e2e_t:.3f} | "
+                f"{e2e_t / best:.2f}x | {e2e_a:.3f} | {med('e2e/typical/upstream_predict'):.3f} | "
+                f"{med('e2e/typical/ours_eager_predict'):.3f} |"
+            )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="seg-nano,seg-medium,seg-large")
+    parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--typical", type=int, default=20, help="detections per image of the typical load")
+    parser.add_argument("--no-compile-ours", dest="compile_ours", action="store_false")
+    parser.add_argument("--no-second-process", dest="second_process", action="store_false")
+    parser.add_argument("--batches", default="1,8", type=lambda s: [int(b) for b in s.split(",")])
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: a CPU smoke run of the harness (eager paths only), not a benchmark")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    torch.backends.cuda.matmul.allow_tf32 = True  # both sides' eager fp32 run with TF32, as in the issue
+    torch.backends.cudnn.allow_tf32 = True
+    report: dict = {}
+    rows: list = []
+    meta = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "driver": _driver(),
+        "argv": sys.argv,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    print(json.dumps(meta), flush=True)
+    for variant in args.variants.split(","):
+        try:
+            bench_variant(variant, args, rows, report)
+        except Exception as exc:  # one variant failing must not lose the others' numbers; reported
+            traceback.print_exc()
+            report.setdefault(variant, {})["error"] = f"{type(exc).__name__}: {exc}"
+        if args.json:
+            args.json.write_text(json.dumps({"meta": meta, "report": report, "rows": rows}, indent=1))
+    print("\n".join(ratio_table(report)))
+    for variant, info in report.items():
+        print(variant, {k: v for k, v in info.items() if not k.startswith("b")})
+
+
+def _driver() -> str:
+    with contextlib.suppress(Exception):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
+        return out.stdout.strip()
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()

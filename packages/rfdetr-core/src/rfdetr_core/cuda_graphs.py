@@ -1,0 +1,156 @@
+"""The GPU fast path's engine: a module captured as one CUDA graph per batch size, optionally compiled first.
+
+A forward pass of RF-DETR-Seg at batch 1 launches several hundred small kernels; replaying them as a CUDA
+graph removes the per-launch CPU cost, which at batch 1 is most of the eager time. Graphs have static
+shapes, so one graph is captured per batch size (``batch_sizes``); a batch is run by the smallest graph that
+holds it, padded (rows are independent in eval mode, so the padding never changes the real rows), and a
+batch larger than every graph runs as several replays. All graphs share one memory pool.
+
+Outputs are cloned out of the graph's static buffers before they are returned, so a result stays valid
+after the next call (the clone is a device-to-device copy of a few MB).
+
+``torch.compile`` (``compile=True``) fuses the elementwise work inside the graph. Its artefacts go to the
+inductor cache (``TORCHINDUCTOR_CACHE_DIR``; :func:`compile_cache_dir` points it at
+``$RFDETR_HOME/compile`` unless already set), so a second process compiles from cache.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rfdetr_core.paths import rfdetr_home
+
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def compile_cache_dir() -> Path:
+    """The inductor cache folder used by compiled fast paths: ``$TORCHINDUCTOR_CACHE_DIR`` when set, else
+    ``$RFDETR_HOME/compile`` (set for this process so that inductor and a later process agree)."""
+    if not os.environ.get(CACHE_ENV):
+        os.environ[CACHE_ENV] = str(rfdetr_home() / "compile")
+    return Path(os.environ[CACHE_ENV])
+
+
+def _clone(tree: Any, rows: int) -> Any:
+    """First ``rows`` rows of every tensor in a tuple/list/dict of tensors, as fresh copies."""
+    if isinstance(tree, torch.Tensor):
+        return tree[:rows].clone()
+    if isinstance(tree, dict):
+        return {k: _clone(v, rows) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_clone(v, rows) for v in tree)
+    return tree
+
+
+def _concat(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
+    return first
+
+
+class GraphedModule:
+    """``module`` (input ``[B, 3, H, W]``) replayed from CUDA graphs captured for ``batch_sizes``.
+
+    Args:
+        module: eval-mode module on a CUDA device, already in its run dtype; its output is a tensor or a
+            tuple/list/dict of tensors whose first dimension is the batch.
+        image_size: ``(H, W)`` of the input.
+        batch_sizes: batch sizes to capture (at least one).
+        dtype: input dtype of the module (inputs are cast into the static buffer on copy).
+        compile: wrap the module in ``torch.compile`` (static shapes, one compile per batch size) first.
+        warmup: eager (or compiling) runs before each capture.
+
+    Attributes:
+        capture_seconds: ``{batch: seconds}`` spent compiling, warming up and capturing each graph.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module | Callable[[torch.Tensor], Any],
+        image_size: tuple[int, int],
+        batch_sizes: Sequence[int] = (1, 8),
+        dtype: torch.dtype = torch.bfloat16,
+        compile: bool = False,
+        warmup: int = 3,
+    ) -> None:
+        sizes = sorted({int(b) for b in batch_sizes})
+        if not sizes or sizes[0] < 1:
+            raise ValueError(f"batch_sizes must be positive integers, got {tuple(batch_sizes)}")
+        params = next(iter(module.parameters()), None) if isinstance(module, torch.nn.Module) else None
+        device = params.device if params is not None else torch.device("cuda")
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the module on a CUDA device, it is on {device}")
+        self.device = device
+        self.dtype = dtype
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.compiled = bool(compile)
+        if compile:
+            compile_cache_dir()
+            fn = torch.compile(module, dynamic=False)
+        else:
+            fn = module
+        self._fn = fn
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
+        self.capture_seconds: dict[int, float] = {}
+        # largest first: the shared pool is sized by the first capture, the smaller ones fit in it
+        for batch in reversed(sizes):
+            start = time.perf_counter()
+            self._graphs[batch] = self._capture(batch, warmup)
+            torch.cuda.synchronize(device)
+            self.capture_seconds[batch] = time.perf_counter() - start
+        self.batch_sizes = tuple(sizes)
+
+    @torch.inference_mode()
+    def _capture(self, batch: int, warmup: int):
+        h, w = self.image_size
+        static_in = torch.randn(batch, 3, h, w, device=self.device).to(self.dtype)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(max(1, warmup)):
+                self._fn(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_out = self._fn(static_in)
+        return graph, static_in, static_out
+
+    def graph_for(self, batch: int) -> int:
+        """The captured batch size that runs ``batch`` rows (the smallest that holds them, else the largest)."""
+        for size in self.batch_sizes:
+            if size >= batch:
+                return size
+        return self.batch_sizes[-1]
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> Any:
+        """``images [B, 3, H, W]`` (any float dtype, on the module's device) -> the module's outputs for the
+        B rows, as fresh tensors."""
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, *self.image_size):
+            raise ValueError(
+                f"expected images [B, 3, {self.image_size[0]}, {self.image_size[1]}], got {tuple(images.shape)}"
+            )
+        total = images.shape[0]
+        parts = []
+        start = 0
+        while start < total:
+            size = self.graph_for(total - start)
+            rows = min(size, total - start)
+            graph, static_in, static_out = self._graphs[size]
+            static_in[:rows].copy_(images[start : start + rows])
+            graph.replay()
+            parts.append(_clone(static_out, rows))
+            start += rows
+        return parts[0] if len(parts) == 1 else _concat(parts)

@@ -1,0 +1,144 @@
+"""The GPU fast path (``RFDETR.optimize``: bf16, CUDA graphs) gives eager float32's detections, within bf16.
+
+Weights: upstream rfdetr's random init converted by our loader (the path official weights take), perturbed so
+zero-initialised branches carry signal, with every query slot given the same learned content and reference
+box: two-stage proposals whose scores are nearly tied can swap places between float32 and bf16, and with
+interchangeable slots a swap does not change the set of detections (as in ``test_parity_upstream.py``).
+
+Agreement, per batch size 1, 3 and 8 (3 runs padded in the batch-8 graph): of eager's top-K detections
+(threshold 0: every selected pair with a class), >= 98 % have a fast-path detection of the same class with
+box IoU > 0.9; matched scores within 1e-2; matched masks' mean IoU >= 0.98.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.filterwarnings("ignore:.*instantiated with pretrain_weights=None"),
+]
+
+VARIANT, UPSTREAM_CONFIG = "seg-nano", "RFDETRSegNanoConfig"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg_mod = pytest.importorskip("rfdetr.config")
+    models = pytest.importorskip("rfdetr.models")
+    cfg = getattr(cfg_mod, UPSTREAM_CONFIG)(pretrain_weights=None, device="cpu")
+    torch.manual_seed(0)
+    model = models.build_model_from_config(cfg).eval()
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+        for emb in (model.query_feat, model.refpoint_embed):
+            emb.weight.copy_(emb.weight[:1].clone().expand_as(emb.weight))
+    path = tmp_path_factory.mktemp("fast") / "seg-nano-upstream.pth"
+    torch.save({"model": model.state_dict(), "args": {"resolution": int(cfg.resolution)}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    from rfdetr_core import RFDETR
+
+    eager = RFDETR.from_checkpoint(checkpoint, variant=VARIANT, device="cuda")
+    fast = RFDETR.from_checkpoint(checkpoint, variant=VARIANT, device="cuda")
+    report = fast.optimize(batch_sizes=(1, 8), dtype=torch.bfloat16, compile=False)
+    assert set(report["capture_seconds"]) == {1, 8}
+    return eager, fast
+
+
+def _images(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(n)
+    out = []
+    for _ in range(n):
+        low = torch.rand(1, 3, 12, 16, generator=g)
+        img = torch.nn.functional.interpolate(low, size=(240, 320), mode="bicubic", align_corners=False)[0]
+        out.append((img.clamp(0, 1) * 255).to(torch.uint8).cuda())
+    return out
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[N, 4]`` x ``[M, 4]`` xyxy -> ``[N, M]`` IoU."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area = lambda x: np.clip(x[:, 2:] - x[:, :2], 0, None).prod(-1)  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+def _agreement(ref, got) -> tuple[float, float, float]:
+    """(share of ref detections matched, max score error, mean mask IoU) for one image."""
+    iou = _box_iou(ref.boxes, got.boxes)
+    same = ref.category_ids[:, None] == got.category_ids[None, :]
+    cand = np.where(same & (iou > 0.9), iou, -1.0)
+    matched, score_err, mask_iou = 0, 0.0, []
+    used = set()
+    for i in np.argsort(-ref.scores):
+        for j in np.argsort(-cand[i]):
+            if cand[i, j] < 0:
+                break
+            if j in used:
+                continue
+            used.add(j)
+            matched += 1
+            score_err = max(score_err, abs(float(ref.scores[i]) - float(got.scores[j])))
+            a, b = ref.masks[i], got.masks[j]
+            union = np.logical_or(a, b).sum()
+            mask_iou.append(1.0 if union == 0 else np.logical_and(a, b).sum() / union)
+            break
+    return matched / max(1, len(ref)), score_err, float(np.mean(mask_iou)) if mask_iou else 1.0
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_fast_path_matches_eager_float32(models, batch):
+    eager, fast = models
+    images = _images(batch)
+    ref = eager.predict(images, threshold=0.0, mask_format="bool")
+    got = fast.predict(images, threshold=0.0)  # CUDA default: RLE, decoded by .masks
+    assert all(g.rles is not None for g in got)
+    for r, g in zip(ref, got, strict=True):
+        assert len(r) > 50
+        share, score_err, mask_iou = _agreement(r, g)
+        assert share >= 0.98, share
+        assert score_err <= 1e-2, score_err
+        assert mask_iou >= 0.98, mask_iou
+
+
+def test_rle_on_the_gpu_equals_pycocotools():
+    mask_api = pytest.importorskip("pycocotools.mask")
+    from rfdetr_core.mask_rle import encode_masks
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 1, 30, 41, generator=g)
+    masks = torch.nn.functional.interpolate(logits, size=(237, 319), mode="bilinear")[:, 0] > 0
+    masks[0] = False
+    masks[1] = True
+    ours = encode_masks(masks.cuda())
+    ref = mask_api.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    assert [o["counts"] for o in ours] == [r["counts"] for r in ref]
+
+
+def test_graph_outputs_survive_the_next_call(models):
+    _, fast = models
+    x1 = torch.randn(1, 3, *fast.resolution, device="cuda")
+    x2 = torch.randn(1, 3, *fast.resolution, device="cuda")
+    first = fast._graphed(x1)
+    keep = {k: v.clone() for k, v in first.items()}
+    fast._graphed(x2)
+    for k in keep:
+        torch.testing.assert_close(first[k], keep[k], rtol=0, atol=0)
+
+
+def test_optimize_needs_cuda_device(checkpoint):
+    from rfdetr_core import RFDETR
+
+    cpu = RFDETR.from_checkpoint(checkpoint, variant=VARIANT, device="cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        cpu.optimize()
