@@ -77,3 +77,19 @@ def test_whole_batch_postprocess_equals_per_image(threshold):
 
                 assert w["rles"] == encode_masks(a["masks"])
     assert sum(len(r["scores"]) for r in per_image) > 0
+
+
+def test_batched_preprocess_reads_paths_and_file_objects_like_load_image(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from rfdetr_core.preprocess import load_image
+
+    arr = _image(30, 40, 5)
+    path = tmp_path / "a.png"
+    Image.fromarray(arr).save(path)
+    x, sizes = preprocess([path, io.BytesIO(path.read_bytes())], (64, 96))
+    ref = resize_normalize(load_image(path)[0], (64, 96))
+    torch.testing.assert_close(x, torch.cat([ref, ref]), rtol=0, atol=1e-6)
+    assert sizes == [(30, 40), (30, 40)]

@@ -261,7 +261,7 @@ def _device_ready(item: Any, min_size: tuple[int, int]) -> tuple[torch.Tensor, t
         t = t.expand(3, -1, -1) if t.shape[0] == 1 else t
         return t, (int(t.shape[1]), int(t.shape[2]))
     source_size = None
-    if isinstance(item, (str, os.PathLike)):
+    if isinstance(item, (str, os.PathLike)) or hasattr(item, "read"):  # same rule as load_image
         item, source_size = open_image(item, min_size)
     arr = None
     if isinstance(item, np.ndarray):
