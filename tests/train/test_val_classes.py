@@ -7,13 +7,13 @@ import json
 
 import pytest
 
+from rfdetr_core.checkpoint import save_model
 from rfdetr_core.class_map import ClassMap
 from rfdetr_core.coco_classes import coco_class_map
 from rfdetr_core.factory import load_model
 from rfdetr_core.preprocess import PreprocessConfig
 from rfdetr_train.cli import main
 from rfdetr_train.data.synthetic import generate
-from rfdetr_train.engine.weights_out import save_weights, weights_metadata
 from rfdetr_train.evaluation.class_match import compare_classes
 
 SHAPES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "triangle"}, {"id": 3, "name": "star"}]
@@ -21,8 +21,8 @@ SHAPES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "triangle"}, {"id": 3, 
 
 def _weights(path, class_map):
     loaded = load_model("seg-tiny", class_map=class_map)
-    meta = weights_metadata(loaded.variant, (64, 64), PreprocessConfig(), loaded.class_map)
-    return save_weights(path, loaded.model.state_dict(), meta)
+    card = loaded.card.replace(resolution=(64, 64), preprocess=PreprocessConfig())
+    return save_model(path, loaded.model.state_dict(), card)
 
 
 @pytest.fixture(scope="module")
