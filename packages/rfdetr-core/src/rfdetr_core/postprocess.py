@@ -110,13 +110,16 @@ def upsample_masks(
     return out
 
 
-def _as_size_tensor(source_sizes, batch: int, device) -> torch.Tensor:
-    sizes = torch.as_tensor(source_sizes, dtype=torch.float32)
+def _as_size_tensor(source_sizes, batch: int, device) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """``[B, 2]`` float sizes on ``device`` and the same sizes as Python ints (read before the copy, so
+    no device synchronisation is needed to get them back)."""
+    sizes = torch.as_tensor(source_sizes, dtype=torch.float32).cpu()
     if sizes.shape != (batch, 2):
         raise ValueError(
             f"source_sizes must hold {batch} (height, width) pairs, got shape {tuple(sizes.shape)}"
         )
-    return sizes.to(device)
+    size_list = [(int(h), int(w)) for h, w in sizes.round().long().tolist()]
+    return sizes.to(device), size_list
 
 
 def postprocess(
@@ -157,10 +160,9 @@ def postprocess(
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     masks = outputs.get("pred_masks") if with_masks else None
     batch = logits.shape[0]
-    sizes = _as_size_tensor(source_sizes, batch, logits.device)
+    sizes, size_list = _as_size_tensor(source_sizes, batch, logits.device)
     scores, slots, queries = select_topk(logits, num_select)
     pixel_boxes = boxes_to_pixels(boxes, queries, sizes)
-    size_list = [(int(h), int(w)) for h, w in sizes.round().long().tolist()]
     if batched or (batched is None and logits.device.type == "cuda"):
         return _postprocess_batch(
             scores,
@@ -227,18 +229,36 @@ def _postprocess_batch(
         keep &= scores > threshold
     if valid_slots is not None:
         keep &= valid_slots.to(device)[slots]
-    keep_host = keep.cpu().numpy()  # the one synchronisation of the selection
-    counts = keep_host.sum(axis=1).tolist()
-    flat = torch.from_numpy(np.flatnonzero(keep_host.reshape(-1))).to(device, non_blocking=True)  # [M]
-    # [B, N] -> [B*N] rows; the kept rows of image 0, then of image 1, ...
-    picked = {
-        "scores": scores.reshape(-1)[flat],
-        "labels": slots.reshape(-1)[flat],
-        "queries": queries.reshape(-1)[flat],
-        "boxes": pixel_boxes.reshape(-1, 4)[flat],
-    }
     if host:
-        picked = {k: v.cpu() for k, v in picked.items()}  # small; one copy per field for the batch
+        # one copy for the whole selection; float64 holds the float32 scores and boxes and the int64
+        # indexes exactly: [B, N, 8] = keep, score, slot, query, box
+        table = torch.cat(
+            [t.to(torch.float64).unsqueeze(-1) for t in (keep, scores, slots, queries)]
+            + [pixel_boxes.double()],
+            dim=-1,
+        )
+        rows_all = table.cpu().numpy().reshape(batch * n, 8)
+        keep_host = rows_all[:, 0].reshape(batch, n) > 0
+    else:
+        keep_host = keep.cpu().numpy()  # the one synchronisation of the selection
+    counts = keep_host.sum(axis=1).tolist()
+    flat_host = np.flatnonzero(keep_host.reshape(-1))  # [M] rows of [B*N]: image 0's kept rows, then 1's, ...
+    flat = torch.from_numpy(flat_host).to(device, non_blocking=True)
+    if host:
+        rows = rows_all[flat_host]
+        picked = {
+            "scores": torch.from_numpy(rows[:, 1].astype(np.float32)),
+            "labels": torch.from_numpy(rows[:, 2].astype(np.int64)),
+            "queries": torch.from_numpy(rows[:, 3].astype(np.int64)),
+            "boxes": torch.from_numpy(np.ascontiguousarray(rows[:, 4:8], dtype=np.float32)),
+        }
+    else:
+        picked = {
+            "scores": scores.reshape(-1)[flat],
+            "labels": slots.reshape(-1)[flat],
+            "queries": queries.reshape(-1)[flat],
+            "boxes": pixel_boxes.reshape(-1, 4)[flat],
+        }
     parts = {k: torch.split(v, counts) for k, v in picked.items()}
     results = [{k: parts[k][i] for k in picked} for i in range(batch)]
     if masks is None:
@@ -252,10 +272,10 @@ def _postprocess_batch(
     for i, size in enumerate(size_list):
         by_size.setdefault(size, []).append(i)
     for size, images in by_size.items():
-        rows = torch.from_numpy(
+        members = torch.from_numpy(
             np.concatenate([np.arange(starts[i], starts[i + 1]) for i in images]).astype(np.int64)
         ).to(device, non_blocking=True)
-        up = upsample_masks(logits.index_select(0, rows), size, chunk_elements)  # [m, H, W] bool
+        up = upsample_masks(logits.index_select(0, members), size, chunk_elements)  # [m, H, W] bool
         if mask_format == "rle":
             from rfdetr_core.mask_rle import encode_masks
 

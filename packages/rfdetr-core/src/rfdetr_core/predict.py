@@ -254,11 +254,18 @@ class RFDETR:
             sizes,
             num_select,
             threshold=threshold,
-            valid_slots=self._slot_valid.to(self.device),
+            valid_slots=self._valid_slots_on_device(),
             mask_format="rle" if rle else "bool",
             host=True,
         )
         return [self._to_detections(res, size, item) for res, size, item in zip(per_image, sizes, items)]
+
+    def _valid_slots_on_device(self) -> torch.Tensor:
+        """``[K]`` bool slot table on the model's device, copied once (not in every batch)."""
+        cached = getattr(self, "_slot_valid_device", None)
+        if cached is None or cached.device != self.device:
+            cached = self._slot_valid_device = self._slot_valid.to(self.device)
+        return cached
 
     def _to_detections(self, res: dict[str, Any], size: tuple[int, int], item: Any) -> Detections:
         slots = res["labels"].cpu()

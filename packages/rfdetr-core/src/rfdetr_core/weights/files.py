@@ -190,7 +190,9 @@ def folder_message(path: Path) -> str:
     found = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt", ".ckpt"))
     if found:
         return f"{path} is a folder; pass one of the weights files in it: {', '.join(found[:5])}."
-    return f"{path} is a folder with no weights file in it; pass the path of a .safetensors, .pth or .ckpt file."
+    return (
+        f"{path} is a folder with no weights file in it; pass the path of a .safetensors, .pth or .ckpt file."
+    )
 
 
 def read_weights_file(path: str | os.PathLike) -> WeightsFile:
@@ -200,7 +202,11 @@ def read_weights_file(path: str | os.PathLike) -> WeightsFile:
         raise CheckpointError(f"Weights file not found: {path}")
     if path.is_dir():
         raise CheckpointError(folder_message(path))
-    if path.name == "model.safetensors" and path.parent.name == "last" and path.parent.parent.name == "checkpoints":
+    if (
+        path.name == "model.safetensors"
+        and path.parent.name == "last"
+        and path.parent.parent.name == "checkpoints"
+    ):
         run = path.parent.parent.parent
         raise CheckpointError(
             f"{path} is part of the resumable training state (raw weights without the model's record). "
