@@ -237,7 +237,7 @@ def _postprocess_batch(
             + [pixel_boxes.double()],
             dim=-1,
         )
-        rows_all = table.cpu().numpy().reshape(batch * n, 8)
+        rows_all = table.detach().cpu().numpy().reshape(batch * n, 8)
         keep_host = rows_all[:, 0].reshape(batch, n) > 0
     else:
         keep_host = keep.cpu().numpy()  # the one synchronisation of the selection
