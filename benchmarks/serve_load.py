@@ -1,6 +1,7 @@
 """Load test of rfdetr-serve on loopback: requests/s, latency percentiles and errors under concurrent clients.
 
-Three servers, the same model and the same image, one after the other (``--rounds`` repeats the sequence):
+Three servers, the same model and the same image, all started first, then loaded one after the other
+(``--rounds`` repeats the sequence, so drifts in the machine's load hit all three alike):
 
 * ``batched``   our server with dynamic batching (``--max-batch B --max-wait-ms W``),
 * ``batch1``    our server with ``--max-batch 1`` (one image per model call),
@@ -261,25 +262,31 @@ def main(argv=None) -> int:
               f"max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms", flush=True)
         load_before = os.getloadavg()
         results: dict[str, list[dict]] = {}
-        for rnd in range(args.rounds):
-            for kind in args.servers.split(","):
-                proc, url = start_server(kind, model, args.max_batch, args.max_wait_ms, threshold,
-                                         tmp_path / f"{kind}-{rnd}.log")
-                try:
-                    stats = asyncio.run(run_load(url, image, args.clients, args.seconds, args.warmup))
-                finally:
-                    stop_server(proc)
-                stats["loadavg_1m_after"] = os.getloadavg()[0]
-                results.setdefault(kind, []).append(stats)
-                ms = {k: "-" if stats[k] is None else f"{stats[k]:.0f}" for k in ("p50_ms", "p90_ms", "p99_ms")}
-                print(f"round {rnd} {kind:9s} {stats['rps']:6.2f} req/s  p50 {ms['p50_ms']} ms  p90 {ms['p90_ms']} "
-                      f"ms  p99 {ms['p99_ms']} ms  errors {stats['errors']}  mean batch {stats['mean_batch']}",
-                      flush=True)
+        kinds = args.servers.split(",")
+        # all servers up at once (idle ones cost no CPU), then the rounds alternate between them so that
+        # changes in the machine's load hit every server alike
+        servers = {}
+        try:
+            for kind in kinds:
+                servers[kind] = start_server(kind, model, args.max_batch, args.max_wait_ms, threshold,
+                                             tmp_path / f"{kind}.log")
+            for rnd in range(args.rounds):
+                for kind in kinds:
+                    stats = asyncio.run(run_load(servers[kind][1], image, args.clients, args.seconds, args.warmup))
+                    stats["loadavg_1m_after"] = os.getloadavg()[0]
+                    results.setdefault(kind, []).append(stats)
+                    ms = {k: "-" if stats[k] is None else f"{stats[k]:.0f}" for k in ("p50_ms", "p90_ms", "p99_ms")}
+                    print(f"round {rnd} {kind:9s} {stats['rps']:6.2f} req/s  p50 {ms['p50_ms']} ms  p90 "
+                          f"{ms['p90_ms']} ms  p99 {ms['p99_ms']} ms  errors {stats['errors']}  mean batch "
+                          f"{stats['mean_batch']}  load {stats['loadavg_1m_after']:.1f}", flush=True)
+        finally:
+            for proc, _ in servers.values():
+                stop_server(proc)
     summary = {k: float(np.mean([s["rps"] for s in v])) for k, v in results.items()}
     ratios = {}
-    if "batched" in summary and "batch1" in summary:
+    if summary.get("batched") and summary.get("batch1"):
         ratios["batched/batch1"] = summary["batched"] / summary["batch1"]
-    if "batched" in summary and "litserve" in summary:
+    if summary.get("batched") and summary.get("litserve"):
         ratios["batched/litserve"] = summary["batched"] / summary["litserve"]
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
