@@ -109,15 +109,18 @@ def detections_json(det, idx: np.ndarray, mask_format: MaskFormat) -> list[dict]
     """The ``detections`` list for the rows ``idx`` of ``det`` (core's ``Detections``), masks encoded with
     core's COCO RLE encoder (or traced to polygons)."""
     masks = None
-    if det.masks is not None and mask_format is not MaskFormat.none and len(idx):
-        chosen = det.masks[idx]  # [n, H, W] bool
+    has_masks = det.rles is not None or det.masks is not None
+    if has_masks and mask_format is not MaskFormat.none and len(idx):
         if mask_format is MaskFormat.rle:
-            from rfdetr_core.mask_rle import encode_masks
+            if det.rles is not None:  # predict already encoded them (on CUDA, by default)
+                rles = [det.rles[i] for i in idx.tolist()]
+            else:
+                from rfdetr_core.mask_rle import encode_masks
 
-            masks = [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")}
-                     for r in encode_masks(chosen)]
+                rles = encode_masks(det.masks[idx])  # [n, H, W] bool -> n RLEs
+            masks = [{"size": [int(s) for s in r["size"]], "counts": _text(r["counts"])} for r in rles]
         else:
-            masks = [{"polygons": mask_polygons(m)} for m in chosen]
+            masks = [{"polygons": mask_polygons(m)} for m in det.masks[idx]]
     out = []
     for j, i in enumerate(idx.tolist()):
         item = {
@@ -130,6 +133,10 @@ def detections_json(det, idx: np.ndarray, mask_format: MaskFormat) -> list[dict]
             item["mask"] = masks[j]
         out.append(item)
     return out
+
+
+def _text(counts: bytes | str) -> str:
+    return counts.decode("ascii") if isinstance(counts, bytes) else counts
 
 
 def mask_polygons(mask: np.ndarray) -> list[list[float]]:
