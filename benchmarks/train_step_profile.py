@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="interleaved ours/upstream blocks")
     args = ap.parse_args()
 
-    from rfdetr_core.models import build_model
+    from rfdetr_core.factory import build_model
     from rfdetr_core.variants import get_variant
     from rfdetr_train.engine.ema import ModelEMA
     from rfdetr_train.engine.optim import OptimSettings, build_optimizer, param_groups

@@ -178,9 +178,9 @@ def test_cpp_checks_raise_instead_of_crashing():
 
 def test_full_model_eval_outputs_equal_with_and_without_kernel(monkeypatch):
     try:
-        from rfdetr_core.models import build_model
+        from rfdetr_core.factory import build_model
     except ImportError as exc:
-        pytest.skip(f"rfdetr_core.models.build_model is not available yet: {exc}")
+        pytest.skip(f"rfdetr_core.factory.build_model is not available yet: {exc}")
     torch.manual_seed(0)
     model = build_model("seg-nano").cuda().eval()
     x = torch.randn(2, 3, 312, 312, device="cuda")

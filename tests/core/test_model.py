@@ -7,8 +7,9 @@ import torch
 
 import rfdetr_core  # noqa: F401  (registers torch.ops.rfdetr)
 from rfdetr_core.errors import InvalidResolutionError
-from rfdetr_core.models import build_model
+from rfdetr_core.factory import build_model
 from rfdetr_core.models.backbone import WindowedViT
+from rfdetr_core.predict import RFDETR
 from rfdetr_core.variants import get_variant, list_variants
 
 
@@ -26,14 +27,13 @@ def tiny():
 def test_every_variant_builds_and_gives_eval_shapes(name):
     v = get_variant(name)
     model = build_model(name).eval()
-    assert model.variant.name == v.name
+    assert model.spec.name == v.name
     assert model.num_slots == v.num_classes + 1
     assert (model.num_queries, model.group_detr, model.is_segmentation) == (
         v.num_queries,
         v.group_detr,
         v.is_segmentation,
     )
-    assert model.resolution == (v.resolution, v.resolution)
     # Only the blocks whose output is read are built (e.g. 11 for the legacy Base, whose stage 12 is unused).
     assert len(model.backbone.blocks) == max(v.out_feature_indexes)
     # Small non-square input keeps the big ViT-B variants cheap.
@@ -49,7 +49,7 @@ def test_every_variant_builds_and_gives_eval_shapes(name):
 
 
 def test_seg_tiny_honours_its_variant_fields(tiny):
-    v = tiny.variant
+    v = get_variant("seg-tiny")
     assert tiny.backbone.dim == v.encoder_dim and len(tiny.backbone.blocks) == v.encoder_depth
     assert tiny.backbone.blocks[0].attn.heads == v.encoder_heads
     assert tiny.backbone.out_feature_indexes == v.out_feature_indexes
@@ -66,7 +66,7 @@ def test_seg_tiny_honours_its_variant_fields(tiny):
 
 
 def test_default_size_and_non_square(tiny):
-    m = tiny.variant.size_multiple
+    m = tiny.spec.size_multiple
     with torch.no_grad():
         square = tiny(_images(1, 12 * m, 12 * m))
         wide = tiny(_images(1, 8 * m, 20 * m))
@@ -77,7 +77,7 @@ def test_default_size_and_non_square(tiny):
 
 
 def test_batch_independence(tiny):
-    m = tiny.variant.size_multiple
+    m = tiny.spec.size_multiple
     images = _images(3, 12 * m, 10 * m, seed=1)
     with torch.no_grad():
         together = tiny(images)
@@ -87,12 +87,16 @@ def test_batch_independence(tiny):
 
 
 def test_invalid_resolution_names_nearest_sizes(tiny):
-    m = tiny.variant.size_multiple
-    with pytest.raises(InvalidResolutionError, match=rf"Nearest valid sizes: .*{12 * m}, {13 * m}"):
+    """The size check sits at the boundary users pass sizes through (predict here, training in
+    test_engine); the network itself refuses a wrong size with a plain ValueError."""
+    m = tiny.spec.size_multiple
+    with pytest.warns(UserWarning, match="untrained"):
+        with pytest.raises(InvalidResolutionError, match=rf"Nearest valid sizes: .*{12 * m}, {13 * m}"):
+            RFDETR("seg-tiny", device="cpu", resolution=(12 * m + 1, 12 * m))
+        with pytest.raises(InvalidResolutionError, match="312, 324"):
+            RFDETR("seg-nano", device="cpu", resolution=(312, 313))
+    with pytest.raises(ValueError, match=rf"seg-tiny: input {12 * m + 1}x{12 * m} is not a multiple of {m}"):
         tiny(_images(1, 12 * m + 1, 12 * m))
-    nano = build_model("seg-nano")
-    with pytest.raises(InvalidResolutionError, match="312, 324"):
-        nano(_images(1, 312, 313))
 
 
 def test_windowed_blocks_equal_each_window_run_as_its_own_image():
@@ -136,12 +140,12 @@ def test_global_blocks_mix_windows():
 def test_training_outputs_are_grouped_and_lazy(tiny):
     model = build_model("seg-tiny").train()
     model.load_state_dict(tiny.state_dict())
-    m = model.variant.size_multiple
+    m = model.spec.size_multiple
     images = _images(2, 8 * m, 10 * m, seed=4)
     out = model(images)
-    g, q, k, c = model.group_detr, model.num_queries, model.num_slots, model.variant.hidden_dim
+    g, q, k, c = model.group_detr, model.num_queries, model.num_slots, model.spec.hidden_dim
     assert out["pred_logits"].shape == (2, g * q, k) and out["pred_boxes"].shape == (2, g * q, 4)
-    assert len(out["aux_outputs"]) == model.variant.dec_layers - 1
+    assert len(out["aux_outputs"]) == model.spec.dec_layers - 1
     entries = [out, *out["aux_outputs"], out["enc_outputs"]]
     for entry in entries:
         masks = entry["pred_masks"]
@@ -178,7 +182,7 @@ def test_training_outputs_are_grouped_and_lazy(tiny):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
-    m = tiny.variant.size_multiple
+    m = tiny.spec.size_multiple
     images = _images(1, 4 * m, 4 * m, seed=5)
     grads = []
     for ckpt in (False, True):
@@ -193,10 +197,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
 
 def test_class_count_and_query_overrides():
     model = build_model("seg-tiny", num_classes=7, num_queries=12).eval()
-    assert model.num_slots == 7 and model.num_queries == 12 and model.variant.num_queries == 12
-    assert model.query_feat.weight.shape == (12 * model.group_detr, model.variant.hidden_dim)
+    assert model.num_slots == 7 and model.num_queries == 12 and model.spec.num_queries == 12
+    assert model.query_feat.weight.shape == (12 * model.group_detr, model.spec.hidden_dim)
     with torch.no_grad():
-        m = model.variant.size_multiple
+        m = model.spec.size_multiple
         out = model(_images(2, 4 * m, 8 * m))
     assert out["pred_logits"].shape == (2, 12, 7)
     assert out["pred_masks"].shape == (2, 12, m, 2 * m)
@@ -223,7 +227,7 @@ def test_cuda_matches_cpu(name):
     cpu = build_model(name).eval()
     gpu = build_model(name).eval().cuda()
     gpu.load_state_dict(cpu.state_dict())
-    m = cpu.variant.size_multiple
+    m = cpu.spec.size_multiple
     images = _images(2, 8 * m, 10 * m, seed=6)
     prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -245,7 +249,7 @@ def test_drop_path_only_acts_in_training(tiny):
     model.load_state_dict(tiny.state_dict())
     model.set_drop_path(0.5)
     assert model.backbone.blocks[0].drop_path == 0.0 and model.backbone.blocks[-1].drop_path == 0.5
-    m = model.variant.size_multiple
+    m = model.spec.size_multiple
     images = _images(2, 4 * m, 4 * m, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(images)["pred_logits"], tiny(images)["pred_logits"])

@@ -23,7 +23,7 @@ import torch
 
 import rfdetr_core  # noqa: F401  (registers torch.ops.rfdetr)
 from rfdetr_core.errors import CheckpointError
-from rfdetr_core.models import build_model
+from rfdetr_core.factory import build_model
 from rfdetr_core.variants import get_variant
 from rfdetr_core.weights.upstream import convert_upstream_state_dict
 
@@ -79,7 +79,7 @@ def pairs(tmp_path_factory):
             path = tmp_path_factory.mktemp("upstream") / f"{variant}.pth"
             torch.save(upstream.state_dict(), path)
             ours = build_model(variant).eval()
-            sd, notes = convert_upstream_state_dict(torch.load(path, weights_only=True), ours)
+            sd, notes = convert_upstream_state_dict(torch.load(path, weights_only=True), ours.spec)
             assert notes == []
             ours.load_state_dict(sd, strict=True)
             cache[variant] = (upstream, ours, path)
@@ -191,7 +191,7 @@ def test_training_outputs_match_upstream(pairs):
             out, ref = ours(images), upstream(images)
     finally:
         upstream.eval(), ours.eval()
-    assert len(out["aux_outputs"]) == len(ref["aux_outputs"]) == ours.variant.dec_layers - 1
+    assert len(out["aux_outputs"]) == len(ref["aux_outputs"]) == ours.spec.dec_layers - 1
     pairs_out = [*zip(out["aux_outputs"], ref["aux_outputs"], strict=True), (out, ref)]
     pairs_out.append((out["enc_outputs"], ref["enc_outputs"]))
     for a, b in pairs_out:
@@ -223,7 +223,7 @@ def test_distinct_slots_match_upstream_in_float64(pairs):
         for emb in (upstream.query_feat, upstream.refpoint_embed):
             emb.weight.normal_(0.0, 0.5, generator=gen)
     ours = build_model("seg-nano").eval()
-    ours.load_state_dict(convert_upstream_state_dict(upstream.state_dict(), ours)[0], strict=True)
+    ours.load_state_dict(convert_upstream_state_dict(upstream.state_dict(), ours.spec)[0], strict=True)
     ours.double()
     images = torch.randn(1, 3, 240, 240, generator=gen, dtype=torch.float64)
     with torch.no_grad():
@@ -255,7 +255,7 @@ def _upstream_sd(pairs):
 def test_class_head_is_tiled_or_truncated(pairs, slots):
     sd_up = _upstream_sd(pairs)
     model = build_model("seg-nano", num_classes=slots).eval()
-    sd, notes = convert_upstream_state_dict(sd_up, model)
+    sd, notes = convert_upstream_state_dict(sd_up, model.spec)
     model.load_state_dict(sd, strict=True)
     assert any(("truncated" if slots < 91 else "tiled") in n for n in notes)
     rows = torch.arange(slots) % 91
@@ -272,7 +272,7 @@ def test_class_head_is_tiled_or_truncated(pairs, slots):
 def test_fewer_queries_and_groups_are_sliced_per_group(pairs):
     sd_up = _upstream_sd(pairs)
     model = build_model(get_variant("seg-nano").with_overrides(group_detr=3), num_queries=30)
-    sd, notes = convert_upstream_state_dict(sd_up, model)
+    sd, notes = convert_upstream_state_dict(sd_up, model.spec)
     model.load_state_dict(sd, strict=True)
     assert any("per group" in n for n in notes)
     full = sd_up["query_feat.weight"].view(13, 100, -1)
@@ -284,13 +284,13 @@ def test_fewer_queries_and_groups_are_sliced_per_group(pairs):
 
 def test_more_queries_than_the_file_has_is_an_error(pairs):
     with pytest.raises(CheckpointError, match="num_queries <= 100"):
-        convert_upstream_state_dict(_upstream_sd(pairs), build_model("seg-nano", num_queries=150))
+        convert_upstream_state_dict(_upstream_sd(pairs), build_model("seg-nano", num_queries=150).spec)
 
 
 def test_position_table_is_resized_to_the_model_grid(pairs):
     sd_up = _upstream_sd(pairs)
     model = build_model(get_variant("seg-nano").with_overrides(positional_encoding_size=20)).eval()
-    sd, notes = convert_upstream_state_dict(sd_up, model)
+    sd, notes = convert_upstream_state_dict(sd_up, model.spec)
     model.load_state_dict(sd, strict=True)
     assert model.backbone.pos_embed.shape == (1, 401, 384)
     assert any("26x26 to 20x20" in n for n in notes)
@@ -308,7 +308,7 @@ def test_position_table_is_resized_to_the_model_grid(pairs):
 )
 def test_checkpoints_that_do_not_fit_name_the_right_variant(pairs, target, why):
     with pytest.raises(CheckpointError, match=rf"(?s){why}.*'seg-nano' checkpoint"):
-        convert_upstream_state_dict(_upstream_sd(pairs), build_model(target))
+        convert_upstream_state_dict(_upstream_sd(pairs), build_model(target).spec)
 
 
 def test_meaningless_keys_are_dropped_and_unknown_ones_reported(pairs):
@@ -316,6 +316,6 @@ def test_meaningless_keys_are_dropped_and_unknown_ones_reported(pairs):
     assert "_kp_active_mask" in sd_up and any(k.endswith("mask_token") for k in sd_up)
     sd_up["transformer.decoder.keypoint_pos_embed"] = torch.zeros(3, 256)
     model = build_model("seg-nano")
-    sd, notes = convert_upstream_state_dict({f"model.{k}": v for k, v in sd_up.items()}, model)
+    sd, notes = convert_upstream_state_dict({f"model.{k}": v for k, v in sd_up.items()}, model.spec)
     model.load_state_dict(sd, strict=True)
     assert len(notes) == 1 and "keypoint_pos_embed" in notes[0] and "mask_token" not in notes[0]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import rfdetr_core  # noqa: F401
 from rfdetr_core.errors import CheckpointError
-from rfdetr_core.models import build_model
+from rfdetr_core.factory import build_model
 from rfdetr_core.weights.dinov2 import convert_dinov2_state_dict, resize_patch_kernel
 from rfdetr_core.weights.upstream import convert_upstream_state_dict
 
@@ -90,7 +90,7 @@ def tiny():
 
 def test_hub_layout_fills_the_whole_backbone(tiny):
     hub = _hub_dinov2()
-    sd, notes = convert_dinov2_state_dict(hub, tiny)
+    sd, notes = convert_dinov2_state_dict(hub, tiny.spec)
     tiny.backbone.load_state_dict(sd, strict=True)  # every backbone tensor is provided
     torch.testing.assert_close(tiny.backbone.blocks[2].attn.qkv.weight, hub["blocks.2.attn.qkv.weight"])
     torch.testing.assert_close(tiny.backbone.blocks[3].ls2, hub["blocks.3.ls2.gamma"])
@@ -100,8 +100,8 @@ def test_hub_layout_fills_the_whole_backbone(tiny):
 
 def test_hugging_face_layout_gives_the_same_weights(tiny):
     hub = _hub_dinov2(seed=1)
-    a, _ = convert_dinov2_state_dict(hub, tiny)
-    b, _ = convert_dinov2_state_dict(_as_hugging_face(hub), tiny)
+    a, _ = convert_dinov2_state_dict(hub, tiny.spec)
+    b, _ = convert_dinov2_state_dict(_as_hugging_face(hub), tiny.spec)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
@@ -111,7 +111,7 @@ def test_extra_blocks_are_dropped_and_unknown_entries_reported(tiny):
     hub = _hub_dinov2()
     extra = {k.replace("blocks.0.", "blocks.7."): v for k, v in hub.items() if k.startswith("blocks.0.")}
     hub |= extra | {"head.weight": torch.zeros(10, DIM)}
-    sd, notes = convert_dinov2_state_dict(hub, tiny)
+    sd, notes = convert_dinov2_state_dict(hub, tiny.spec)
     assert not any(k.startswith("blocks.7.") for k in sd)
     assert any("head.weight" in n for n in notes)
 
@@ -135,14 +135,14 @@ def test_patch_kernel_resize_preserves_token_embeddings(size):
 def test_wrong_width_is_an_error_naming_the_file_to_use():
     model = build_model("seg-nano")  # ViT-S, 384 wide
     with pytest.raises(CheckpointError, match="dinov2_vits14"):
-        convert_dinov2_state_dict(_hub_dinov2(), model)
+        convert_dinov2_state_dict(_hub_dinov2(), model.spec)
 
 
 def test_not_a_dinov2_file_is_an_error(tiny):
     with pytest.raises(CheckpointError, match="DINOv2"):
-        convert_dinov2_state_dict({"weight": torch.zeros(3)}, tiny)
+        convert_dinov2_state_dict({"weight": torch.zeros(3)}, tiny.spec)
 
 
 def test_not_an_rfdetr_file_is_an_error(tiny):
     with pytest.raises(CheckpointError, match="RF-DETR checkpoint"):
-        convert_upstream_state_dict(_hub_dinov2(), tiny)
+        convert_upstream_state_dict(_hub_dinov2(), tiny.spec)

@@ -1,9 +1,12 @@
 """``create_model``: a variant, a class count and optional weights -> a ready model in eval mode.
 
+This is the one place that maps a registered :class:`~rfdetr_core.variants.Variant` to the network's
+constructor (:func:`model_spec`, :func:`build_model`); ``models/`` itself never sees a variant.
+
 Weights may be a file of any kind :func:`rfdetr_core.weights.files.read_weights_file` reads, or an official
 name (``seg-medium``, ``rf-detr-seg-medium.pt``) downloaded by :mod:`rfdetr_core.weights.download`.
 Class count: ``num_classes`` when given (heads resized, with a warning, when the file has another count),
-else the file's, else the variant default (``variant.num_classes + 1`` slots, upstream's COCO layout).
+else the file's, else the variant default (``Variant.default_slots``, upstream's COCO layout).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from rfdetr_core.class_map import ClassMap
 from rfdetr_core.coco_classes import coco_class_map
 from rfdetr_core.errors import CheckpointError
 from rfdetr_core.model_card import ModelCard
+from rfdetr_core.models import ModelSpec, RFDETRModel
 from rfdetr_core.preprocess import PreprocessConfig
 from rfdetr_core.variants import Variant, get_variant
 
@@ -79,10 +83,61 @@ def card_for(
     )
 
 
+def model_spec(
+    variant: str | Variant, num_slots: int | None = None, num_queries: int | None = None
+) -> ModelSpec:
+    """The network architecture of ``variant``.
+
+    Args:
+        variant: a :class:`Variant` or registered name.
+        num_slots: logit slots ``K`` (default :attr:`Variant.default_slots`, upstream's 91-slot COCO layout).
+        num_queries: queries per group (default ``variant.num_queries``).
+    """
+    v = get_variant(variant)
+    for name, value in (("num_classes (logit slots)", num_slots), ("num_queries", num_queries)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+    return ModelSpec(
+        name=v.name,
+        num_slots=v.default_slots if num_slots is None else num_slots,
+        num_queries=v.num_queries if num_queries is None else num_queries,
+        group_detr=v.group_detr,
+        is_segmentation=v.is_segmentation,
+        patch_size=v.patch_size,
+        num_windows=v.num_windows,
+        positional_encoding_size=v.positional_encoding_size,
+        encoder_dim=v.encoder_dim,
+        encoder_heads=v.encoder_heads,
+        out_feature_indexes=v.out_feature_indexes,
+        window_block_indexes=v.window_block_indexes,
+        hidden_dim=v.hidden_dim,
+        projector_scale=v.projector_scale,
+        dec_layers=v.dec_layers,
+        sa_nheads=v.sa_nheads,
+        ca_nheads=v.ca_nheads,
+        dec_n_points=v.dec_n_points,
+        dim_feedforward=v.dim_feedforward,
+        mask_downsample_ratio=v.mask_downsample_ratio,
+    )
+
+
+def build_model(
+    variant: str | Variant, num_classes: int | None = None, num_queries: int | None = None
+) -> RFDETRModel:
+    """A randomly initialised model of ``variant`` (training mode, as any new ``nn.Module``).
+
+    Args:
+        variant: a :class:`Variant` or registered name.
+        num_classes: logit slots ``K`` (default :attr:`Variant.default_slots`, upstream's 91-slot COCO layout).
+        num_queries: queries per group (default ``variant.num_queries``).
+    """
+    return RFDETRModel(model_spec(variant, num_classes, num_queries))
+
+
 def default_class_map(num_slots: int, variant: Variant) -> ClassMap:
     """Class map of a model without one of its own: COCO ids for the 91-slot COCO layout, else
     ``class_<i>`` names with category id = slot."""
-    if num_slots == variant.num_classes + 1 == 91:
+    if num_slots == variant.default_slots == 91:
         return coco_class_map(num_slots)
     return ClassMap.from_names([f"class_{i}" for i in range(num_slots)])
 
@@ -118,8 +173,6 @@ def load_model(
     now on (e.g. a dataset's, for fine-tuning); it sets ``num_classes`` (``class_map.num_slots``) and replaces
     the file's class map, so no warning is given about the file's class names.
     """
-    from rfdetr_core.models import build_model
-
     if class_map is not None:
         if num_classes is not None and num_classes != class_map.num_slots:
             raise ValueError(
@@ -180,7 +233,7 @@ def create_model(
     Args:
         variant: a registered name (``seg-nano``, ...) or a :class:`Variant`.
         num_classes: logit slots ``K`` of the classification head. Default: the weights file's count, else
-            ``variant.num_classes + 1`` (upstream's 91-slot COCO layout). When it differs from the file's,
+            ``variant.default_slots`` (upstream's 91-slot COCO layout). When it differs from the file's,
             the heads are resized and a warning says so.
         weights: a file (our safetensors, upstream ``.pth``/``.pt``, Lightning ``.ckpt``) or an official
             name (``seg-medium``, ``rf-detr-seg-medium.pt``), downloaded and md5-checked.
@@ -233,7 +286,7 @@ def _load_state(model: nn.Module, wf) -> list[str]:
     if wf.upstream_layout:
         from rfdetr_core.weights.upstream import convert_upstream_state_dict
 
-        sd, notes = convert_upstream_state_dict(wf.state_dict, model)
+        sd, notes = convert_upstream_state_dict(wf.state_dict, model.spec)
         notes = list(notes)
     else:
         sd = wf.state_dict
@@ -244,7 +297,7 @@ def _load_state(model: nn.Module, wf) -> list[str]:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(
-            f"{wf.path} does not fit {model.variant.name}: missing {sorted(missing)[:5]}"
+            f"{wf.path} does not fit {model.spec.name}: missing {sorted(missing)[:5]}"
             f"{' ...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}"
             f"{' ...' if len(unexpected) > 5 else ''}. Is it a checkpoint of another variant?"
         )
@@ -274,7 +327,7 @@ def _fit_heads(sd: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str,
             continue
         raise CheckpointError(
             f"Tensor {key!r} has shape {tuple(value.shape)} in the file but {tuple(want.shape)} in "
-            f"{model.variant.name}: the file is for another architecture."
+            f"{model.spec.name}: the file is for another architecture."
         )
     notes = []
     if resized:

@@ -50,8 +50,8 @@ class Variant:
     Encoder: a DINOv2 ViT (``encoder_dim`` wide, ``encoder_depth`` blocks, ``encoder_heads`` heads) with
     ``num_windows`` x ``num_windows`` windowed attention; ``out_feature_indexes`` are the 1-based stages
     (hidden-state indexes) fed to the projector. Decoder: ``dec_layers`` deformable layers of width
-    ``hidden_dim``. ``num_classes`` counts real classes of the pretrained head (logit slots =
-    ``num_classes + 1`` for upstream weights, slot = COCO category id).
+    ``hidden_dim``. ``num_classes`` counts real classes of the pretrained head; :attr:`default_slots` gives
+    the logit slots (slot = COCO category id for upstream weights).
     """
 
     name: str
@@ -84,6 +84,12 @@ class Variant:
     @property
     def is_segmentation(self) -> bool:
         return self.task == "segment"
+
+    @property
+    def default_slots(self) -> int:
+        """Logit slots of the pretrained head: ``num_classes`` real classes + 1 background/no-object slot
+        (upstream's layout: 90 COCO classes -> 91 slots, slot = category id)."""
+        return self.num_classes + 1
 
     @property
     def size_multiple(self) -> int:

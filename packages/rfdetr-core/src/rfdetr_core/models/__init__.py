@@ -1,5 +1,10 @@
-"""The RF-DETR(-Seg) network. Importing ``rfdetr_core`` first registers ``torch.ops.rfdetr.ms_deform_attn``."""
+"""The RF-DETR(-Seg) network. Importing ``rfdetr_core`` first registers ``torch.ops.rfdetr.ms_deform_attn``.
 
-from rfdetr_core.models.detector import RFDETRModel, build_model
+Only torch and the standard library are imported under ``models/``; :func:`rfdetr_core.factory.build_model`
+maps a registered variant to a :class:`ModelSpec`.
+"""
 
-__all__ = ["RFDETRModel", "build_model"]
+from rfdetr_core.models.detector import RFDETRModel
+from rfdetr_core.models.spec import ModelSpec
+
+__all__ = ["ModelSpec", "RFDETRModel"]

@@ -1,8 +1,10 @@
 """The RF-DETR / RF-DETR-Seg network: backbone -> projector -> two-stage selection -> decoder -> heads.
 
 Robinson et al., "RF-DETR: Real-Time Detection Transformer", arXiv 2511.09554; layout and numbers as in
-rfdetr-upstream.md section 2. Only torch is imported here: deformable attention goes through
-``torch.ops.rfdetr.ms_deform_attn``, registered when ``rfdetr_core`` is imported.
+rfdetr-upstream.md section 2. Only torch is imported here: the architecture arrives as a plain
+:class:`~rfdetr_core.models.spec.ModelSpec` (built from a variant by :func:`rfdetr_core.factory.build_model`),
+and deformable attention goes through ``torch.ops.rfdetr.ms_deform_attn``, registered when ``rfdetr_core`` is
+imported.
 """
 
 from __future__ import annotations
@@ -16,64 +18,60 @@ from torch import Tensor, nn
 from rfdetr_core.models.backbone import WindowedViT
 from rfdetr_core.models.mask_head import MaskHead
 from rfdetr_core.models.projector import MultiScaleProjector
+from rfdetr_core.models.spec import ModelSpec
 from rfdetr_core.models.transformer import MLP, Decoder, QuerySelection, apply_box_delta
-from rfdetr_core.variants import Variant, get_variant
 
 # Focal-loss prior (Lin et al., RetinaNet): class biases start at -log((1 - 0.01) / 0.01).
 PRIOR_PROB = 0.01
 
 
 class RFDETRModel(nn.Module):
-    """RF-DETR(-Seg) for one :class:`~rfdetr_core.variants.Variant`.
+    """RF-DETR(-Seg) for one :class:`~rfdetr_core.models.spec.ModelSpec`.
 
     Attributes:
-        variant: the architecture (with ``num_queries`` override applied).
+        spec: the architecture.
         num_slots: class logit slots ``K``.
         num_queries: queries per group ``Q``; group_detr: groups ``G`` used in training.
         is_segmentation: whether the mask head exists.
-        resolution: default input ``(H, W)``.
     """
 
-    def __init__(self, variant: Variant, num_slots: int) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        if num_slots < 1:
-            raise ValueError(f"num_classes (logit slots) must be positive, got {num_slots}")
-        self.variant = variant
-        self.num_slots = num_slots
-        self.num_queries = variant.num_queries
-        self.group_detr = variant.group_detr
-        self.is_segmentation = variant.is_segmentation
-        self.resolution = (variant.resolution, variant.resolution)
-        dim = variant.hidden_dim
+        self.spec = spec
+        self.num_slots = spec.num_slots
+        self.num_queries = spec.num_queries
+        self.group_detr = spec.group_detr
+        self.is_segmentation = spec.is_segmentation
+        dim = spec.hidden_dim
         self.backbone = WindowedViT(
-            dim=variant.encoder_dim,
-            heads=variant.encoder_heads,
-            patch_size=variant.patch_size,
-            num_windows=variant.num_windows,
-            pos_grid=variant.positional_encoding_size,
-            out_feature_indexes=variant.out_feature_indexes,
-            window_block_indexes=variant.window_block_indexes,
+            dim=spec.encoder_dim,
+            heads=spec.encoder_heads,
+            patch_size=spec.patch_size,
+            num_windows=spec.num_windows,
+            pos_grid=spec.positional_encoding_size,
+            out_feature_indexes=spec.out_feature_indexes,
+            window_block_indexes=spec.window_block_indexes,
         )
         self.projector = MultiScaleProjector(
-            (variant.encoder_dim,) * len(variant.out_feature_indexes), dim, variant.projector_scale
+            (spec.encoder_dim,) * len(spec.out_feature_indexes), dim, spec.projector_scale
         )
-        self.query_selection = QuerySelection(dim, num_slots, variant.group_detr, variant.num_queries)
+        self.query_selection = QuerySelection(dim, spec.num_slots, spec.group_detr, spec.num_queries)
         self.decoder = Decoder(
             dim,
-            variant.dec_layers,
-            variant.sa_nheads,
-            variant.ca_nheads,
-            len(variant.projector_scale),
-            variant.dec_n_points,
-            variant.dim_feedforward,
+            spec.dec_layers,
+            spec.sa_nheads,
+            spec.ca_nheads,
+            len(spec.projector_scale),
+            spec.dec_n_points,
+            spec.dim_feedforward,
         )
-        rows = variant.num_queries * variant.group_detr
+        rows = spec.num_queries * spec.group_detr
         self.query_feat = nn.Embedding(rows, dim)
         self.refpoint_embed = nn.Embedding(rows, 4)
-        self.class_embed = nn.Linear(dim, num_slots)
+        self.class_embed = nn.Linear(dim, spec.num_slots)
         self.bbox_embed = MLP(dim, dim, 4, 3)
         self.mask_head = (
-            MaskHead(dim, variant.dec_layers, variant.mask_downsample_ratio) if self.is_segmentation else None
+            MaskHead(dim, spec.dec_layers, spec.mask_downsample_ratio) if spec.is_segmentation else None
         )
         self.reset_parameters()
 
@@ -117,7 +115,9 @@ class RFDETRModel(nn.Module):
         """Backbone + projector.
 
         Args:
-            images: ``[B, 3, H, W]`` normalised, H and W valid for the variant.
+            images: ``[B, 3, H, W]`` normalised, H and W multiples of ``spec.size_multiple``. Callers with
+                user input check the size first (``Variant.check_resolution``: predict, training); here a
+                wrong size is a ``ValueError``, and the check is left out of traced graphs.
 
         Returns:
             ``levels`` (list of ``[B, C, h_l, w_l]``), ``memory [B, S, C]`` (levels flattened row-major and
@@ -125,13 +125,23 @@ class RFDETRModel(nn.Module):
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
-        self.variant.check_resolution(int(images.shape[-2]), int(images.shape[-1]))
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            self._check_size(int(images.shape[-2]), int(images.shape[-1]))
         levels = self.projector(self.backbone(images))
         spatial_shapes = [s for lvl in levels for s in lvl.shape[-2:]]
         # [B, C, h, w] -> [B, h*w, C]
         flat = [lvl.flatten(2).transpose(1, 2) for lvl in levels]
         memory = flat[0].contiguous() if len(flat) == 1 else torch.cat(flat, dim=1)
         return levels, memory, spatial_shapes
+
+    def _check_size(self, height: int, width: int) -> None:
+        m = self.spec.size_multiple
+        if height % m or width % m:
+            raise ValueError(
+                f"{self.spec.name}: input {height}x{width} is not a multiple of {m} per side (patch size "
+                f"{self.spec.patch_size} x {self.spec.num_windows} window(s)); resize it first "
+                "(RFDETR.predict does)"
+            )
 
     def _initial_queries(self, ts_boxes: Tensor, groups: int) -> tuple[Tensor, Tensor]:
         """Content queries and reference boxes for ``groups`` groups: ``[B, G*Q, C]``, ``[B, G*Q, 4]``."""
@@ -154,8 +164,8 @@ class RFDETRModel(nn.Module):
         """Run the network.
 
         Args:
-            images: ``[B, 3, H, W]`` float, normalised; H and W multiples of ``patch_size * num_windows``
-                (else :class:`~rfdetr_core.errors.InvalidResolutionError` naming the nearest valid sizes).
+            images: ``[B, 3, H, W]`` float, normalised; H and W multiples of ``spec.size_multiple``
+                (else ``ValueError``).
 
         Returns:
             Eval mode (group 0 only, last layer only): ``pred_logits [B, Q, K]``, ``pred_boxes [B, Q, 4]``
@@ -198,22 +208,3 @@ class RFDETRModel(nn.Module):
         out["aux_outputs"] = per_layer[:-1]
         out["enc_outputs"] = enc
         return out
-
-
-def build_model(
-    variant: Variant | str, num_classes: int | None = None, num_queries: int | None = None
-) -> RFDETRModel:
-    """Build a randomly initialised model.
-
-    Args:
-        variant: a :class:`Variant` or registered name.
-        num_classes: logit slots ``K`` (default ``variant.num_classes + 1``, upstream's 91-slot COCO layout).
-        num_queries: queries per group (default ``variant.num_queries``).
-    """
-    v = get_variant(variant)
-    if num_queries is not None:
-        if num_queries < 1:
-            raise ValueError(f"num_queries must be positive, got {num_queries}")
-        v = v.with_overrides(num_queries=num_queries)
-    slots = v.num_classes + 1 if num_classes is None else num_classes
-    return RFDETRModel(v, slots)

@@ -16,10 +16,11 @@ import re
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from rfdetr_core.errors import CheckpointError
 from rfdetr_core.models.backbone import resize_patch_pos_embed
+from rfdetr_core.models.spec import ModelSpec
 from rfdetr_core.weights.key_mapping import rename_keys
 
 _HUB = [
@@ -75,12 +76,12 @@ def _normalise(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return sd
 
 
-def convert_dinov2_state_dict(sd: dict[str, Tensor], model: nn.Module) -> tuple[dict[str, Tensor], list[str]]:
-    """Map DINOv2 weights onto ``model``'s backbone.
+def convert_dinov2_state_dict(sd: dict[str, Tensor], spec: ModelSpec) -> tuple[dict[str, Tensor], list[str]]:
+    """Map DINOv2 weights onto the backbone of an ``RFDETRModel(spec)``.
 
     Args:
         sd: a torch.hub or Hugging Face DINOv2 state dict (ViT-S/14 or ViT-B/14, without registers).
-        model: the target model from :func:`rfdetr_core.models.build_model`.
+        spec: the target architecture (``model.spec``, or :func:`rfdetr_core.factory.model_spec`).
 
     Returns:
         ``(backbone_state_dict, notes)``: keys relative to ``model.backbone`` (load with
@@ -91,7 +92,6 @@ def convert_dinov2_state_dict(sd: dict[str, Tensor], model: nn.Module) -> tuple[
         CheckpointError: not a DINOv2 state dict, or its width or depth does not fit the model's encoder.
     """
     sd = _normalise(dict(sd))
-    backbone = model.backbone
     if "cls_token" in sd:
         rules = _HUB
     elif "embeddings.cls_token" in sd:
@@ -111,14 +111,14 @@ def convert_dinov2_state_dict(sd: dict[str, Tensor], model: nn.Module) -> tuple[
     )
 
     width = out["cls_token"].shape[-1]
-    if width != backbone.dim:
+    if width != spec.encoder_dim:
         raise CheckpointError(
-            f"These DINOv2 weights are {width} wide; the {model.variant.name!r} encoder is {backbone.dim} wide "
-            f"({'ViT-S' if backbone.dim == 384 else 'ViT-B' if backbone.dim == 768 else 'custom'}). Use "
-            f"{'dinov2_vits14' if backbone.dim == 384 else 'dinov2_vitb14' if backbone.dim == 768 else 'no DINOv2 file'}."
+            f"These DINOv2 weights are {width} wide; the {spec.name!r} encoder is {spec.encoder_dim} wide "
+            f"({'ViT-S' if spec.encoder_dim == 384 else 'ViT-B' if spec.encoder_dim == 768 else 'custom'}). Use "
+            f"{'dinov2_vits14' if spec.encoder_dim == 384 else 'dinov2_vitb14' if spec.encoder_dim == 768 else 'no DINOv2 file'}."
         )
     depth = len({int(k.split(".")[1]) for k in out if k.startswith("blocks.")})
-    built = len(backbone.blocks)
+    built = spec.encoder_blocks
     if depth < built:
         raise CheckpointError(f"These DINOv2 weights have {depth} blocks; the encoder needs {built}.")
     # Blocks past the last stage the model reads are never run.
@@ -126,13 +126,11 @@ def convert_dinov2_state_dict(sd: dict[str, Tensor], model: nn.Module) -> tuple[
 
     notes: list[str] = []
     kernel = out["patch_embed.weight"]
-    if kernel.shape[-1] != backbone.patch_size:
-        out["patch_embed.weight"] = resize_patch_kernel(kernel, backbone.patch_size)
-        notes.append(
-            f"patch kernel resized from {kernel.shape[-1]} to {backbone.patch_size} pixels (FlexiViT)"
-        )
+    if kernel.shape[-1] != spec.patch_size:
+        out["patch_embed.weight"] = resize_patch_kernel(kernel, spec.patch_size)
+        notes.append(f"patch kernel resized from {kernel.shape[-1]} to {spec.patch_size} pixels (FlexiViT)")
     table = out["pos_embed"]
-    grid = backbone.pos_grid
+    grid = spec.positional_encoding_size
     if table.shape[1] != 1 + grid * grid:
         out["pos_embed"] = resize_patch_pos_embed(table, (grid, grid))
         side = round((table.shape[1] - 1) ** 0.5)

@@ -11,10 +11,11 @@ import math
 import re
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from rfdetr_core.errors import CheckpointError
 from rfdetr_core.models.backbone import resize_patch_pos_embed
+from rfdetr_core.models.spec import ModelSpec
 from rfdetr_core.variants import Variant, get_variant, list_variants
 from rfdetr_core.weights.key_mapping import rename_keys
 
@@ -204,7 +205,7 @@ def _inspect(sd: dict[str, Tensor]) -> _Shape:
     )
 
 
-def _fits(v: Variant, s: _Shape) -> bool:
+def _fits(v: Variant | ModelSpec, s: _Shape) -> bool:
     return (
         v.is_segmentation == s.segmentation
         and v.encoder_dim == s.encoder_dim
@@ -226,8 +227,7 @@ def _likely_variant(s: _Shape) -> str | None:
     return best.name
 
 
-def _check_fits(model: nn.Module, s: _Shape) -> None:
-    v: Variant = model.variant
+def _check_fits(v: ModelSpec, s: _Shape) -> None:
     if _fits(v, s):
         return
     guess = _likely_variant(s)
@@ -259,15 +259,15 @@ def _slice_groups(t: Tensor, ckpt_q: int, keep_groups: int, keep_q: int) -> Tens
 
 
 def convert_upstream_state_dict(
-    upstream_sd: dict[str, Tensor], model: nn.Module
+    upstream_sd: dict[str, Tensor], spec: ModelSpec
 ) -> tuple[dict[str, Tensor], list[str]]:
-    """Map an upstream RF-DETR(-Seg) state dict onto ``model`` (built by :func:`rfdetr_core.models.build_model`).
+    """Map an upstream RF-DETR(-Seg) state dict onto the layout of an ``RFDETRModel(spec)``.
 
     Args:
         upstream_sd: the ``model`` state dict of an upstream checkpoint (a Lightning ``model.`` prefix is
             accepted).
-        model: the target model; its variant, slot count, queries, groups and position grid decide the
-            adaptation.
+        spec: the target architecture (``model.spec``, or :func:`rfdetr_core.factory.model_spec`); its
+            layers, slot count, queries, groups and position grid decide the adaptation.
 
     Returns:
         ``(state_dict, warnings)``: a state dict that loads with ``model.load_state_dict(sd, strict=True)`` and
@@ -279,7 +279,7 @@ def convert_upstream_state_dict(
     """
     sd = _strip_prefix(dict(upstream_sd))
     shape = _inspect(sd)
-    _check_fits(model, shape)
+    _check_fits(spec, shape)
     if any(k.startswith(_VIT + "embeddings.register_tokens") for k in sd):
         raise CheckpointError(
             "This checkpoint's backbone uses register tokens, which no RF-DETR variant here has."
@@ -295,16 +295,16 @@ def convert_upstream_state_dict(
     )
 
     # Blocks past the last stage the model reads are unused upstream too (e.g. block 12 of legacy Base).
-    built = len(model.backbone.blocks)
+    built = spec.encoder_blocks
     ckpt_blocks = _count(out, r"^backbone\.blocks\.(\d+)\.")
     if ckpt_blocks < built:
         raise CheckpointError(
-            f"The checkpoint has {ckpt_blocks} backbone blocks; {model.variant.name!r} needs {built}."
+            f"The checkpoint has {ckpt_blocks} backbone blocks; {spec.name!r} needs {built}."
         )
     out = {k: v for k, v in out.items() if not ((m := _BLOCK.match(k)) and int(m.group(1)) >= built)}
 
     # Position table -> the model's grid.
-    grid = model.backbone.pos_grid
+    grid = spec.positional_encoding_size
     if shape.pos_grid != grid:
         out["backbone.pos_embed"] = resize_patch_pos_embed(out["backbone.pos_embed"], (grid, grid))
         notes.append(
@@ -312,7 +312,7 @@ def convert_upstream_state_dict(
         )
 
     # Query groups and queries per group.
-    groups, q = model.group_detr, model.num_queries
+    groups, q = spec.group_detr, spec.num_queries
     if shape.groups < 1 or shape.query_rows % shape.groups:
         raise CheckpointError(
             f"query embeddings have {shape.query_rows} rows, not a multiple of the {shape.groups} two-stage groups"
@@ -337,7 +337,7 @@ def convert_upstream_state_dict(
         )
 
     # Class slots: tile or truncate every class head, as upstream does.
-    slots = model.num_slots
+    slots = spec.num_slots
     if slots != shape.slots:
         for key in [k for k in out if re.match(r"^(class_embed|query_selection\.class_embed\.\d+)\.", k)]:
             out[key] = _resize_rows(out[key], slots)

@@ -116,7 +116,7 @@ def build_train_model(
     """The model to train for ``class_map`` (the dataset's classes): random init, or ``weights`` with the
     class heads resized to ``class_map.num_slots``."""
     if weights is None:
-        from rfdetr_core.models import build_model
+        from rfdetr_core.factory import build_model
 
         model = build_model(variant, num_classes=class_map.num_slots, num_queries=variant.num_queries)
         res = resolution or (variant.resolution, variant.resolution)
