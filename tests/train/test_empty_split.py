@@ -21,7 +21,7 @@ def test_training_and_val_on_a_split_without_annotations(tmp_path, capsys):
     (data / "val.json").write_text(json.dumps({**val, "annotations": []}))
     torch.set_num_threads(1)
     result = rfdetr_train.train(
-        data=str(data), output=str(tmp_path / "runs"), steps=1, batch_size=2, resolution=64, workers=0,
+        data=str(data), model="seg-tiny", output=str(tmp_path / "runs"), steps=1, batch_size=2, resolution=64, workers=0,
         steps_per_validation=1, progress=False, plots=True, gallery_images=1,
     )  # fmt: skip
     out = capsys.readouterr().out

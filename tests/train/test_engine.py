@@ -25,7 +25,7 @@ def trained(dataset, tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("runs")
     result = rfdetr_train.train(
-        data=str(dataset), output=str(out), steps=4, batch_size=2, resolution=64, workers=0,
+        data=str(dataset), model="seg-tiny", output=str(out), steps=4, batch_size=2, resolution=64, workers=0,
         steps_per_validation=2, test_limit=2, progress=False, plots=False, gallery_images=0,
     )  # fmt: skip
     return result
@@ -59,7 +59,7 @@ def test_run_directory_layout_and_weights(trained, dataset):
 
 
 def test_periodic_validation_prints_per_class_table(dataset, tmp_path, capsys):
-    code = main(["--data", str(dataset), "--output", str(tmp_path), "--steps", "2", "--batch-size", "2",
+    code = main(["--data", str(dataset), "--model", "seg-tiny", "--output", str(tmp_path), "--steps", "2", "--batch-size", "2",
                  "--resolution", "64", "--workers", "0", "--steps-per-validation", "1", "--test-limit", "2"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
@@ -107,7 +107,7 @@ def test_two_processes_with_gloo(dataset, tmp_path):
 
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rfdetr_train",
-           "--data", str(dataset), "--output", str(tmp_path), "--steps", "3", "--batch-size", "1",
+           "--data", str(dataset), "--model", "seg-tiny", "--output", str(tmp_path), "--steps", "3", "--batch-size", "1",
            "--resolution", "64", "--workers", "0", "--steps-per-validation", "3", "--device", "cpu"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -130,8 +130,8 @@ def test_drop_path_reaches_the_backbone(dataset, tmp_path, monkeypatch):
 
     monkeypatch.setattr(RFDETRModel, "set_drop_path", spy)
     rfdetr_train.train(
-        data=str(dataset), output=str(tmp_path), steps=1, batch_size=2, resolution=64, workers=0,
-        drop_path=0.1, progress=False, plots=False, gallery_images=0,
+        data=str(dataset), model="seg-tiny", output=str(tmp_path), steps=1, batch_size=2, resolution=64,
+        workers=0, drop_path=0.1, progress=False, plots=False, gallery_images=0,
     )  # fmt: skip
     assert rates == [0.1]
 
@@ -141,14 +141,14 @@ def test_quick_look_stops_after_the_first_validation_and_per_class_last(dataset,
     import logging
 
     caplog.set_level(logging.INFO, logger="rfdetr_train")
-    code = main(["--data", str(dataset), "--output", str(tmp_path), "--batch-size", "2", "--resolution", "64",
+    code = main(["--data", str(dataset), "--model", "seg-tiny", "--output", str(tmp_path), "--batch-size", "2", "--resolution", "64",
                  "--workers", "0", "--steps-per-validation", "2", "--test-limit", "2"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
     assert "validation at step 2" in out and "validation at step 4" not in out
     assert out.count("per class (segm)") == 1
     assert "quick look" in caplog.text and "stops after the first validation, at step 2" in caplog.text
-    code = main(["--data", str(dataset), "--output", str(tmp_path), "--steps", "3", "--batch-size", "2",
+    code = main(["--data", str(dataset), "--model", "seg-tiny", "--output", str(tmp_path), "--steps", "3", "--batch-size", "2",
                  "--resolution", "64", "--workers", "0", "--steps-per-validation", "1", "--test-limit", "2",
                  "--per-class", "last"])  # fmt: skip
     out = capsys.readouterr().out

@@ -52,7 +52,7 @@ def _env():
 
 
 def _cmd(dataset, out, *extra):
-    return [sys.executable, "-m", "rfdetr_train", "--data", str(dataset), "--output", str(out), *extra]
+    return [sys.executable, "-m", "rfdetr_train", "--data", str(dataset), "--model", "seg-tiny", "--output", str(out), *extra]
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -151,7 +151,7 @@ def _train_with_nan(monkeypatch, dataset, out, bad_calls, **options):
     monkeypatch.setattr(setup, "build_criterion_for", lambda *a, **k: _NaNAt(real(*a, **k), bad_calls))
     torch.set_num_threads(1)
     return rfdetr_train.train(
-        data=str(dataset), output=str(out), resolution=64, batch_size=2, workers=0, progress=False,
+        data=str(dataset), model="seg-tiny", output=str(out), resolution=64, batch_size=2, workers=0, progress=False,
         steps_per_validation=100, plots=False, gallery_images=0, per_class=False, **options,
     )  # fmt: skip
 

@@ -54,8 +54,8 @@ DERIVED_DEFAULTS = {
     "images": "found from --data",
     "train_ann": "found from --data",
     "val_ann": "found from --data",
-    "model": "the --weights file's variant, else seg-tiny",
-    "weights": "none: random initialisation",
+    "model": "the --weights file's variant; else seg-nano with --data, seg-tiny without (the demo)",
+    "weights": "the variant's official COCO weights (seg-nano with --data); seg-tiny: random",
     "resolution": "the weights file's, else the variant's",
     "num_queries": "the variant's",
     "device": "CUDA when available, else CPU",
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, validate and evaluate RF-DETR-Seg models, and check datasets. "
         "Without a subcommand, `train` is run.",
         epilog="Examples:\n  python -m rfdetr_train                       # train seg-tiny on the synthetic dataset\n"
-        "  rfdetr-train --data ./my_coco --model seg-nano --weights seg-nano\n"
+        "  rfdetr-train --data ./my_coco                 # fine-tune seg-nano from its COCO weights\n"
         "  accelerate launch -m rfdetr_train --data ./my_coco\n"
         "  rfdetr-train check ./my_coco\n"
         "  rfdetr-train val --weights runs/train/best.safetensors --data ./my_coco --split test\n"
@@ -162,14 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train a model (the default)",
-        description="Train a model. Options left out take the recipe's value: the finetune recipe "
-        "(upstream RF-DETR's) for published variants and runs with --weights, the scratch recipe for a "
-        "model trained from random weights (the seg-tiny demo).",
+        description="Train a model. With --data and neither --model nor --weights, seg-nano is fine-tuned "
+        "from its official COCO weights (the smallest segmentation variant with published weights); without "
+        "--data, seg-tiny is trained from scratch on the synthetic dataset (the CPU demo). Options left out "
+        "take the recipe's value: the finetune recipe (upstream RF-DETR's) for runs that start from weights, "
+        "the scratch recipe for a model trained from random weights (seg-tiny, --weights none).",
     )
     _add_data_flags(t)
     m = t.add_argument_group("model")
-    m.add_argument("--model", metavar="VARIANT", help="variant name, e.g. seg-nano (default: seg-tiny)")
-    m.add_argument("--weights", metavar="NAME|PATH", help="initial weights: an official name or a file")
+    m.add_argument(
+        "--model",
+        metavar="VARIANT",
+        help="variant name, e.g. seg-small; a published one starts from its weights",
+    )
+    m.add_argument(
+        "--weights",
+        metavar="NAME|PATH|none",
+        help="initial weights: an official name, a file (ours or upstream's .pth), or none (random init)",
+    )
     m.add_argument("--resolution", metavar="N|HxW", help="input size (multiple of the variant's grid)")
     m.add_argument("--num-queries", type=int, metavar="N", help="queries per group")
     o = t.add_argument_group("optimisation")

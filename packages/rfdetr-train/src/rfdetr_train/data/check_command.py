@@ -13,7 +13,7 @@ import sys
 
 from rfdetr_core.atomic_io import atomic_write_text
 from rfdetr_train.data.checks import check_dataset
-from rfdetr_train.data.findings import UNSKIPPABLE
+from rfdetr_train.data.findings import UNSKIPPABLE, dropped_summary
 from rfdetr_train.data.report import build_report, format_report
 from rfdetr_train.data.sources import resolve_dataset
 
@@ -34,14 +34,19 @@ def run_check(args: argparse.Namespace) -> int:
     if not errors:
         print("\nOK: no errors.")
         return 0
-    if args.skip_invalid and not any(f.code in UNSKIPPABLE for f in errors):
+    unskippable = sorted({f.code for f in errors if f.code in UNSKIPPABLE})
+    if args.skip_invalid and not unskippable:
         dropped = sum(f.dropped for f in errors)
         print(
             f"\n--skip-invalid: training would drop {dropped} annotation(s)/image(s) named above and go on."
         )
+        summary = dropped_summary(source.findings)
+        if summary:
+            print(summary.replace("--skip-invalid dropped", "by reason:", 1))
         return 0
-    print(
-        f"\n{len(errors)} error(s): fix them, or train with --skip-invalid to drop the bad annotations.",
-        file=sys.stderr,
-    )
+    if unskippable:
+        hint = f"fix them (--skip-invalid cannot help with {', '.join(unskippable)})."
+    else:
+        hint = "fix them, or train with --skip-invalid to drop the bad annotations."
+    print(f"\n{len(errors)} error(s): {hint}", file=sys.stderr)
     return 1

@@ -84,15 +84,40 @@ class FindingList:
 
 
 def raise_for_errors(findings: FindingList, source: str, limit: int = 10) -> None:
-    """Raise :class:`DatasetError` listing (up to ``limit``) errors, with the two ways out."""
+    """Raise :class:`DatasetError` listing (up to ``limit``) errors, with the ways out: ``--skip-invalid``
+    only where it can help (no error in :data:`UNSKIPPABLE`)."""
     errors = findings.errors
     if not errors:
         return
     lines = [f"  - {f.format()}" for f in errors[:limit]]
     more = f"\n  ... and {len(errors) - limit} more" if len(errors) > limit else ""
+    way_out = (
+        "; --skip-invalid cannot help with these"
+        if any(f.code in UNSKIPPABLE for f in errors)
+        else ", or pass --skip-invalid to drop the bad annotations and images"
+    )
     raise DatasetError(
         f"The dataset at {source} has {len(errors)} error(s):\n" + "\n".join(lines) + more + "\n"
-        f"Fix them (`rfdetr-train check {source}` prints the full report), or pass --skip-invalid to drop "
-        "the bad annotations and images.",
+        f"Fix them (`rfdetr-train check {source}` prints the full report){way_out}.",
         errors,
     )
+
+
+def dropped_summary(findings: FindingList, ids_shown: int = 3) -> str | None:
+    """What ``--skip-invalid`` drops, by reason: ``--skip-invalid dropped 5 annotation(s)/image(s):
+    3 polygon-too-short (ann 4, 9, 12), 2 image-missing (image 7, 8)``; ``None`` when nothing is dropped."""
+    by_code: dict[str, list[Finding]] = {}
+    for f in findings.errors:
+        if f.dropped:
+            by_code.setdefault(f.code, []).append(f)
+    if not by_code:
+        return None
+    parts = []
+    for code, items in sorted(by_code.items(), key=lambda kv: -sum(f.dropped for f in kv[1])):
+        ids = [f"ann {f.ann_id}" if f.ann_id is not None else f"image {f.image_id}" for f in items]
+        ids = [i for i in ids if not i.endswith(" None")]
+        more = ", ..." if len(ids) > ids_shown else ""
+        shown = f" ({', '.join(ids[:ids_shown])}{more})" if ids else ""
+        parts.append(f"{sum(f.dropped for f in items)} {code}{shown}")
+    total = sum(f.dropped for items in by_code.values() for f in items)
+    return f"--skip-invalid dropped {total} annotation(s)/image(s): " + ", ".join(parts)

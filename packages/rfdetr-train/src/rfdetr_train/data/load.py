@@ -35,6 +35,12 @@ class LoadedDataset:
     def findings(self):
         return self.source.findings
 
+    def dropped_summary(self) -> str | None:
+        """One line of what ``--skip-invalid`` dropped, by reason with a few ids (``None``: nothing)."""
+        from rfdetr_train.data.findings import dropped_summary
+
+        return dropped_summary(self.findings)
+
     def report(self) -> dict:
         """The ``rfdetr-train check`` report (JSON-able dict) of what was loaded, with the findings and, with
         ``skip_invalid``, the dropped counts; :func:`rfdetr_train.data.report.format_report` prints it."""

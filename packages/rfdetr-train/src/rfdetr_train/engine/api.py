@@ -12,8 +12,8 @@ from typing import Any
 from rfdetr_core.atomic_io import atomic_write_text
 from rfdetr_core.model_card import ModelCard
 from rfdetr_train.engine import recipes
-from rfdetr_train.engine.options import build_run_config, dump_yaml, load_saved
-from rfdetr_train.engine.run_dir import new_run_dir, resolve_resume, run_dir_of
+from rfdetr_train.engine.options import build_run_config, dump_yaml
+from rfdetr_train.engine.run_dir import new_run_dir
 
 log = logging.getLogger("rfdetr_train")
 
@@ -92,35 +92,42 @@ def train(config: str | os.PathLike | None = None, **options: Any):
     ``num_queries``, ``eval_max_dets``, ``seed``, ``device``, ``workers``, ``steps_per_validation``,
     ``test_limit``, ``output``, ``name``, ``resume``, ``skip_invalid``, ...), plus every field of
     :class:`~rfdetr_train.config.RunConfig`; ``config`` is a YAML file of the same options. Without any
-    option it trains ``seg-tiny`` on the built-in synthetic dataset (the CPU demo).
+    option it trains ``seg-tiny`` on the built-in synthetic dataset (the CPU demo); with a dataset and
+    neither ``model`` nor ``weights`` it fine-tunes ``seg-nano`` from its official COCO weights
+    (:mod:`~rfdetr_train.engine.starting_point`; ``weights="none"``: random weights).
+
+    Nothing is written before the data, weights, resolution and trackers have been checked: a run that
+    cannot start leaves no run directory behind.
     """
     import torch
 
+    from rfdetr_train.engine.resume import resume_line, resumed_run
     from rfdetr_train.engine.setup import (
         build_criterion_for,
         build_loaders,
-        build_train_model,
         load_data,
         make_accelerator,
         resolve_variant,
     )
-    from rfdetr_train.engine.state import TrainingState
+    from rfdetr_train.engine.starting_point import choose_starting_point, has_dataset
+    from rfdetr_train.engine.trackers import check_trackers
     from rfdetr_train.engine.trainer import Trainer
 
     run = build_run_config(options, config)
     resume_state = None
+    start = None
     if run.train.resume is not None:
-        last = resolve_resume(run.train.resume, run.train.output)
-        run_dir = run_dir_of(last)
-        saved = load_saved(run_dir / "config.yaml")
-        ignored = sorted(k for k, v in options.items() if v is not None and k not in ("resume", "output"))
-        if ignored:
-            log.warning("--resume continues %s with its saved configuration; ignoring %s.", run_dir, ignored)
-        run = saved.model_copy(update={"train": saved.train.model_copy(update={"resume": str(last)})})
-        resume_state = TrainingState(last)
+        run, run_dir, resume_state = resumed_run(run, options)
+    else:
+        start = choose_starting_point(run.train.model, run.train.weights, has_dataset(run.data))
+        run = run.model_copy(
+            update={"train": run.train.model_copy(update={"model": start.model, "weights": start.weights})}
+        )
     variant = resolve_variant(run.train.model, run.train.weights, run.train.num_queries)
-    quick_look = resume_state is None and run.train.test_limit is not None and not (
-        run.train.steps or run.train.epochs
+    quick_look = (
+        resume_state is None
+        and run.train.test_limit is not None
+        and not (run.train.steps or run.train.epochs)
     )
     train_cfg = recipes.resolve(run.train, variant)
     run = run.model_copy(
@@ -129,26 +136,31 @@ def train(config: str | os.PathLike | None = None, **options: Any):
     cfg = run.train
     acc = make_accelerator(cfg.device, cfg.mixed_precision, cfg.grad_accum)
     _setup_logging(acc.is_main_process)
+    if acc.is_main_process:
+        if resume_state is not None:
+            log.info("%s", resume_line(run_dir, resume_state))
+        elif start.note:
+            log.info("%s", start.note)
     if quick_look and acc.is_main_process:
         length = f"step {cfg.steps}" if cfg.steps else "the end of epoch 1"
         log.info(
             "quick look (--test-limit without --steps or --epochs): training stops after the first "
             "validation, at %s; give --steps or --epochs for a longer run.", length,
         )  # fmt: skip
+    # Everything that can fail on the user's input (wandb, data, weights, resolution) comes before the run
+    # directory is made: a failed start leaves no runs/<name>/ behind and takes no name.
+    check_trackers(cfg.wandb)
     torch.manual_seed(cfg.seed)  # same initial weights in every process (DDP also broadcasts them)
-    if resume_state is None:
-        run_dir = Path(
-            _broadcast(acc, str(new_run_dir(cfg.output, cfg.name)) if acc.is_main_process else None)
-        )
-    if acc.is_main_process:
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(run))
-        log.info("run directory: %s", run_dir)
     data = load_data(run, variant)
+    if acc.is_main_process and run.data.skip_invalid:
+        summary = data.dropped_summary()
+        if summary:
+            log.info("%s", summary)
     workers = loader_workers(acc, run.data.workers)
     threads = cpu_threads(acc, workers)
     if threads is not None and acc.is_main_process:
         log.info("CPU: %d compute thread(s) per process, %d loader worker(s)", threads, workers)
-    built = build_train_model(variant, data.class_map, cfg.weights, cfg.parsed_resolution())
+    built = _build_model(variant, data.class_map, cfg, start)
     if cfg.drop_path:
         built.model.set_drop_path(cfg.drop_path)  # backbone stochastic depth, ramped over the blocks
     train_loader, val_loader = build_loaders(
@@ -161,8 +173,19 @@ def train(config: str | os.PathLike | None = None, **options: Any):
         evaluator = Evaluator.from_config(
             data.coco_gt("val"), run.eval, class_map=data.class_map, accelerator=acc, training=True
         )
+    if resume_state is None:
+        run_dir = Path(
+            _broadcast(acc, str(new_run_dir(cfg.output, cfg.name)) if acc.is_main_process else None)
+        )
     if acc.is_main_process:
-        what = f"from {cfg.weights}" if cfg.weights else "from scratch"
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(run))
+        log.info("run directory: %s", run_dir)
+        if resume_state is not None:
+            what = f"resuming at step {resume_state.state['step']} of {resume_state.state['total_steps']}"
+        elif cfg.weights is None:
+            what = "from random weights"
+        else:
+            what = f"from {weights_label(cfg.weights)}"
         log.info(
             "training %s (%s recipe, %s) at %dx%d on %s: %d classes, %d train images, batch %d x %d accum x %d "
             "processes, mixed precision %s",
@@ -184,7 +207,49 @@ def train(config: str | os.PathLike | None = None, **options: Any):
     result = Trainer(run, run_dir, parts, resume_state).fit()
     if acc.is_main_process and result.history:
         log.info("%s", history_table(result.history))
+    if acc.is_main_process:
+        line = best_weights_line(result, cfg.metric)
+        if line:
+            log.info("%s", line)
     return result
+
+
+def _build_model(variant, class_map, cfg, start):
+    """:func:`~rfdetr_train.engine.setup.build_train_model`; when the weights were chosen for the user
+    (no ``--weights``), a failed download also says how to train without them."""
+    from rfdetr_core.weights.download import DownloadError
+    from rfdetr_train.engine.setup import build_train_model
+
+    try:
+        return build_train_model(variant, class_map, cfg.weights, cfg.parsed_resolution())
+    except DownloadError as exc:
+        if start is None or start.chosen is None:
+            raise
+        raise DownloadError(
+            f"{exc} ({variant.name}'s official weights are {start.chosen}; --weights PATH takes a file you have, "
+            "--weights none trains from random weights.)"
+        ) from exc
+
+
+def weights_label(weights: str) -> str:
+    """``the official seg-nano COCO weights`` for an official name, else the path as given."""
+    from rfdetr_core.weights.download import resolve_official_name
+
+    if not Path(weights).expanduser().is_file():
+        official = resolve_official_name(weights)
+        if official is not None:
+            return f"the official {official.name} COCO weights"
+    return weights
+
+
+def best_weights_line(result, metric: str) -> str | None:
+    """The run's last line: where the best weights are, with their metric value and step."""
+    best = result.best_weights
+    if not best.is_file():
+        return None
+    if result.best_step is None or result.best_metric is None:
+        return f"best weights: {best} (no validation: the weights of step {result.step})"
+    return f"best weights: {best} ({metric} {result.best_metric:.4f} at step {result.best_step})"
 
 
 def history_table(history: list) -> str:

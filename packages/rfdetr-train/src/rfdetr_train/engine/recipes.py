@@ -4,7 +4,7 @@
   lr 1e-4, encoder lr 1.5e-4 with layer decay 0.8, decoder x0.7, weight decay 1e-4, grad-norm clip 0.1, EMA
   0.993 with warm-up tau 100, step schedule without warm-up, effective batch 16 (4 x 4 accumulation, the
   batch upstream's docs recommend), 100 epochs.
-* ``scratch`` (``seg-tiny``): a small model trained from random weights on the CPU demo. Higher learning
+* ``scratch`` (``seg-tiny``, ``--weights none``): a model trained from random weights (the CPU demo). Higher learning
   rate, no layer decay, short warm-up, cosine schedule, EMA with a short warm-up, looser clipping, and a fixed
   budget of optimiser steps rather than epochs (sized from measured CPU speed; see docs/training.md); one
   input size instead of multi-scale (:data:`SCRATCH_DATA`), and loss weights and a matcher of its own
@@ -99,10 +99,12 @@ def resolve_data(data: DataConfig, recipe: str) -> DataConfig:
 
 
 def recipe_name(config: TrainConfig, variant: Variant) -> str:
-    """``finetune`` or ``scratch``: explicit, else ``scratch`` for variants without pretrained weights."""
+    """``finetune`` or ``scratch``: explicit, else ``finetune`` for a run that starts from weights and
+    ``scratch`` for one from random weights (seg-tiny, ``--weights none``); ``config.weights`` is already
+    resolved (:mod:`rfdetr_train.engine.starting_point`)."""
     if config.recipe != "auto":
         return config.recipe
-    return "scratch" if variant.weights is None and config.weights is None else "finetune"
+    return "scratch" if config.weights is None else "finetune"
 
 
 def resolve(config: TrainConfig, variant: Variant) -> TrainConfig:

@@ -73,6 +73,13 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+def check_trackers(use_wandb: bool) -> None:
+    """Fail before a run starts (and before its directory exists) when an asked-for tracker is missing:
+    ``--wandb`` without the ``wandb`` package raises the install hint of :func:`WandbTracker`."""
+    if use_wandb:
+        require("wandb", "wandb", "rfdetr-train")
+
+
 class WandbTracker:
     def __init__(self, folder: Path, name: str, config: dict, resume_id: str | None = None):
         wandb = require("wandb", "wandb", "rfdetr-train")
