@@ -81,7 +81,18 @@ def test_offline_default_names_the_file_and_leaves_no_run_folder(dataset, tmp_pa
 
 def test_early_failures_create_no_run_folder_and_take_no_name(dataset, tmp_path, capsys, monkeypatch):
     out = tmp_path / "runs"
-    base = ["--output", str(out), "--model", "seg-tiny", "--steps", "1", "--batch-size", "2", "--workers", "0"]
+    base = [
+        "--output",
+        str(out),
+        "--model",
+        "seg-tiny",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+    ]
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "train.json").write_text("{not json")
@@ -162,3 +173,28 @@ def test_skip_invalid_is_not_suggested_where_it_cannot_help(dataset, tmp_path, c
     assert main(["check", str(data), "--skip-invalid"]) == 1
     err = capsys.readouterr().err
     assert "--skip-invalid cannot help with json-parse" in err and "train with --skip-invalid" not in err
+
+
+@pytest.mark.slow
+def test_weights_path_to_an_upstream_file_fine_tunes_directly(dataset, tmp_path, capsys):
+    """A downloaded official file passed as --weights (a random-init stand-in in upstream's layout, made by
+    the upstream package as scripts/make_upstream_random_checkpoint.py does) fine-tunes without renaming."""
+    pytest.importorskip("rfdetr")
+    import rfdetr.config as upstream_config
+    import rfdetr.models as upstream_models
+
+    cfg = upstream_config.RFDETRSegNanoConfig(pretrain_weights=None, device="cpu")
+    torch.manual_seed(0)
+    model = upstream_models.build_model_from_config(cfg)
+    path = tmp_path / "rf-detr-seg-n-ft.pth"  # the name the official URL gives
+    args = {"resolution": int(cfg.resolution), "num_classes": int(cfg.num_classes)}
+    torch.save({"model": model.state_dict(), "model_name": "RFDETRSegNano", "args": args}, path)
+    del model
+    out = tmp_path / "runs"
+    code = main(["--data", str(dataset), "--weights", str(path), "--output", str(out), "--steps", "1",
+                 "--steps-per-validation", "1", "--test-limit", "1", "--grad-accum", "1", *TINY[:1], "96",
+                 *TINY[2:]])  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0
+    assert f"training seg-nano (finetune recipe, from {path}) at 96x96" in text
+    assert text.strip().splitlines()[-1].startswith(f"best weights: {out / 'train' / 'best.safetensors'}")
