@@ -13,7 +13,7 @@ from rfdetr_core.atomic_io import atomic_write_text
 from rfdetr_core.model_card import ModelCard
 from rfdetr_train.engine import recipes
 from rfdetr_train.engine.options import build_run_config, dump_yaml
-from rfdetr_train.engine.run_dir import new_run_dir
+from rfdetr_train.engine.run_dir import check_new_run_dir, new_run_dir
 
 log = logging.getLogger("rfdetr_train")
 
@@ -101,7 +101,7 @@ def train(config: str | os.PathLike | None = None, **options: Any):
     """
     import torch
 
-    from rfdetr_train.engine.resume import resume_line, resumed_run
+    from rfdetr_train.engine.resume import resume_line, resume_position, resumed_run
     from rfdetr_train.engine.setup import (
         build_criterion_for,
         build_loaders,
@@ -150,6 +150,8 @@ def train(config: str | os.PathLike | None = None, **options: Any):
     # Everything that can fail on the user's input (wandb, data, weights, resolution) comes before the run
     # directory is made: a failed start leaves no runs/<name>/ behind and takes no name.
     check_trackers(cfg.wandb)
+    if resume_state is None:
+        check_new_run_dir(cfg.output, cfg.name)  # a taken --name, before the data is read
     torch.manual_seed(cfg.seed)  # same initial weights in every process (DDP also broadcasts them)
     data = load_data(run, variant)
     if acc.is_main_process and run.data.skip_invalid:
@@ -181,7 +183,7 @@ def train(config: str | os.PathLike | None = None, **options: Any):
         atomic_write_text(run_dir / "config.yaml", dump_yaml(run))
         log.info("run directory: %s", run_dir)
         if resume_state is not None:
-            what = f"resuming at step {resume_state.state['step']} of {resume_state.state['total_steps']}"
+            what = f"resuming at {resume_position(resume_state)}"
         elif cfg.weights is None:
             what = "from random weights"
         else:

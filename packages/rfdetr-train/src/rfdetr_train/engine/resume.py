@@ -62,6 +62,11 @@ def _saved_values(saved: RunConfig, ignored: dict[str, Any]) -> str:
     return ", ".join(parts) or "see its config.yaml"
 
 
+def resume_position(state: TrainingState) -> str:
+    """``step 400 of 3400``: where a resumed run continues."""
+    return f"step {state.state['step']} of {state.state.get('total_steps', '?')}"
+
+
 def resume_line(run_dir: Path, state: TrainingState) -> str:
     """``resuming runs/train at step 400 of 3400``."""
-    return f"resuming {run_dir} at step {state.state['step']} of {state.state.get('total_steps', '?')}"
+    return f"resuming {run_dir} at {resume_position(state)}"

@@ -38,15 +38,23 @@ def new_run_dir(output: str | os.PathLike, name: str | None) -> Path:
     """
     root = Path(output)
     if name:
+        check_new_run_dir(output, name)
         run = root / name
-        if run.exists() and any(run.iterdir()):
-            raise RFDETRError(
-                f"Run directory {run} already exists and is not empty. Pick another --name, or continue it "
-                f"with --resume {run}."
-            )
         run.mkdir(parents=True, exist_ok=True)
         return run
     return next_free_dir(root, "train")
+
+
+def check_new_run_dir(output: str | os.PathLike, name: str | None) -> None:
+    """Raise if :func:`new_run_dir` would refuse ``name`` (a folder that already holds a run); creates nothing."""
+    if not name:
+        return
+    run = Path(output) / name
+    if run.exists() and any(run.iterdir()):
+        raise RFDETRError(
+            f"Run directory {run} already exists and is not empty. Pick another --name, or continue it "
+            f"with --resume {run}."
+        )
 
 
 def next_free_dir(root: Path, prefix: str) -> Path:
