@@ -69,3 +69,34 @@ def test_set_and_state_roundtrip():
     other = ModelEMA(_model(), decay=0.9)
     other.load_state_dict(ema.state_dict(), updates=12)
     assert other.updates == 12 and torch.equal(other.module[0].weight, model[0].weight)
+
+
+def test_repeated_updates_follow_in_place_changes_and_a_new_model_object():
+    model = _model()
+    ema = ModelEMA(model, decay=0.8, tau=0)
+    expected = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    for other in (model, model, _model(), model):  # the tensor lists are reused only for the same object
+        with torch.no_grad():
+            for p in other.parameters():
+                p.mul_(1.5).add_(0.25)  # in place, as the optimiser updates
+            other[1].num_batches_tracked += 3
+        ema.update(other)
+        for key, value in other.state_dict().items():
+            if value.dtype.is_floating_point:
+                expected[key] = 0.8 * expected[key] + 0.2 * value
+            else:
+                expected[key] = value.clone()
+        for key, value in ema.module.state_dict().items():
+            torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7)
+
+
+def test_a_model_in_another_dtype_is_cast_on_every_update():
+    model = _model()
+    ema = ModelEMA(model, decay=0.5, tau=0)
+    half = _model().double()
+    ema.update(half)
+    with torch.no_grad():
+        half[0].weight.add_(1.0)
+    before = ema.module[0].weight.clone()
+    ema.update(half)  # the cast copy of the first update must not be reused
+    torch.testing.assert_close(ema.module[0].weight, 0.5 * before + 0.5 * half[0].weight.float())

@@ -203,6 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (default): bf16 on CUDA cards that have it, fp16 on older cards, fp32 on CPU",
     )
     o.add_argument("--seed", type=int, metavar="N", help="random seed (data order, augmentation, init)")
+    o.add_argument(
+        "--compile",
+        action="store_const",
+        const=True,
+        help="torch.compile the training forward (CUDA; each new input shape compiles once)",
+    )
+    o.add_argument(
+        "--grad-checkpointing",
+        action="store_const",
+        const=True,
+        help="recompute the backbone's activations in the backward pass: less memory, about one more forward",
+    )
     o.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1 (default: best available)")
     o.add_argument("--workers", type=int, metavar="N", help="data-loader worker processes")
     o.add_argument(

@@ -165,6 +165,8 @@ def train(config: str | os.PathLike | None = None, **options: Any):
     built = _build_model(variant, data.class_map, cfg, start)
     if cfg.drop_path:
         built.model.set_drop_path(cfg.drop_path)  # backbone stochastic depth, ramped over the blocks
+    if cfg.grad_checkpointing:
+        built.model.set_grad_checkpointing(True)
     train_loader, val_loader = build_loaders(
         run, data, variant, built.card.resolution, built.card.preprocess, acc, workers
     )

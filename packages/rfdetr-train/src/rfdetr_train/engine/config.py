@@ -48,6 +48,8 @@ class TrainConfig(ConfigSection):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 42
     device: str | None = None  # cpu, cuda, cuda:1; None = what Accelerate picks
+    compile: bool = False  # torch.compile the training forward (recompiles per input shape are logged)
+    grad_checkpointing: bool = False  # recompute backbone blocks in backward: less memory, ~1 more forward
 
     # -- validation and early stopping ----------------------------------------------------------------
     steps_per_validation: int | None = Field(default=None, ge=1)  # None = once per epoch

@@ -119,6 +119,8 @@ class Trainer:
             else:
                 self.ema.set(model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        # The compiled wrapper runs the training forward only; EMA, saving and validation use the module.
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / cfg.grad_accum))
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
         self.val_every = cfg.steps_per_validation or self.steps_per_epoch
@@ -277,7 +279,7 @@ class Trainer:
                         timer.data_ready()
                         batch = batch.to(device, non_blocking=True)
                         with acc.accumulate(self.model):
-                            outputs = self.model(batch.images)
+                            outputs = self.forward(batch.images)
                             losses = self.criterion(outputs, batch.targets)
                             loss = self.criterion.total_loss(losses)
                             acc.backward(loss)
@@ -338,6 +340,10 @@ class Trainer:
             if stopped == "completed" and self.val_loader is not None:
                 self.validate(True, ProgressBar(0, 0, False), started)
             self.save_state(stopped)
+        if self.main and cfg.compile:
+            from torch._dynamo.utils import counters
+
+            log.info("torch.compile: %d graph(s) compiled in this run", counters["stats"]["unique_graphs"])
         if self.main and self.val_loader is None:
             self._save_weights(self.run_dir / "best.safetensors")
         self.trackers.close()
