@@ -1,20 +1,34 @@
-"""Where the time of a training step goes: forward, criterion (matcher + losses), backward, optimiser, EMA.
+"""Training-step speed and memory, ours against upstream rfdetr in the same process; and the whole loop.
 
-Runs the engine's own pieces (model, criterion, optimiser groups, EMA, autocast) on random images and
-targets that live on the device already, so the data pipeline is out of the picture; ``--data`` adds a
-loader-only pass over a real dataset (``--workers`` processes) to compare its images/s with the step's.
+Step mode (default) runs the engine's own pieces (model, criterion, optimiser groups, EMA, autocast) on random
+images and targets that live on the device already, so the data pipeline is out of the picture:
 
-    python benchmarks/train_step_profile.py --variant seg-nano --classes 80 [--batch 4] [--steps 20]
-        [--data PATH --workers 6] [--profile]
+    python benchmarks/train_step_profile.py --variant seg-nano,seg-medium,seg-large --batch 8,16 --upstream
+        [--modes eager,compile,compile-graphs,checkpointing] [--steps 12 --repeats 5] [--phases] [--profile]
+        [--json OUT.json] [--data PATH --workers 6]
 
-Prints per-phase milliseconds (each phase followed by a device sync), the images/s of an unsynchronised loop
-of whole steps, the number of operator calls per step, and with ``--profile`` torch.profiler's top rows.
+For every (variant, batch) it warms each of our modes and upstream up (compiling where the mode compiles, the
+seconds and graph count reported), then times interleaved blocks of whole steps (forward, criterion, backward,
+clipping, the same fused AdamW and EMA for both sides) and prints the median images/s of each mode and its
+ratio to upstream. Peak memory of a side = its own persistent memory (weights, optimiser state, EMA copy,
+compiled graph pools) + the transient peak of its steps, so the models living side by side in one process do
+not count against each other. Modes: ``eager``; ``compile`` (``torch.compile`` of the model forward);
+``compile-graphs`` (the same with CUDA graphs, ``mode="reduce-overhead"``); ``checkpointing`` (eager with
+backbone activation checkpointing). ``--phases`` adds the per-phase milliseconds of the eager step.
+
+Loop mode (``--loop``, see ``benchmarks/train_loop.py``) trains through each side's own trainer on a real
+dataset and reports images/s over the run and the time of one validation:
+
+    python benchmarks/train_step_profile.py --loop --data .data/coco128_seg --variant seg-medium --batch 8
+        --loop-steps 300 --val-images 100 --workers 8 --upstream [--loop-compile] --loop-out OUT_DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import json
 import time
 
 import torch
@@ -66,21 +80,72 @@ def _upstream_parts(variant: str, classes: int, device):
     return model, criterion, total
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", default="seg-nano")
-    ap.add_argument("--classes", type=int, default=80)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--amp", choices=("bf16", "fp16", "no"), default="bf16")
-    ap.add_argument("--data", help="also time the training loader alone on this dataset")
-    ap.add_argument("--workers", type=int, default=6)
-    ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--upstream", action="store_true", help="also time upstream rfdetr's model + criterion")
-    ap.add_argument("--repeats", type=int, default=7, help="interleaved ours/upstream blocks")
-    args = ap.parse_args()
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
 
+    return int(counters["stats"]["unique_graphs"])
+
+
+class Side:
+    """One model + criterion + optimiser + EMA and the step that trains it (one mode of ours, or upstream)."""
+
+    def __init__(self, name, model, criterion, total_loss, forward, opt, ema, amp, clip, graphs=False):
+        self.name, self.model, self.criterion, self.total_loss = name, model, criterion, total_loss
+        self.forward, self.opt, self.ema, self.amp, self.clip, self.graphs = (
+            forward,
+            opt,
+            ema,
+            amp,
+            clip,
+            graphs,
+        )
+        self.before_ckpt = None  # callables run around the step (checkpointing mode)
+        self.after_ckpt = None
+        self.persistent = 0  # bytes this side holds between steps
+        self.times: list[float] = []
+        self.peaks: list[float] = []
+
+    def step(self, images, targets, laps=None, sync=None) -> None:
+        t = time.perf_counter()
+
+        def lap(name):
+            nonlocal t
+            if laps is not None:
+                sync()
+                now = time.perf_counter()
+                laps[name] = laps.get(name, 0.0) + now - t
+                t = now
+
+        if self.before_ckpt:
+            self.before_ckpt()
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with self.amp():
+            out = self.forward(images)
+        lap("forward")
+        # ours takes bf16 outputs outside autocast; upstream's criterion must run inside it (as its loop does)
+        with self.amp() if self.total_loss is not None else contextlib.nullcontext():
+            losses = self.criterion(out, targets)
+            loss = (self.total_loss or self.criterion.total_loss)(losses)
+        lap("criterion")
+        loss.backward()
+        lap("backward")
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        lap("optimizer")
+        self.ema.update(self.model)
+        lap("ema")
+        if self.after_ckpt:
+            self.after_ckpt()
+
+
+def _allocated(cuda: bool) -> int:
+    return torch.cuda.memory_allocated() if cuda else 0
+
+
+def measure(variant_name: str, batch: int, args, device) -> dict:
+    """All modes of ours and upstream for one (variant, batch); returns the result row."""
     from rfdetr_core.factory import build_model
     from rfdetr_core.variants import get_variant
     from rfdetr_train.engine.ema import ModelEMA
@@ -88,13 +153,9 @@ def main() -> None:
     from rfdetr_train.engine.recipes import FINETUNE
     from rfdetr_train.losses import build_criterion
 
-    device = torch.device(args.device)
     cuda = device.type == "cuda"
-    v = get_variant(args.variant)
+    v = get_variant(variant_name)
     res = v.resolution
-    torch.manual_seed(0)
-    model = build_model(v, num_classes=args.classes).to(device).train()
-    criterion = build_criterion(args.classes, v.group_detr, segmentation=v.is_segmentation).to(device)
     recipe = FINETUNE  # the fine-tuning recipe's optimiser, clipping and EMA numbers
     settings = OptimSettings(
         lr=recipe["lr"],
@@ -103,149 +164,272 @@ def main() -> None:
         component_decay=recipe["lr_component_decay"],
         weight_decay=recipe["weight_decay"],
     )
-    opt = build_optimizer(param_groups(model, settings, num_layers=max(v.out_feature_indexes) + 1), device)
-    ema = ModelEMA(model, recipe["ema_decay"], recipe["ema_tau"])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
     def amp():
         return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-    images = torch.randn(args.batch, 3, res, res, device=device)
-    targets = _targets(args.batch, args.classes, res, device)
-
     def sync():
         if cuda:
             torch.cuda.synchronize()
 
-    def step(times: dict | None = None, model=model, criterion=criterion, opt=opt, ema=ema, total_loss=None):
-        t = time.perf_counter()
+    def optimiser(model):
+        return build_optimizer(
+            param_groups(model, settings, num_layers=max(v.out_feature_indexes) + 1), device
+        )
 
-        def lap(name):
-            nonlocal t
-            if times is not None:
-                sync()
-                now = time.perf_counter()
-                times[name] = times.get(name, 0.0) + now - t
-                t = now
+    images = torch.randn(batch, 3, res, res, device=device)
+    targets = _targets(batch, args.classes, res, device)
+    row: dict = {"variant": variant_name, "resolution": res, "batch": batch, "amp": args.amp, "modes": {}}
+    sides: list[Side] = []
 
-        with amp():
-            out = model(images)
-        lap("forward")
-        # ours takes bf16 outputs outside autocast; upstream's criterion must run inside it (as its loop does)
-        with amp() if total_loss is not None else contextlib.nullcontext():
-            losses = criterion(out, targets)
-            loss = (total_loss or criterion.total_loss)(losses)
-        lap("criterion")
-        loss.backward()
-        lap("backward")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_grad_norm"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        lap("optimizer")
-        ema.update(model)
-        lap("ema")
-
-    for _ in range(3):
-        step()
-    sync()
-    times: dict = {}
-    for _ in range(args.steps):
-        step(times)
-    name = torch.cuda.get_device_name() if cuda else "cpu"
-    print(
-        f"{args.variant} {res}px batch {args.batch}, {args.classes} classes, {args.amp}, on {name}, torch {torch.__version__}"
-    )
-    total = sum(times.values())
-    for k, s in times.items():
-        print(f"  {k:<10} {1000 * s / args.steps:8.1f} ms  ({100 * s / total:4.1f}%)")
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    dt = (time.perf_counter() - t0) / args.steps
-    print(f"  whole step, no syncs: {1000 * dt:.1f} ms = {args.batch / dt:.1f} images/s")
-    if cuda:
-        print(f"  peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        step()
+    base = _allocated(cuda)
+    torch.manual_seed(0)
+    model = build_model(v, num_classes=args.classes).to(device).train()
+    criterion = build_criterion(args.classes, v.group_detr, segmentation=v.is_segmentation).to(device)
+    opt, ema = optimiser(model), ModelEMA(model, recipe["ema_decay"], recipe["ema_tau"])
+    ours_held = _allocated(cuda) - base
+    clip = recipe["clip_grad_norm"]
+    opt_held = None  # the optimiser state, created by the first warm-up
+    for mode in args.modes:
+        graphs = mode == "compile-graphs"
+        if mode == "compile":
+            forward = torch.compile(model, dynamic=False)
+        elif graphs:
+            forward = torch.compile(model, dynamic=False, mode="reduce-overhead")
+        elif mode in ("eager", "checkpointing"):
+            forward = model
+        else:
+            raise SystemExit(f"unknown mode {mode!r}; use eager, compile, compile-graphs or checkpointing")
+        side = Side(mode, model, criterion, None, forward, opt, ema, amp, clip, graphs=graphs)
+        if mode == "checkpointing":
+            side.before_ckpt = lambda m=model: m.set_grad_checkpointing(True)
+            side.after_ckpt = lambda m=model: m.set_grad_checkpointing(False)
         sync()
-    top = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
-    print(f"  operator calls per step (top level): {len(top)}")
-    if args.profile:
-        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=25))
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+        before, graphs_before, t0 = _allocated(cuda), _graph_count(), time.perf_counter()
+        try:
+            for _ in range(3):
+                side.step(images, targets)
+            sync()
+        except Exception as exc:  # a mode that fails is reported, the others still run
+            row["modes"][mode] = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(
+                f"  {variant_name} b{batch} {mode}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True
+            )
+            continue
+        held = _allocated(cuda) - before  # optimiser state on the first warm-up; graph pools on later ones
+        if opt_held is None:
+            opt_held, held = held, 0
+        side.persistent = ours_held + opt_held + held
+        row["modes"][mode] = {
+            "warmup_s": time.perf_counter() - t0,
+            "graphs_compiled": _graph_count() - graphs_before,
+        }
+        sides.append(side)
+
+    if args.phases and "eager" in row["modes"] and "failed" not in row["modes"]["eager"]:
+        laps: dict = {}
+        eager = next(s for s in sides if s.name == "eager")
+        for _ in range(args.steps):
+            eager.step(images, targets, laps, sync)
+        row["phases_ms"] = {k: 1000 * s / args.steps for k, s in laps.items()}
 
     if args.upstream:
-        up_model, up_criterion, up_total = _upstream_parts(args.variant, args.classes, device)
-        up_opt = build_optimizer(
-            param_groups(up_model, settings, num_layers=max(v.out_feature_indexes) + 1), device
-        )
+        base = _allocated(cuda)
+        up_model, up_criterion, up_total = _upstream_parts(variant_name, args.classes, device)
+        up_opt = optimiser(up_model)
         up_ema = ModelEMA(up_model, recipe["ema_decay"], recipe["ema_tau"])
+        up = Side("upstream", up_model, up_criterion, up_total, up_model, up_opt, up_ema, amp, clip)
+        try:
+            for _ in range(3):
+                up.step(images, targets)
+            sync()
+            up.persistent = _allocated(cuda) - base
+            sides.append(up)
+        except Exception as exc:
+            row["upstream_failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(f"  {variant_name} b{batch} upstream: FAILED {row['upstream_failed']}", flush=True)
 
-        def up_step():
-            step(model=up_model, criterion=up_criterion, opt=up_opt, ema=up_ema, total_loss=up_total)
+    per = max(2, args.steps // 4)
+    for _ in range(args.repeats):
+        for side in sides:
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            start = _allocated(cuda)
+            t0 = time.perf_counter()
+            for _ in range(per):
+                side.step(images, targets)
+            sync()
+            side.times.append((time.perf_counter() - t0) / per)
+            if cuda:
+                side.peaks.append((side.persistent + torch.cuda.max_memory_allocated() - start) / 2**30)
 
-        for _ in range(3):
-            up_step()
-        ratios, peaks = [], {"ours": 0.0, "upstream": 0.0}
-        per = max(2, args.steps // 4)
-        for _ in range(args.repeats):
-            took = {}
-            for name, fn in (("ours", step), ("upstream", up_step)):
-                sync()
+    up_ips = None
+    for side in sides:
+        t = sorted(side.times)[len(side.times) // 2]
+        if side.name == "upstream":
+            row["upstream"] = {}
+        entry = row["upstream"] if side.name == "upstream" else row["modes"][side.name]
+        entry.update(
+            step_ms=1000 * t,
+            images_per_s=batch / t,
+            step_ms_all=[1000 * x for x in side.times],
+            peak_gib=max(side.peaks) if side.peaks else None,
+        )
+        if side.name == "upstream":
+            up_ips = batch / t
+    if up_ips:
+        for side in sides:
+            if side.name != "upstream":
+                row["modes"][side.name]["speed_vs_upstream"] = (
+                    row["modes"][side.name]["images_per_s"] / up_ips
+                )
                 if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                for _ in range(per):
-                    fn()
+                    row["modes"][side.name]["memory_vs_upstream"] = (
+                        row["modes"][side.name]["peak_gib"] / row["upstream"]["peak_gib"]
+                    )
+    _print_row(row)
+
+    if args.profile and sides:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        for side in sides:
+            with profile(activities=acts) as prof:
+                side.step(images, targets)
                 sync()
-                took[name] = (time.perf_counter() - t0) / per
-                if cuda:
-                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 2**30)
-            ratios.append(took["ours"] / took["upstream"])
-        ratios.sort()
-        med = ratios[len(ratios) // 2]
+            top = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+            row.setdefault("operator_calls", {})[side.name] = len(top)
+            print(f"  {side.name}: {len(top)} top-level operator calls per step")
+    del sides, model, criterion, opt, ema
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return row
+
+
+def _print_row(row: dict) -> None:
+    head = f"{row['variant']} {row['resolution']}px batch {row['batch']} {row['amp']}"
+    up = row.get("upstream")
+    if up:
+        print(f"  {head} upstream: {up['images_per_s']:.1f} images/s, peak {up['peak_gib'] or 0:.2f} GiB")
+    for mode, m in row["modes"].items():
+        if "failed" in m:
+            continue
+        ratio = f", {m['speed_vs_upstream']:.2f}x upstream" if "speed_vs_upstream" in m else ""
+        mem = f" ({m['memory_vs_upstream']:.2f}x)" if "memory_vs_upstream" in m else ""
+        peak = f", peak {m['peak_gib']:.2f} GiB{mem}" if m.get("peak_gib") is not None else ""
         print(
-            f"  ours / upstream {args.variant} training step (model + criterion + backward, same optimiser and "
-            f"EMA): median {med:.3f}x over {args.repeats} interleaved blocks of {per} steps "
-            f"[min {ratios[0]:.3f}, max {ratios[-1]:.3f}]"
+            f"  {head} {mode}: {m['images_per_s']:.1f} images/s{ratio}{peak}; warm-up {m['warmup_s']:.0f} s, "
+            f"{m['graphs_compiled']} graphs",
+            flush=True,
         )
-        if cuda:
-            print(f"  peak memory: ours {peaks['ours']:.2f} GiB, upstream {peaks['upstream']:.2f} GiB")
+    if "phases_ms" in row:
+        print("  eager phases (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in row["phases_ms"].items()))
 
+
+def _loader_pass(args, device) -> None:
+    from rfdetr_core.preprocess import PreprocessConfig
+    from rfdetr_core.variants import get_variant
+    from rfdetr_train.data import build_train_loader, load_from_config
+    from rfdetr_train.data.config import DataConfig
+
+    v = get_variant(args.variant[0])
+    res = v.resolution
+    data = load_from_config(DataConfig(path=args.data), max_instances=v.num_queries)
+    loader = build_train_loader(
+        data,
+        resolution=(res, res),
+        size_multiple=v.size_multiple,
+        batch_size=args.batch[0],
+        seed=0,
+        workers=args.workers,
+        transforms="builtin",
+        multi_scale=True,
+        multi_scale_steps=5,
+        preprocess=PreprocessConfig(),
+        pin_memory=device.type == "cuda",
+    )
+    n, t0 = 0, None
+    for i, batch in enumerate(loader):
+        if i == 2:
+            t0, n = time.perf_counter(), 0
+        batch.to(device)
+        n += len(batch)
+    dt = time.perf_counter() - t0
+    print(f"  loader alone ({args.workers} workers): {n / dt:.1f} images/s over {n} images")
+
+
+def _csv(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", type=_csv(str), default=["seg-nano"], help="comma-separated variants")
+    ap.add_argument("--classes", type=int, default=80)
+    ap.add_argument("--batch", type=_csv(int), default=[4], help="comma-separated batch sizes")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--amp", choices=("bf16", "fp16", "no"), default="bf16")
+    ap.add_argument(
+        "--modes", type=_csv(str), default=["eager"], help="eager,compile,compile-graphs,checkpointing"
+    )
+    ap.add_argument(
+        "--data", help="also time the training loader alone on this dataset (loop mode: the data)"
+    )
+    ap.add_argument("--workers", type=int, default=6)
+    ap.add_argument("--profile", action="store_true", help="operator calls per step of every side")
+    ap.add_argument("--phases", action="store_true", help="per-phase milliseconds of the eager step")
+    ap.add_argument("--upstream", action="store_true", help="also time upstream rfdetr's model + criterion")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved blocks")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--loop", action="store_true", help="whole-loop mode (benchmarks/train_loop.py)")
+    ap.add_argument("--loop-side", choices=("ours", "upstream"), help=argparse.SUPPRESS)
+    ap.add_argument("--loop-steps", type=int, default=300)
+    ap.add_argument("--loop-out", default="out/train_loop")
+    ap.add_argument("--loop-compile", action="store_true", help="loop mode: also ours with --compile")
+    ap.add_argument("--loop-timeout", type=int, default=400, help="seconds per side in loop mode")
+    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--val-images", type=int, default=100)
+    ap.add_argument("--train-images", type=int, help="loop mode: only the first N training images")
+    ap.add_argument("--warmup", type=int, default=20, help="loop mode: steps left out of the timing")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+
+    if args.loop or args.loop_side:
+        import os
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import train_loop
+
+        if args.loop_side:
+            args.variant, args.batch = args.variant[0], args.batch[0]
+            train_loop.side_main(args)
+            return
+        args.variant, args.batch = args.variant[0], args.batch[0]
+        results = train_loop.compare(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"torch": torch.__version__, "loop": results}, f, indent=1)
+        return
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(
+        f"{name}, torch {torch.__version__}, {args.classes} classes, modes {','.join(args.modes)}", flush=True
+    )
+    rows = []
+    for variant in args.variant:
+        for batch in args.batch:
+            rows.append(measure(variant, batch, args, device))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"device": name, "torch": torch.__version__, "rows": rows}, f, indent=1)
     if args.data:
-        from rfdetr_core.preprocess import PreprocessConfig
-        from rfdetr_train.data import build_train_loader, load_from_config
-        from rfdetr_train.data.config import DataConfig
-
-        data = load_from_config(DataConfig(path=args.data), max_instances=v.num_queries)
-        loader = build_train_loader(
-            data,
-            resolution=(res, res),
-            size_multiple=v.size_multiple,
-            batch_size=args.batch,
-            seed=0,
-            workers=args.workers,
-            transforms="builtin",
-            multi_scale=True,
-            multi_scale_steps=5,
-            preprocess=PreprocessConfig(),
-            pin_memory=cuda,
-        )
-        n, t0 = 0, None
-        for i, batch in enumerate(loader):
-            if i == 2:
-                t0, n = time.perf_counter(), 0
-            batch.to(device)
-            n += len(batch)
-        dt = time.perf_counter() - t0
-        print(f"  loader alone ({args.workers} workers): {n / dt:.1f} images/s over {n} images")
+        _loader_pass(args, device)
 
 
 if __name__ == "__main__":
