@@ -119,3 +119,18 @@ def test_layers_of_different_shapes_or_no_objects_take_the_per_layer_pass():
     assert not can_batch_layers(layers, crit.match(empty_out, empty_targets))
     losses = crit(empty_out, empty_targets)  # the per-layer pass: zeros that keep every output in the graph
     assert all(float(v) == 0.0 for k, v in losses.items() if k.startswith("loss_bbox"))
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_matcher_mask_costs_of_all_layers_at_once_equal_layer_by_layer(dense):
+    from rfdetr_train.losses import TargetBatch
+
+    outputs, targets = _case((3, 0, 5), seed=7, dense=dense)
+    crit = build_criterion(K, GROUPS)
+    layers = [out for _, out in crit.layers(outputs)]
+    batch = TargetBatch.from_targets(targets, torch.device("cpu"), need_masks=True)
+    torch.manual_seed(5)
+    together = crit.matcher.cost_matrices(layers, batch)  # [L, B, GQ, Tmax]
+    torch.manual_seed(5)  # the same points: one sampler call per layer, in layer order
+    one_by_one = torch.stack([crit.matcher.cost_matrices([out], batch)[0] for out in layers])
+    torch.testing.assert_close(together, one_by_one, rtol=1e-6, atol=1e-6)

@@ -84,41 +84,61 @@ class HungarianMatcher:
         negative = (1 - self.focal_alpha) * p.pow(self.focal_gamma) * F.softplus(x)
         return positive - negative
 
-    def _mask_point_logits(self, pred_masks: Any, points: Tensor) -> Tensor:
-        """Prediction logits at shared points: lazy entry or dense ``[B, GQ, h, w]`` -> ``[B, GQ, P]``."""
-        if isinstance(pred_masks, Tensor):
-            batch = pred_masks.shape[0]
-            return sample_points(pred_masks.float(), points.expand(batch, -1, -1))
-        spatial = pred_masks["spatial_features"].float()  # [B, C, h, w]
-        query = pred_masks["query_features"].float()  # [B, GQ, C]
+    def _mask_point_logits(self, pred_masks: Sequence[Any], points: Tensor) -> Tensor:
+        """Prediction logits at each layer's shared points: ``L`` lazy entries or dense ``[B, GQ, h, w]`` and
+        ``[L, P, 2]`` points -> ``[L*B, GQ, P]`` (layer after layer)."""
+        batch = _mask_reference(pred_masks[0]).shape[0]
+        grid = points.repeat_interleave(batch, dim=0)  # [L, P, 2] -> [L*B, P, 2]
+        if isinstance(pred_masks[0], Tensor):
+            return sample_points(torch.cat([m.float() for m in pred_masks]), grid)  # [L*B, GQ, P]
+        spatial = torch.cat([m["spatial_features"] for m in pred_masks]).float()  # [L*B, C, h, w]
+        query = torch.cat([m["query_features"] for m in pred_masks]).float()  # [L*B, GQ, C]
+        bias = (
+            torch.stack([m["bias"] for m in pred_masks]).float().repeat_interleave(batch, dim=0)
+        )  # [L*B, 1]
         # Bilinear sampling is linear, so sampling the features then projecting equals projecting then
         # sampling, at C*P instead of GQ*h*w work.
-        feats = sample_points(spatial, points.expand(spatial.shape[0], -1, -1))  # [B, C, P]
-        return torch.bmm(query, feats) + pred_masks["bias"].float()  # [B, GQ, P]
+        feats = sample_points(spatial, grid)  # [L*B, C, P]
+        return torch.bmm(query, feats) + bias.unsqueeze(2)  # [L*B, GQ, P]
 
-    def _mask_costs(self, pred_masks: Any, batch: TargetBatch) -> tuple[Tensor, Tensor]:
-        """Pairwise mean BCE and Dice costs on uniform points: -> two ``[B, GQ, Tmax]``."""
-        ref = pred_masks if isinstance(pred_masks, Tensor) else pred_masks["spatial_features"]
+    def _mask_costs(self, pred_masks: Sequence[Any], batch: TargetBatch) -> tuple[Tensor, Tensor]:
+        """Pairwise mean BCE and Dice costs of ``L`` same-shaped layers on uniform points: -> two ``[L, B, GQ, Tmax]``.
+
+        Each layer draws its own points (one sampler call per layer, in layer order); the sampling and the
+        costs of all layers then run as one batch of ``L*B`` problems.
+        """
+        ref = _mask_reference(pred_masks[0])
         height, width = ref.shape[-2:]
-        points = self.match_point_sampler(
-            match_num_points(height, width, self.mask_point_sample_ratio), ref.device
+        count = match_num_points(height, width, self.mask_point_sample_ratio)
+        points = torch.stack(
+            [
+                self.match_point_sampler(count, ref.device)
+                .to(device=ref.device, dtype=torch.float32)
+                .reshape(-1, 2)
+                for _ in pred_masks
+            ]
+        )  # [L, P, 2]
+        num_layers = len(pred_masks)
+        x = self._mask_point_logits(pred_masks, points)  # [L*B, GQ, P]
+        bsz, num_points, tmax = ref.shape[0], x.shape[2], batch.padded_labels.shape[1]
+        objects = torch.arange(batch.total, device=x.device).repeat(num_layers)  # [L*T]
+        coords = points.repeat_interleave(batch.total, dim=0)  # [L*T, P, 2]
+        gt = x.new_zeros(num_layers, bsz * tmax, num_points)  # padded objects keep all-zero rows
+        gt[:, batch.padded_slot] = batch.sample_masks(objects, coords).view(
+            num_layers, batch.total, num_points
         )
-        points = points.to(device=ref.device, dtype=torch.float32).reshape(-1, 2)  # [P, 2]
-        x = self._mask_point_logits(pred_masks, points.unsqueeze(0))  # [B, GQ, P]
-        bsz, num_points, tmax = x.shape[0], x.shape[2], batch.padded_labels.shape[1]
-        gt = x.new_zeros(bsz * tmax, num_points)  # padded objects keep all-zero rows
-        gt[batch.padded_slot] = batch.sample_masks(torch.arange(batch.total, device=x.device), points)
-        gt = gt.view(bsz, tmax, num_points)  # [B*Tmax, P] -> [B, Tmax, P]
+        gt = gt.view(num_layers * bsz, tmax, num_points)  # [L, B*Tmax, P] -> [L*B, Tmax, P]
         # Mean BCE over points of every (query, object) pair. BCE(x, 0) = softplus(x) and BCE(x, 1) = softplus(x) - x,
         # so the sum over points is rowsum(softplus(x)) - x . t: one elementwise pass and one product.
         bce = (
             F.softplus(x).sum(-1).unsqueeze(2) - torch.bmm(x, gt.transpose(1, 2))
-        ) / num_points  # [B, GQ, Tmax]
+        ) / num_points  # [L*B, GQ, Tmax]
         prob = x.sigmoid()
-        overlap = 2 * torch.bmm(prob, gt.transpose(1, 2))  # [B, GQ, Tmax]
+        overlap = 2 * torch.bmm(prob, gt.transpose(1, 2))  # [L*B, GQ, Tmax]
         total = prob.sum(-1).unsqueeze(2) + gt.sum(-1).unsqueeze(1)
         dice = 1 - (overlap + 1) / (total + 1)
-        return bce, dice
+        shape = (num_layers, bsz, x.shape[1], tmax)  # [L*B, GQ, Tmax] -> [L, B, GQ, Tmax]
+        return bce.view(shape), dice.view(shape)
 
     @torch.no_grad()
     def cost_matrices(self, layers: Sequence[dict[str, Any]], batch: TargetBatch) -> Tensor:
@@ -142,11 +162,15 @@ class HungarianMatcher:
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         cost = cost.view(num_layers, bsz, gq, -1)  # [L*B, GQ, Tmax] -> [L, B, GQ, Tmax]
         if batch.masks is not None and (self.cost_mask_ce or self.cost_mask_dice):
-            for layer, out in zip(cost, layers):
-                if "pred_masks" not in out:
-                    raise TargetFormatError("segmentation matching needs 'pred_masks' in every output layer")
-                cost_ce, cost_dice = self._mask_costs(out["pred_masks"], batch)
-                layer += self.cost_mask_ce * cost_ce + self.cost_mask_dice * cost_dice
+            if any("pred_masks" not in out for out in layers):
+                raise TargetFormatError("segmentation matching needs 'pred_masks' in every output layer")
+            masks = [out["pred_masks"] for out in layers]
+            if len({_mask_signature(m) for m in masks}) == 1:  # one batched pass
+                cost_ce, cost_dice = self._mask_costs(masks, batch)
+            else:
+                parts = [self._mask_costs([m], batch) for m in masks]
+                cost_ce, cost_dice = (torch.cat([p[i] for p in parts]) for i in (0, 1))
+            cost += self.cost_mask_ce * cost_ce + self.cost_mask_dice * cost_dice
         return cost
 
     def cost_matrix(self, outputs: dict[str, Any], batch: TargetBatch) -> Tensor:
@@ -253,6 +277,17 @@ class HungarianMatcher:
         self, layers: Sequence[dict[str, Any]], batch: TargetBatch, group_detr: int = 1
     ) -> list[LayerMatches]:
         return self.match(layers, batch, group_detr)
+
+
+def _mask_reference(pred_masks: Any) -> Tensor:
+    """The tensor that fixes the batch size, mask size and device of a lazy or dense mask entry."""
+    return pred_masks if isinstance(pred_masks, Tensor) else pred_masks["spatial_features"]
+
+
+def _mask_signature(pred_masks: Any) -> tuple:
+    if isinstance(pred_masks, Tensor):
+        return ("dense", tuple(pred_masks.shape))
+    return ("lazy",) + tuple(tuple(pred_masks[k].shape) for k in ("spatial_features", "query_features"))
 
 
 def _to_host(values: Tensor) -> Tensor:
