@@ -121,6 +121,8 @@ def run_ours(data: Path, args, out: Path) -> dict:
     rfdetr_train.train(
         data=str(data),
         model=args.variant,
+        weights="none",  # random init, like upstream's side (and no download on the GPU machine)
+        recipe="finetune",  # upstream's fine-tuning numbers, what its trainer defaults to
         steps=args.loop_steps,
         batch_size=args.batch,
         grad_accum=1,
