@@ -182,15 +182,18 @@ class WindowedViT(nn.Module):
         """The position table for a ``(Hp, Wp)`` patch grid: ``[1, 1 + Hp*Wp, C]``."""
         return resize_patch_pos_embed(self.pos_embed, grid)
 
-    def forward(self, images: Tensor) -> list[Tensor]:
+    def forward(self, images: Tensor, pos_table: Tensor | None = None) -> list[Tensor]:
         """``images [B, 3, H, W]`` -> one ``[B, C, H/patch, W/patch]`` map per requested stage (final LayerNorm
-        applied, CLS dropped). H and W must be multiples of ``patch_size * num_windows`` (checked by the caller)."""
+        applied, CLS dropped). H and W must be multiples of ``patch_size * num_windows`` (checked by the caller).
+
+        ``pos_table``: ``[1, 1 + Hp*Wp, C]`` for this input's patch grid, precomputed (a deploy model bakes it,
+        so that no bicubic resize runs in a traced graph); default :meth:`position_table` of the grid."""
         b = images.shape[0]
         nw = self.num_windows
         # [B, C, Hp, Wp] -> [B, Hp, Wp, C]
         x = self.patch_embed(images).permute(0, 2, 3, 1)
         hp, wp = x.shape[1], x.shape[2]
-        pos = self.position_table((hp, wp))
+        pos = self.position_table((hp, wp)) if pos_table is None else pos_table
         x = x + pos[:, 1:].view(1, hp, wp, self.dim)
         cls = self.cls_token + pos[:, :1]
         hh, ww = hp // nw, wp // nw

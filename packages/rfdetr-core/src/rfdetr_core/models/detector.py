@@ -111,23 +111,28 @@ class RFDETRModel(nn.Module):
         """Backbone stochastic depth for training: block ``i`` drops its branches with ``rate * i / (n - 1)``."""
         self.backbone.set_drop_path(rate)
 
-    def features(self, images: Tensor) -> tuple[list[Tensor], Tensor, list[int]]:
+    def features(
+        self, images: Tensor, pos_table: Tensor | None = None, check: bool = True
+    ) -> tuple[list[Tensor], Tensor, list[int]]:
         """Backbone + projector.
 
         Args:
             images: ``[B, 3, H, W]`` normalised, H and W multiples of ``spec.size_multiple``. Callers with
                 user input check the size first (``Variant.check_resolution``: predict, training); here a
                 wrong size is a ``ValueError``, and the check is left out of traced graphs.
+            pos_table: the backbone's position table for this input size, precomputed (deploy models).
+            check: check the input shape here (``False``: the caller did, e.g. a traced deploy model).
 
         Returns:
             ``levels`` (list of ``[B, C, h_l, w_l]``), ``memory [B, S, C]`` (levels flattened row-major and
             concatenated) and ``spatial_shapes`` (flat ``[h0, w0, h1, w1, ...]``).
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
-            self._check_size(int(images.shape[-2]), int(images.shape[-1]))
-        levels = self.projector(self.backbone(images))
+        if check:
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
+            if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+                self._check_size(int(images.shape[-2]), int(images.shape[-1]))
+        levels = self.projector(self.backbone(images, pos_table))
         spatial_shapes = [s for lvl in levels for s in lvl.shape[-2:]]
         # [B, C, h, w] -> [B, h*w, C]
         flat = [lvl.flatten(2).transpose(1, 2) for lvl in levels]
@@ -177,23 +182,18 @@ class RFDETRModel(nn.Module):
             ``{"spatial_features": [B, C, H/4, W/4], "query_features": [B, G*Q, C], "bias": [1]}``.
         """
         training = self.training
-        groups = self.group_detr if training else 1
+        if not training:
+            logits, boxes, masks = self.forward_deploy(images, check=True)
+            out: dict[str, Any] = {"pred_logits": logits, "pred_boxes": boxes}
+            if masks is not None:
+                out["pred_masks"] = masks
+            return out
+        groups = self.group_detr
         levels, memory, shapes = self.features(images)
         ts_feats, ts_boxes, ts_logits = self.query_selection(memory, shapes, groups, with_logits=training)
         tgt, ref = self._initial_queries(ts_boxes.detach(), groups)
         hs_layers = self.decoder(tgt, ref, memory, shapes, groups, all_layers=training)
         image_size = (int(images.shape[-2]), int(images.shape[-1]))
-
-        if not training:
-            hs = hs_layers[-1]
-            out: dict[str, Any] = {
-                "pred_logits": self.class_embed(hs),
-                "pred_boxes": apply_box_delta(self.bbox_embed(hs), ref),
-            }
-            if self.mask_head is not None:
-                out["pred_masks"] = self.mask_head(levels[0], hs, image_size)
-            return out
-
         hs_all = torch.stack(hs_layers)  # [L, B, G*Q, C]: one head call for all layers
         logits = self.class_embed(hs_all)
         boxes = apply_box_delta(self.bbox_embed(hs_all), ref)
@@ -208,3 +208,30 @@ class RFDETRModel(nn.Module):
         out["aux_outputs"] = per_layer[:-1]
         out["enc_outputs"] = enc
         return out
+
+    def forward_deploy(
+        self, images: Tensor, pos_table: Tensor | None = None, check: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The inference forward (group 0, last decoder layer) as a tuple; what eval-mode :meth:`forward` runs.
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised.
+            pos_table: the backbone's position table for ``H x W``, precomputed (see
+                :class:`rfdetr_core.deploy.DeployModel`); default: resized here from the learned table.
+            check: check the input shape (``False`` inside traced graphs: the caller checks at its boundary).
+
+        Returns:
+            ``pred_logits [B, Q, K]``, ``pred_boxes [B, Q, 4]`` (normalised cxcywh) and ``pred_masks
+            [B, Q, H/4, W/4]`` mask logits (``None`` without a mask head).
+        """
+        levels, memory, shapes = self.features(images, pos_table, check)
+        _, ts_boxes, _ = self.query_selection(memory, shapes, 1, with_logits=False)
+        tgt, ref = self._initial_queries(ts_boxes.detach(), 1)
+        hs = self.decoder(tgt, ref, memory, shapes, 1, all_layers=False)[-1]
+        logits = self.class_embed(hs)
+        boxes = apply_box_delta(self.bbox_embed(hs), ref)
+        masks = None
+        if self.mask_head is not None:
+            masks = self.mask_head(levels[0], hs, (int(images.shape[-2]), int(images.shape[-1])))
+        return logits, boxes, masks
+

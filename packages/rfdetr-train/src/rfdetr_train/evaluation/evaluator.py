@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from rfdetr_core.errors import RFDETRError
-from rfdetr_core.mask_rle import logits_to_rle, rle_area
+from rfdetr_core.mask_rle import rle_area
 from rfdetr_train.evaluation.boundary import boundary_fn, boundary_width
 from rfdetr_train.evaluation.coco_matching import AREA_LABELS, CocoResult, evaluate_coco, stats_to_dict
 from rfdetr_train.evaluation.coco_sets import DetectionSet, GroundTruthSet
@@ -190,7 +190,7 @@ class Evaluator:
                 ``pred_masks [B, Q, h, w]`` mask logits (eval output dict of DESIGN).
             targets: ``B`` dicts with ``image_id`` (the dataset's id) and ``orig_size`` (source ``(h, w)``).
         """
-        from rfdetr_core.postprocess import boxes_to_pixels, select_topk
+        from rfdetr_core.postprocess import finish_detections, select_detections
 
         logits, boxes = outputs["pred_logits"].detach(), outputs["pred_boxes"].detach()
         masks = outputs.get("pred_masks")
@@ -201,19 +201,17 @@ class Evaluator:
         if len(targets) != logits.shape[0]:
             raise RFDETRError(f"{logits.shape[0]} outputs but {len(targets)} targets in this batch.")
         sizes = torch.stack([torch.as_tensor(t["orig_size"]).reshape(2) for t in targets]).to(logits.device)
-        scores, slots, queries = select_topk(logits.float(), self.max_dets)  # [B, N] each
-        xyxy = boxes_to_pixels(boxes.float(), queries, sizes.float())  # [B, N, 4]
-        cats = self._slot_table(logits.shape[2], logits.device)[slots]  # [B, N], -1: slot without a class
-        keep = cats >= 0
+        table = self._slot_table(logits.shape[2], logits.device)  # [K] category ids, -1: slot without a class
+        # the graph-safe half of post-processing: top max_dets pairs, their boxes and mask logits [B, N, ...]
+        scores, cats, boxes_n, picked = select_detections(
+            logits.float(), boxes.float(), masks.detach() if masks is not None else None, table, self.max_dets
+        )
         for i, t in enumerate(targets):
             image_id = _as_int(t["image_id"])
             self._seen.append(image_id)
-            idx = keep[i].nonzero(as_tuple=True)[0]
-            b = xyxy[i, idx].cpu().double().numpy()
-            bbox = np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
-            rles, areas, bounds = None, None, None
+            h, w = (int(v) for v in sizes[i].tolist())
+            opts = None
             if masks is not None:
-                h, w = (int(v) for v in sizes[i].tolist())
                 expect = self.gt.image_sizes.get(image_id)
                 if expect is not None and expect != (h, w):
                     # pycocotools would give such masks IoU -1 against every object, silently
@@ -221,24 +219,31 @@ class Evaluator:
                         f"Image {image_id}: the target's orig_size is {h}x{w} (h x w) but the ground truth "
                         f"says {expect[0]}x{expect[1]}; masks must be evaluated at the annotated size."
                     )
-                q = queries[i, idx]
-                uq, inverse = torch.unique(q, return_inverse=True)  # a query kept with two classes: one mask
                 d = boundary_width(h, w, self.boundary_dilation_ratio) if self.boundary else None
-                u_rles, u_areas, u_bounds = logits_to_rle(
-                    masks[i].detach().index_select(0, uq),
-                    (h, w),
-                    self.mask_threshold,
-                    self.mask_chunk_pixels,
-                    boundary=boundary_fn(d) if d else None,
-                )
-                inv = inverse.cpu().numpy()
-                rles, areas = [u_rles[j] for j in inv], u_areas[inv]
-                bounds = [u_bounds[j] for j in inv] if u_bounds is not None else None
+                opts = {
+                    "threshold": self.mask_threshold,
+                    "pixel_budget": self.mask_chunk_pixels,
+                    "boundary": boundary_fn(d) if d else None,
+                }
+            # the host half: drop slots without a class, boxes in pixels, masks as RLE at the source size
+            (res,) = finish_detections(
+                scores[i : i + 1],
+                cats[i : i + 1],
+                boxes_n[i : i + 1],
+                picked[i : i + 1] if picked is not None else None,
+                sizes[i : i + 1].float(),
+                mask_format="rle" if masks is not None else "none",
+                rle_options=opts,
+            )
+            b = res["boxes"].cpu().double().numpy()
+            bbox = np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
+            n = len(res["scores"])
+            rles, areas, bounds = res.get("rles"), res.get("areas"), res.get("boundary_rles")
             self._parts.append(
                 DetectionSet(
-                    image_id=np.full(idx.numel(), image_id, dtype=np.int64),
-                    category_id=cats[i, idx].cpu().numpy().astype(np.int64),
-                    score=scores[i, idx].cpu().double().numpy(),
+                    image_id=np.full(n, image_id, dtype=np.int64),
+                    category_id=res["labels"].cpu().numpy().astype(np.int64),
+                    score=res["scores"].cpu().double().numpy(),
                     bbox=bbox.reshape(-1, 4),
                     rles=rles,
                     mask_area=areas,
