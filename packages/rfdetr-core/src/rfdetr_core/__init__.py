@@ -11,24 +11,59 @@ from rfdetr_core.variants import Variant, get_variant, list_variants
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "RFDETR",
-    "ClassMap",
-    "Detections",
-    "RFDETRError",
-    "Variant",
-    "__version__",
-    "create_model",
-    "get_variant",
-    "list_variants",
-]
-
-# Imported on first use: the model and weight loaders are heavier than the registry.
+# The declared surface: the names rfdetr-train, rfdetr-export and rfdetr-serve may import from core (from
+# here or from the module named below; tests/core/test_surface.py checks both). Anything else is internal.
 _LAZY = {
+    # facade, model card, runners, deploy
     "RFDETR": "rfdetr_core.predict",
     "Detections": "rfdetr_core.detections",
+    "ModelCard": "rfdetr_core.model_card",
+    "Runner": "rfdetr_core.runner",
+    "TorchRunner": "rfdetr_core.runner",
+    "runner_from_file": "rfdetr_core.runner",
+    "DeployModel": "rfdetr_core.deploy",
+    "check_input": "rfdetr_core.deploy",
+    # model building and weights
     "create_model": "rfdetr_core.factory",
+    "load_model": "rfdetr_core.factory",
+    "build_model": "rfdetr_core.factory",
+    "card_for": "rfdetr_core.factory",
+    "LoadedModel": "rfdetr_core.factory",
+    "read_weights_file": "rfdetr_core.weights.files",
+    "resolve_official_name": "rfdetr_core.weights.download",
+    "DownloadError": "rfdetr_core.weights.download",
+    "save_model": "rfdetr_core.checkpoint",
+    "strip_checkpoint": "rfdetr_core.checkpoint",
+    "read_metadata": "rfdetr_core.checkpoint",
+    # pre- and post-processing, masks, drawing
+    "PreprocessConfig": "rfdetr_core.preprocess",
+    "preprocess": "rfdetr_core.preprocess",
+    "load_image": "rfdetr_core.preprocess",
+    "open_image": "rfdetr_core.preprocess",
+    "resize_normalize": "rfdetr_core.preprocess",
+    "to_float_rgb": "rfdetr_core.preprocess",
+    "select_detections": "rfdetr_core.postprocess",
+    "finish_detections": "rfdetr_core.postprocess",
+    "encode_masks": "rfdetr_core.mask_rle",
+    "logits_to_rle": "rfdetr_core.mask_rle",
+    "rle_area": "rfdetr_core.mask_rle",
+    "decode_counts": "rfdetr_core.mask_rle",
+    "compress_counts": "rfdetr_core.mask_rle",
+    "crop_runs": "rfdetr_core.mask_rle",
+    "runs_to_counts": "rfdetr_core.mask_rle",
+    "draw_detections": "rfdetr_core.drawing",
+    # errors, files, folders
+    "CheckpointError": "rfdetr_core.errors",
+    "ImageError": "rfdetr_core.errors",
+    "InvalidResolutionError": "rfdetr_core.errors",
+    "MissingDependencyError": "rfdetr_core.errors",
+    "require": "rfdetr_core.errors",
+    "atomic_path": "rfdetr_core.atomic_io",
+    "atomic_write_text": "rfdetr_core.atomic_io",
+    "datasets_dir": "rfdetr_core.paths",
 }
+
+__all__ = ["ClassMap", "RFDETRError", "Variant", "__version__", "get_variant", "list_variants", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -33,10 +33,11 @@ import torch
 from rfdetr_core.detections import Detections
 from rfdetr_core.errors import ImageError
 from rfdetr_core.factory import LoadedModel, load_model
-from rfdetr_core.postprocess import postprocess
+from rfdetr_core.postprocess import finish_detections, select_detections
 from rfdetr_core.preprocess import preprocess
 
 MASK_FORMATS = ("auto", "bool", "rle")
+TORCH_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -84,18 +85,58 @@ class RFDETR:
         return self
 
     def _setup(self, loaded: LoadedModel, device, dtype, resolution) -> None:
-        self.device = _resolve_device(device)
-        self.dtype = dtype or torch.float32
-        self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
-        self.variant = loaded.variant
-        self.class_map = loaded.class_map
-        self.preprocess_config = loaded.preprocess
-        self.weights_path = loaded.source
-        if resolution is None:
-            resolution = loaded.resolution
-        elif isinstance(resolution, int):
-            resolution = (resolution, resolution)
-        self.resolution = self.variant.check_resolution(int(resolution[0]), int(resolution[1]))
+        from rfdetr_core.runner import TorchRunner
+
+        device = _resolve_device(device)
+        model = loaded.model.to(device=device, dtype=dtype or torch.float32).eval()
+        card = loaded.card
+        if resolution is not None:
+            if isinstance(resolution, int):
+                resolution = (resolution, resolution)
+            res = loaded.variant.check_resolution(int(resolution[0]), int(resolution[1]))
+            card = card.replace(resolution=res)
+        else:
+            loaded.variant.check_resolution(*card.resolution)
+        self._use_runner(TorchRunner(model, card), model=model, weights_path=loaded.source)
+
+    @classmethod
+    def from_runner(cls, runner) -> RFDETR:
+        """A facade over any runner (:mod:`rfdetr_core.runner`): ONNX Runtime or TensorRT from rfdetr-export,
+        or a :class:`~rfdetr_core.runner.TorchRunner`. ``predict``, ``Detections``, drawing and ``to_coco``
+        work the same; :meth:`optimize` and ``.model`` exist for the torch runner only."""
+        self = cls.__new__(cls)
+        self._use_runner(runner, model=getattr(runner, "model", None), weights_path=None)
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **options) -> RFDETR:
+        """Any model file, the runner chosen by suffix: PyTorch weights (``.safetensors``, ``.pth``, ``.pt``,
+        ``.ckpt``) through :meth:`from_checkpoint`, other suffixes (``.onnx``, ``.engine``) through the runner
+        registered for them in the ``rfdetr_core.runners`` entry-point group (rfdetr-export); ``options`` go to
+        that loader (``device``, ...)."""
+        from pathlib import Path
+
+        from rfdetr_core.runner import runner_from_file
+
+        if Path(path).suffix.lower() in TORCH_SUFFIXES:
+            return cls.from_checkpoint(path, **options)
+        return cls.from_runner(runner_from_file(path, **options))
+
+    def _use_runner(self, runner, model, weights_path) -> None:
+        from rfdetr_core.variants import get_variant
+
+        self.runner = runner
+        self.card = runner.card
+        self.model = model
+        self.device = torch.device(runner.device)
+        self.dtype = getattr(runner, "dtype", torch.float32)
+        self.variant = get_variant(self.card.variant)
+        self.class_map = self.card.class_map
+        self.preprocess_config = self.card.preprocess
+        self.resolution = self.card.resolution
+        self.weights_path = weights_path
+        self._runners = {getattr(runner, "num_select", self.card.default_num_select): runner}
+        self._cat_to_slot = {e.category_id: e.slot for e in self.class_map.entries}
         table = self.class_map.slot_to_category_table()
         self._slot_category = torch.tensor(table, dtype=torch.int64)  # [K], -1 = no class
         self._slot_valid = self._slot_category >= 0
@@ -119,6 +160,10 @@ class RFDETR:
         Returns:
             ``{"seconds": total, "capture_seconds": {batch: s}, "compiled": bool, "dtype": str}``.
         """
+        if self.model is None:
+            raise ValueError(
+                f"optimize() works on the torch runner; this model runs on {self.runner.backend}."
+            )
         if self.device.type != "cuda":
             raise ValueError(
                 f"optimize() needs a CUDA device (the model is on {self.device}); the eager path is the "
@@ -230,7 +275,7 @@ class RFDETR:
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
         rle = mask_format == "rle" or (mask_format == "auto" and self.device.type == "cuda")
-        n_select = int(num_select) if num_select is not None else int(self.model.num_queries)
+        n_select = int(num_select) if num_select is not None else int(self.card.num_queries)
         results: list[Detections] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -243,32 +288,56 @@ class RFDETR:
         x, sizes = preprocess(items, self.resolution, self.preprocess_config, device=self.device)
         if self._graphed is not None:
             outputs = self._graphed(x)  # [B, 3, H, W] float32, cast into the graph's input buffer
-        else:
-            outputs = self.model(x.to(self.dtype))  # x: [B, 3, H, W]
-        if any(v.dtype != torch.float32 for v in outputs.values() if isinstance(v, torch.Tensor)):
             # scores, boxes and the mask threshold in float32: low-precision sigmoid/interpolation would shift
             # detections across the threshold
             outputs = {k: v.float() for k, v in outputs.items() if isinstance(v, torch.Tensor)}
-        per_image = postprocess(
-            outputs,
+            picked = select_detections(
+                outputs["pred_logits"],
+                outputs["pred_boxes"],
+                outputs.get("pred_masks"),
+                self._slot_category_on_device(),
+                num_select,
+            )
+        else:
+            picked = self._runner_for(num_select)(x)  # (scores, labels, boxes[, masks]), K >= num_select
+            picked = tuple(t[:, :num_select] for t in picked)  # K sorted by score: the first num_select
+        scores, labels, boxes = picked[:3]
+        masks = picked[3] if len(picked) > 3 else None
+        per_image = finish_detections(
+            scores,
+            labels,
+            boxes,
+            masks,
             sizes,
-            num_select,
             threshold=threshold,
-            valid_slots=self._valid_slots_on_device(),
             mask_format="rle" if rle else "bool",
             host=True,
         )
         return [self._to_detections(res, size, item) for res, size, item in zip(per_image, sizes, items)]
 
-    def _valid_slots_on_device(self) -> torch.Tensor:
-        """``[K]`` bool slot table on the model's device, copied once (not in every batch)."""
-        cached = getattr(self, "_slot_valid_device", None)
+    def _runner_for(self, num_select: int):
+        """The runner keeping at least ``num_select`` pairs (the torch runner is rebuilt for a larger K)."""
+        best = max(self._runners)
+        if num_select <= best:
+            return self._runners[best]
+        if not hasattr(self.runner, "with_num_select"):
+            raise ValueError(
+                f"this {self.runner.backend} model keeps {best} detections per image; num_select={num_select} "
+                "needs a model exported with a larger num_select"
+            )
+        self._runners[num_select] = self.runner.with_num_select(num_select)
+        return self._runners[num_select]
+
+    def _slot_category_on_device(self) -> torch.Tensor:
+        """``[S]`` category-id table on the model's device, copied once (not in every batch)."""
+        cached = getattr(self, "_slot_category_device", None)
         if cached is None or cached.device != self.device:
-            cached = self._slot_valid_device = self._slot_valid.to(self.device)
+            cached = self._slot_category_device = self._slot_category.to(self.device)
         return cached
 
     def _to_detections(self, res: dict[str, Any], size: tuple[int, int], item: Any) -> Detections:
-        slots = res["labels"].cpu()
+        # the runner reports dataset category ids; slots are the class map's (ids are unique)
+        slots = torch.tensor([self._cat_to_slot[c] for c in res["labels"].tolist()], dtype=torch.int64)
         masks = res.get("masks")
         return Detections(
             boxes=res["boxes"].float().cpu().numpy().astype(np.float32),
