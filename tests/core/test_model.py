@@ -261,3 +261,27 @@ def test_drop_path_only_acts_in_training(tiny):
     assert not torch.allclose(a, b)
     with pytest.raises(ValueError, match="drop_path"):
         model.set_drop_path(1.0)
+
+
+def test_fixed_selection_reuses_a_given_choice(tiny):
+    images = _images(2, 160, 160, seed=3)
+    captured = {}
+    handle = tiny.query_selection.register_forward_pre_hook(
+        lambda _m, args: captured.update(m=args[0], s=args[1])
+    )
+    with torch.no_grad():
+        try:
+            out = tiny(images)
+        finally:
+            handle.remove()
+        own = tiny.query_selection.scores(captured["m"], captured["s"]).topk(tiny.num_queries, dim=1).indices
+        with tiny.query_selection.fixed_selection(own):
+            same = tiny(images)
+        with tiny.query_selection.fixed_selection(own.flip(1)):  # the same cells, paired with other queries
+            flipped = tiny(images)
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        torch.testing.assert_close(same[key], out[key], rtol=0, atol=0)
+    assert not torch.allclose(flipped["pred_boxes"], out["pred_boxes"])
+    assert tiny.query_selection._fixed is None  # released after the block
+    with pytest.raises(ValueError, match="int64"), tiny.query_selection.fixed_selection(own.float()):
+        pass

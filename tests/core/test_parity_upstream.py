@@ -4,13 +4,16 @@ Upstream models are built offline with random weights (then perturbed so that ze
 box deltas, reference offsets and deformable attention weights carry signal), saved with ``torch.save``, converted
 with ``convert_upstream_state_dict`` and loaded strictly.
 
-Two correct float32 implementations can order nearly tied two-stage proposals differently, and the k-th selected
-cell is paired with the k-th learned query, so a flipped pair changes two queries' outputs. Score gaps between the
-300 selected cells are routinely below the float32 disagreement (~1e-6), so no input avoids every flip. The float32
-comparisons therefore give every query slot the same learned content and reference (slots become interchangeable)
-and match our queries to upstream's with a one-to-one assignment on the logits; inputs whose top-k boundary is
-nearly tied (gap under 1e-4: the selected set itself could differ) are redrawn. One float64 comparison with distinct
-slots, where no flip happens, checks that each slot gets its own query rows.
+Eval outputs are checked in two steps, for several initialisations per variant (issue 12, item 1):
+
+1. The two-stage choice: our top-k cells, in order, equal upstream's, except where the cells that the two sides
+   order differently have upstream scores within float32 rounding of each other. The order is discontinuous at
+   such near-ties (the j-th selected cell is paired with the j-th learned query), and two correct float32
+   implementations disagree there: scores differ by ~1e-6 (upstream's own float32 scores are as far from its
+   float64 ones), while near-ties that close occur in about one initialisation in three.
+2. Given upstream's choice (``QuerySelection.fixed_selection``), every output slot equals upstream's slot.
+
+A float64 comparison without pinning checks that each slot gets its own query rows where no flip happens.
 """
 
 from __future__ import annotations
@@ -35,28 +38,64 @@ pytestmark = [
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# variant -> (upstream config class, default size, one non-square valid size)
+# variant -> (upstream config class, default size, one larger valid size, one non-square valid size).
+# Every registered variant that upstream 1.11.2 builds (not xlarge/2xlarge: no upstream config; not seg-tiny: ours).
+# Grids wider than 50 cells (seg-xlarge larger, seg-2xlarge) exercise upstream's border rule for proposals.
 CASES = {
-    "medium": ("RFDETRMediumConfig", (576, 576), (448, 640)),
-    "base": ("RFDETRBaseConfig", (560, 560), (448, 672)),
-    # grid 64 and 24x68: wider than 50 cells, so upstream's border rule for proposals applies.
-    "seg-2xlarge": ("RFDETRSeg2XLargeConfig", (768, 768), (288, 816)),
-    "seg-medium": ("RFDETRSegMediumConfig", (432, 432), (336, 528)),
-    # last, so that the create_model test below reuses the cached pair
-    "seg-nano": ("RFDETRSegNanoConfig", (312, 312), (240, 396)),
+    "seg-nano": ("RFDETRSegNanoConfig", (312, 312), (396, 396), (240, 396)),
+    "seg-small": ("RFDETRSegSmallConfig", (384, 384), (432, 432), (288, 432)),
+    "seg-medium": ("RFDETRSegMediumConfig", (432, 432), (480, 480), (336, 528)),
+    "seg-large": ("RFDETRSegLargeConfig", (504, 504), (528, 528), (384, 528)),
+    "seg-xlarge": ("RFDETRSegXLargeConfig", (624, 624), (648, 648), (432, 648)),
+    "seg-2xlarge": ("RFDETRSeg2XLargeConfig", (768, 768), (792, 792), (288, 816)),
+    "nano": ("RFDETRNanoConfig", (384, 384), (448, 448), (320, 448)),
+    "small": ("RFDETRSmallConfig", (512, 512), (544, 544), (384, 576)),
+    "medium": ("RFDETRMediumConfig", (576, 576), (608, 608), (448, 640)),
+    "large": ("RFDETRLargeConfig", (704, 704), (736, 736), (512, 640)),
+    "base": ("RFDETRBaseConfig", (560, 560), (616, 616), (448, 672)),
+    "large-legacy": ("RFDETRLargeDeprecatedConfig", (560, 560), (616, 616), (448, 672)),
 }
+SIZES = ("default", "larger", "non-square")
+# Cheap variants get more initialisations and run unmarked; the rest are marked slow.
+CHEAP = ("seg-nano", "nano")
 TOL = 1e-4
+# Two cells may be ordered differently only if their upstream scores are this close (relative to the score size):
+# float32 rounding of the scores, ~1e-6 between two implementations, with a margin.
+TIE_TOL = 2e-5
+LEGACY_SEED = 0  # the initialisation of the pair that the conversion and training tests below reuse
 
 
-def _build_upstream(config_name: str, same_slots: bool = True):
+def _eval_cases():
+    """``(variant, size, seed)``: two initialisations per variant (one at the default size, the other at the
+    larger and the non-square size), three more for the cheap ones."""
+    cases = []
+    for variant in CASES:
+        cheap = variant in CHEAP
+        for seed in (0, 1, 2) if cheap else (0,):
+            cases.append((variant, "default", seed, not cheap))
+        for which in SIZES[1:]:
+            cases.append((variant, which, 3 if cheap else 1, True))
+    return [
+        pytest.param(v, w, s, marks=[pytest.mark.slow] if slow else [], id=f"{v}-{w}-seed{s}")
+        for v, w, s, slow in cases
+    ]
+
+
+def _build_upstream(config_name: str, same_slots: bool = True, seed: int = LEGACY_SEED):
     rfdetr_config = pytest.importorskip("rfdetr.config")
     rfdetr_models = pytest.importorskip("rfdetr.models")
     # Legacy Base would download DINOv2 when pretrain_weights is None; a missing local file skips that.
-    weights = "/nonexistent/rfdetr-parity.pth" if config_name == "RFDETRBaseConfig" else None
+    weights = (
+        "/nonexistent/rfdetr-parity.pth"
+        if config_name in ("RFDETRBaseConfig", "RFDETRLargeDeprecatedConfig")
+        else None
+    )
     cfg = getattr(rfdetr_config, config_name)(pretrain_weights=weights, device="cpu")
-    torch.manual_seed(0)  # same weights whatever ran before (upstream initialises from the global generator)
+    torch.manual_seed(
+        seed
+    )  # same weights whatever ran before (upstream initialises from the global generator)
     model = rfdetr_models.build_model_from_config(cfg).eval()
-    gen = torch.Generator().manual_seed(1234)
+    gen = torch.Generator().manual_seed(1234 + seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point():
@@ -69,21 +108,23 @@ def _build_upstream(config_name: str, same_slots: bool = True):
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    """variant -> (upstream model, our converted model, path of the saved upstream state dict); built lazily."""
-    cache: dict[str, tuple] = {}
+    """(variant, seed, same_slots) -> (upstream model, our converted model, path of the saved upstream state
+    dict); built lazily, one pair alive at a time (the big ones take ~0.5 GB each)."""
+    cache: dict[tuple, tuple] = {}
 
-    def get(variant: str):
-        if variant not in cache:
-            cache.clear()  # keep one pair alive at a time (the big ones take ~0.5 GB each)
-            upstream = _build_upstream(CASES[variant][0])
-            path = tmp_path_factory.mktemp("upstream") / f"{variant}.pth"
+    def get(variant: str, seed: int = LEGACY_SEED, same_slots: bool = True):
+        key = (variant, seed, same_slots)
+        if key not in cache:
+            cache.clear()
+            upstream = _build_upstream(CASES[variant][0], same_slots, seed)
+            path = tmp_path_factory.mktemp("upstream") / f"{variant}-{seed}.pth"
             torch.save(upstream.state_dict(), path)
             ours = build_model(variant).eval()
             sd, notes = convert_upstream_state_dict(torch.load(path, weights_only=True), ours.spec)
             assert notes == []
             ours.load_state_dict(sd, strict=True)
-            cache[variant] = (upstream, ours, path)
-        return cache[variant]
+            cache[key] = (upstream, ours, path)
+        return cache[key]
 
     return get
 
@@ -107,59 +148,68 @@ def _boundary_gap(scores: torch.Tensor, k: int) -> float:
     return min(gaps, default=float("inf"))
 
 
-def _run_ours(model, images):
-    captured = {}
-
-    def grab(_module, args):
-        captured["memory"], captured["shapes"] = args[0], args[1]
-
-    handle = model.query_selection.register_forward_pre_hook(grab)
-    try:
-        out = model(images)
-    finally:
-        handle.remove()
-    scores = model.query_selection.scores(captured["memory"], captured["shapes"])
-    return out, _boundary_gap(scores, model.num_queries)
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def _compare(ours: dict, theirs: dict, keys: tuple[str, ...]) -> dict[str, float]:
-    from scipy.optimize import linear_sum_assignment
+def _upstream_with_scores(upstream, images):
+    """Upstream's eval outputs and the two-stage score of every cell, ``[B, S]`` (its first class-head call)."""
+    scores = {}
 
-    errors = {k: [] for k in keys}
-    for i in range(theirs["pred_logits"].shape[0]):
-        dist = torch.cdist(ours["pred_logits"][i].double(), theirs["pred_logits"][i].double())  # [Q, Q]
-        rows, match = linear_sum_assignment(dist.numpy())
-        match = torch.as_tensor(match)[torch.as_tensor(rows).argsort()]
-        for k in keys:
-            errors[k].append((ours[k][i], theirs[k][i][match]))
-    return {
-        k: _rel(torch.stack([a for a, _ in v]), torch.stack([b for _, b in v])) for k, v in errors.items()
-    }
+    def grab(_module, _args, out):  # out: [B, S, K]
+        scores.setdefault("cells", out.max(-1).values)
+
+    handle = upstream.transformer.enc_out_class_embed[0].register_forward_hook(grab)
+    try:
+        out = upstream(images)
+    finally:
+        handle.remove()
+    return out, scores["cells"]
 
 
-@pytest.mark.parametrize(("variant", "which"), [(v, w) for v in CASES for w in ("default", "non-square")])
-def test_eval_outputs_match_upstream(pairs, variant, which):
-    upstream, ours, _ = pairs(variant)
-    h, w = CASES[variant][1] if which == "default" else CASES[variant][2]
-    gen = torch.Generator().manual_seed(7)
+def _assert_same_choice(ours: torch.Tensor, theirs: torch.Tensor, scores: torch.Tensor) -> None:
+    """``ours``/``theirs`` ``[B, k]`` selected cells agree except among cells tied in ``scores [B, S]`` within
+    float32 rounding."""
+    for b in range(theirs.shape[0]):
+        differ = (ours[b] != theirs[b]).nonzero().flatten()
+        if differ.numel() == 0:
+            continue
+        # slot by slot: the two cells a slot holds on the two sides must be tied within rounding
+        a, t = scores[b][ours[b][differ]], scores[b][theirs[b][differ]]
+        gap = float((a - t).abs().max())
+        assert gap <= TIE_TOL * max(1.0, float(t.abs().max())), (
+            f"image {b}: {differ.numel()} selected slots differ from upstream's, one by a score gap of "
+            f"{gap:.2e} (more than float32 rounding)"
+        )
+
+
+@pytest.mark.parametrize(("variant", "which", "seed"), _eval_cases())
+def test_eval_outputs_match_upstream(pairs, variant, which, seed):
+    upstream, ours, _ = pairs(variant, seed, same_slots=False)
+    h, w = CASES[variant][1 + SIZES.index(which)]
+    images = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(100 + seed))
     with torch.no_grad():
-        for _ in range(5):
-            images = torch.randn(2, 3, h, w, generator=gen)
-            out, gap = _run_ours(ours, images)
-            if gap >= 1e-4:
-                break
-        else:
-            pytest.fail(f"five inputs in a row had a two-stage top-k gap under 1e-4 (last {gap:.2e})")
-        ref = upstream(images)
+        ref, up_scores = _upstream_with_scores(upstream, images)
+        k = min(ours.num_queries, up_scores.shape[1])
+        up_cells = up_scores.topk(k, dim=1).indices
+        captured = {}
+        handle = ours.query_selection.register_forward_pre_hook(
+            lambda _module, args: captured.update(memory=args[0], shapes=args[1])
+        )
+        try:
+            with ours.query_selection.fixed_selection(up_cells):
+                out = ours(images)
+        finally:
+            handle.remove()
+        our_scores = ours.query_selection.scores(captured["memory"], captured["shapes"])
+        our_cells = our_scores.topk(k, dim=1).indices
+    _assert_same_choice(our_cells, up_cells, up_scores)
     keys = ("pred_logits", "pred_boxes") + (("pred_masks",) if ours.is_segmentation else ())
     assert set(out) == set(keys)
-    for k in keys:
-        assert out[k].shape == ref[k].shape, k
-    errors = _compare(out, ref, keys)
+    errors = {}
+    for key in keys:
+        assert out[key].shape == ref[key].shape, key
+        errors[key] = _rel(out[key], ref[key])
     assert all(e < TOL for e in errors.values()), errors
 
 

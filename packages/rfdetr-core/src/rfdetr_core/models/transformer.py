@@ -8,7 +8,9 @@ Numbers and behaviour follow rfdetr-upstream.md sections 2.4-2.8: references are
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +199,15 @@ class QuerySelection(nn.Module):
 
     Per group ``g``: ``proj[g]`` (Linear) -> ``norm[g]`` (LayerNorm) -> ``class_embed[g]`` ranks cells by their best
     class logit; ``bbox_embed[g]`` refines the selected cells' proposal boxes.
+
+    Selection rule (the same as upstream rfdetr 1.11.2): ``torch.topk`` of each cell's best class logit over all
+    cells, descending, invalid cells included (their memory and proposal are zero, so they share one score and
+    are interchangeable); the ``j``-th selected cell is paired with the ``j``-th learned query. Equal scores give
+    the same cells in the same order as upstream, ties included (same function on the same values). The order is
+    discontinuous where two scores cross: two correct float32 implementations, whose scores differ by rounding
+    (about 1e-6 here, like upstream's own float32-vs-float64 difference), may order two cells differently when
+    their scores are that close, which pairs them with each other's query. :meth:`fixed_selection` reuses another
+    implementation's choice, so that everything after the choice can be compared exactly.
     """
 
     def __init__(self, dim: int, num_slots: int, groups: int, num_queries: int) -> None:
@@ -206,6 +217,21 @@ class QuerySelection(nn.Module):
         self.norm = nn.ModuleList(nn.LayerNorm(dim) for _ in range(groups))
         self.class_embed = nn.ModuleList(nn.Linear(dim, num_slots) for _ in range(groups))
         self.bbox_embed = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(groups))
+        self._fixed: Tensor | None = None
+
+    @contextlib.contextmanager
+    def fixed_selection(self, cells: Tensor) -> Iterator[None]:
+        """Within the block, group 0 selects ``cells [B, k]`` (memory cell indices, in that order) instead of its
+        top-k; for parity checks against another implementation's choice. Other groups are unaffected."""
+        if cells.dim() != 2 or cells.dtype != torch.int64:
+            raise ValueError(
+                f"cells must be an int64 [B, k] index tensor, got {cells.dtype} {tuple(cells.shape)}"
+            )
+        self._fixed = cells
+        try:
+            yield
+        finally:
+            self._fixed = None
 
     def masked_memory(self, memory: Tensor, spatial_shapes: list[int]) -> tuple[Tensor, Tensor]:
         """``memory [B, S, C]`` with invalid cells zeroed, and ``proposals [S, 4]``."""
@@ -238,7 +264,10 @@ class QuerySelection(nn.Module):
         for g in range(groups):
             pre = self.proj[g](masked)
             cell_logits = self.class_embed[g](self.norm[g](pre))
-            idx = cell_logits.max(-1).values.topk(k, dim=1).indices  # [B, k]
+            if g == 0 and self._fixed is not None:
+                idx = self._fixed.to(cell_logits.device)  # [B, k]
+            else:
+                idx = cell_logits.max(-1).values.topk(k, dim=1).indices  # [B, k]
             # LayerNorm is per token, so normalising only the selected rows equals gathering normalised rows.
             sel = self.norm[g](pre.gather(1, idx[..., None].expand(-1, -1, pre.shape[-1])))
             boxes.append(apply_box_delta(self.bbox_embed[g](sel), proposals[idx]))
