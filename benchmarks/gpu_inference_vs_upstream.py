@@ -269,12 +269,11 @@ def bench_variant(variant: str, args, rows: list, report: dict) -> None:
 
 def _stages(model, imgs, threshold: float) -> dict:
     """Callables timing our fast path's stages alone: preprocessing, the graph replay, post-processing."""
-    from rfdetr_core.postprocess import postprocess
+    from rfdetr_core.postprocess import finish_detections, select_detections
     from rfdetr_core.preprocess import preprocess
 
     x, sizes = preprocess(list(imgs), model.resolution, model.preprocess_config, device=model.device)
-    outputs = {k: v.float() for k, v in model._graphed(x).items()}
-    valid = model._valid_slots_on_device()
+    table = model._slot_category_on_device()
     n_select = int(model.model.num_queries)
 
     def pre():
@@ -283,10 +282,11 @@ def _stages(model, imgs, threshold: float) -> dict:
     def net():
         return model._graphed(x)
 
+    out = {k: v.float() for k, v in net().items()}
+    picked = select_detections(out["pred_logits"], out["pred_boxes"], out.get("pred_masks"), table, n_select)
+
     def post():
-        return postprocess(
-            outputs, sizes, n_select, threshold=threshold, valid_slots=valid, mask_format="rle", host=True
-        )
+        return finish_detections(*picked, sizes, threshold=threshold, mask_format="rle", host=True)
 
     return {"stage/preprocess": pre, "stage/model": net, "stage/postprocess_rle": post}
 
