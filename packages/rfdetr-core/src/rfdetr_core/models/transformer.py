@@ -77,13 +77,14 @@ class GroupSelfAttention(nn.Module):
         w, bias = self.in_proj.weight, self.in_proj.bias
         qk = F.linear(tgt + pos, w[: 2 * c], bias[: 2 * c])
         v = F.linear(tgt, w[2 * c :], bias[2 * c :])
-        # [B, G*Q, 2C] -> [2, B, G, heads, Q, d]
-        qk = qk.view(b, groups, n // groups, 2, self.heads, d).permute(3, 0, 1, 4, 2, 5)
-        # [B, G*Q, C] -> [B, G, heads, Q, d]
-        v = v.view(b, groups, n // groups, self.heads, d).transpose(2, 3)
+        # [B, G*Q, 2C] -> [2, B, G, heads, Q, d] -> [2, B*G, heads, Q, d] (a view: B and G stay adjacent)
+        qk = qk.view(b, groups, n // groups, 2, self.heads, d).permute(3, 0, 1, 4, 2, 5).flatten(1, 2)
+        # [B, G*Q, C] -> [B, G, heads, Q, d] -> [B*G, heads, Q, d]
+        v = v.view(b, groups, n // groups, self.heads, d).transpose(2, 3).flatten(0, 1)
+        # 4-d attention: the ONNX exporter (and fused SDPA kernels) take only 4-d query/key/value
         out = F.scaled_dot_product_attention(qk[0], qk[1], v)
-        # [B, G, heads, Q, d] -> [B, G*Q, C]
-        return self.out_proj(out.transpose(2, 3).reshape(b, n, c))
+        # [B*G, heads, Q, d] -> [B*G, Q, heads, d] -> [B, G*Q, C]
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class DecoderLayer(nn.Module):
