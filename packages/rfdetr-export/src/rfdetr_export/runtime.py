@@ -30,11 +30,12 @@ class RuntimeLoadError(RFDETRError):
 
 
 def _card_from_metadata(card_metadata: dict, path: Path):
+    from rfdetr_core.errors import CheckpointError
     from rfdetr_core.model_card import ModelCard
 
     try:
         return ModelCard.from_metadata(card_metadata)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (CheckpointError, KeyError, TypeError, ValueError) as exc:
         raise RuntimeLoadError(
             f"{path}: its rfdetr model card cannot be read ({exc}); export it again."
         ) from exc

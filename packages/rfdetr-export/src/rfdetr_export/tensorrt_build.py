@@ -88,14 +88,19 @@ def gpu_identity() -> dict:
 
 
 def network_fp16_share(trt, network) -> float:
-    """Share of compute layers (not shuffles, constants, casts, ...) whose first output is fp16."""
+    """Share of floating-point compute layers (not shuffles, constants, casts, ...; not index or boolean
+    arithmetic) whose first output is fp16."""
+    floats = {trt.DataType.FLOAT, trt.DataType.HALF, getattr(trt.DataType, "BF16", trt.DataType.HALF)}
     half = total = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         if str(layer.type).rsplit(".", 1)[-1] in _PLUMBING_LAYERS or layer.num_outputs == 0:
             continue
+        dtype = layer.get_output(0).dtype
+        if dtype not in floats:
+            continue
         total += 1
-        half += layer.get_output(0).dtype == trt.DataType.HALF
+        half += dtype == trt.DataType.HALF
     return half / total if total else 0.0
 
 
