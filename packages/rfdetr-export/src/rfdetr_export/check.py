@@ -192,3 +192,20 @@ def run_check(
             ref = reference(x)
         results.append(compare_outputs(exported(x), ref, sizes, tolerance))
     return results
+
+
+def decoded_raw(raw_fn: Callable[[torch.Tensor], Sequence[torch.Tensor]], card) -> Callable:
+    """A ``--raw`` graph's callable (``pred_logits, pred_boxes, pred_masks``) as a deploy-tuple callable, through
+    core's graph-safe half in float32 with the card's class map and ``K``."""
+    from rfdetr_core.postprocess import select_detections
+
+    slot_category = torch.tensor(card.class_map.slot_to_category_table(), dtype=torch.int64)
+    num_select = min(card.default_num_select, card.num_queries * card.num_slots)
+
+    def decode(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = [o.float() for o in raw_fn(images)]
+        masks = outputs[2] if len(outputs) > 2 else None
+        picked = select_detections(outputs[0], outputs[1], masks, slot_category, num_select)
+        return tuple(t for t in picked if t is not None)
+
+    return decode

@@ -125,7 +125,7 @@ def run_onnx(args) -> int:
         simplify=args.simplify,
     )
     batch = "B" if args.dynamic_batch else str(args.batch)
-    k = card.default_num_select
+    k = deploy.num_select
     print(f"rfdetr-export: {loaded.variant.name} from {args.model} -> {result.path}")
     print(f"  inputs: images [{batch},3,{card.resolution[0]},{card.resolution[1]}] f32 (normalised)")
     print(f"  outputs: {_shape_text(result.output_names, card, k, batch)}")

@@ -1,0 +1,172 @@
+"""``rfdetr-export benchmark``: latency and throughput of one backend, end to end and model only.
+
+* **end to end**: decoded RGB images (``uint8 H x W x 3``, built-in synthetic ones at ``--image-size``) in,
+  per-image detections with boxes in source pixels and bool masks at the source size out: the one
+  preprocessing path, the backend, and core's host half (:func:`rfdetr_core.postprocess.finish_detections`,
+  score threshold ``--threshold``);
+* **model only**: the backend on an already normalised batch on the device (the deploy tuple out).
+
+Backends: ``torch`` (core's ``DeployModel``, eager), ``compile`` (the same through ``torch.compile``),
+``onnxruntime`` (an ``.onnx`` file) and ``tensorrt`` (an ``.engine``). Each timing is ``--iters`` calls
+after ``--warmup`` calls, synchronising CUDA after each; the table gives median and p90 per call and
+images/s at the median, and ``--json`` writes the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from rfdetr_core.errors import RFDETRError
+
+BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rfdetr-export benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", metavar="MODEL", help="checkpoint/official name (torch, compile), .onnx, .engine")
+    p.add_argument("--backend", choices=BACKENDS, required=True)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch and ONNX Runtime)")
+    p.add_argument("--image-size", default="480x640", help="HxW of the synthetic source images (default 480x640)")
+    p.add_argument("--threshold", type=float, default=0.5, help="score threshold of the end-to-end path")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--variant", help="variant of an upstream file that does not say")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+class TorchRunner:
+    """Core's ``DeployModel`` (optionally ``torch.compile``d) behind the runner interface."""
+
+    def __init__(self, model: str, device: torch.device, compile_it: bool, variant: str | None = None):
+        from rfdetr_core.deploy import DeployModel
+        from rfdetr_core.factory import load_model
+
+        loaded = load_model(variant, None, model)
+        self.card = loaded.card
+        self.device = device
+        self.backend = "compile" if compile_it else "torch"
+        self.module = DeployModel(loaded.model.to(device), self.card).eval()
+        self._call = torch.compile(self.module) if compile_it else self.module
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.inference_mode():
+            return self._call(images.to(self.device))
+
+
+def make_runner(backend: str, model: str, device: str, threads: int | None, variant: str | None = None):
+    """The runner for ``backend`` (``.card``, ``.device``, call on a normalised batch)."""
+    dev = torch.device(device)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    if backend in ("torch", "compile"):
+        return TorchRunner(model, dev, backend == "compile", variant)
+    if not Path(model).is_file():
+        raise RFDETRError(f"{model}: no such file (the {backend} backend takes an exported file).")
+    if backend == "onnxruntime":
+        from rfdetr_export.runtime import OnnxRuntimeModel
+
+        return OnnxRuntimeModel(model, device=dev, threads=threads)
+    from rfdetr_export.runtime import TensorRTModel
+
+    return TensorRTModel(model, device=dev if dev.type == "cuda" else None)
+
+
+def _timed(fn: Callable[[], object], warmup: int, iters: int, device: torch.device) -> list[float]:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _summary(times: Sequence[float], batch: int) -> dict:
+    ordered = sorted(times)
+    median = statistics.median(ordered)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return {"median_ms": median * 1e3, "p90_ms": p90 * 1e3, "images_per_s": batch / median, "iters": len(times)}
+
+
+def end_to_end(runner, images: list, threshold: float) -> list[dict]:
+    """Decoded images -> per-image detections at the source size (bool masks): the path ``predict`` takes."""
+    from rfdetr_core.postprocess import finish_detections
+    from rfdetr_core.preprocess import preprocess
+
+    x, sizes = preprocess(images, runner.card.resolution, runner.card.preprocess, device=runner.device)
+    outputs = runner(x)
+    masks = outputs[3] if len(outputs) > 3 else None
+    return finish_detections(outputs[0], outputs[1], outputs[2], masks, sizes, threshold=threshold)
+
+
+def benchmark(runner, batch_size: int, image_size: tuple[int, int], threshold: float, warmup: int, iters: int) -> dict:
+    """Time ``runner`` end to end and model only; returns the result dict (milliseconds, images/s)."""
+    from rfdetr_core.preprocess import preprocess
+    from rfdetr_export.check import synthetic_images
+
+    images = synthetic_images(batch_size, image_size)
+    x, _ = preprocess(images, runner.card.resolution, runner.card.preprocess, device=runner.device)
+    with torch.inference_mode():
+        e2e = _timed(lambda: end_to_end(runner, images, threshold), warmup, iters, runner.device)
+        model_only = _timed(lambda: runner(x), warmup, iters, runner.device)
+    return {
+        "backend": getattr(runner, "backend", "?"),
+        "variant": runner.card.variant,
+        "resolution": list(runner.card.resolution),
+        "batch_size": batch_size,
+        "device": str(runner.device),
+        "threads": torch.get_num_threads(),
+        "image_size": list(image_size),
+        "end_to_end": _summary(e2e, batch_size),
+        "model_only": _summary(model_only, batch_size),
+    }
+
+
+def table(result: dict) -> str:
+    rows = [f"{'':<12} {'median ms':>10} {'p90 ms':>10} {'images/s':>10}"]
+    for key, label in (("end_to_end", "end to end"), ("model_only", "model only")):
+        r = result[key]
+        rows.append(f"{label:<12} {r['median_ms']:>10.2f} {r['p90_ms']:>10.2f} {r['images_per_s']:>10.2f}")
+    head = (f"{result['backend']} {result['variant']} @{result['resolution'][0]}x{result['resolution'][1]}, batch "
+            f"{result['batch_size']}, {result['device']}, {result['threads']} threads, source "
+            f"{result['image_size'][0]}x{result['image_size'][1]}")
+    return "\n".join([head, *rows])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        height, width = (int(v) for v in args.image_size.lower().split("x"))
+        if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
+            raise RFDETRError("--batch-size and --iters must be >= 1, --warmup >= 0")
+        runner = make_runner(args.backend, args.model, args.device, args.threads, args.variant)
+        result = benchmark(runner, args.batch_size, (height, width), args.threshold, args.warmup, args.iters)
+    except (RFDETRError, OSError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"rfdetr-export benchmark: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,100 @@
+"""From a loaded model to the module that is exported, and the export + check steps the CLI runs.
+
+The module is core's :class:`rfdetr_core.deploy.DeployModel` (group 0, position table baked for the card's
+resolution, graph-safe post-processing). For ``--half`` the network part runs in fp16 and the
+post-processing (sigmoid, top-k, box conversion) in float32 on its float32-cast outputs: selecting the top
+``K`` among fp16 scores would reorder near-ties that PyTorch's float32 path keeps apart.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rfdetr_export.onnx_export import ExportError, OnnxExportResult, export_onnx
+
+
+class HalfDeploy(nn.Module):
+    """fp16 network, float32 boundary: ``images [B,3,H,W]`` f32 -> the deploy tuple in float32.
+
+    ``raw`` is a ``DeployModel(postprocess=False)`` converted to fp16 (a copy; the caller's stays float32);
+    with ``num_select`` the float32 graph-safe post-processing follows (``select_detections``).
+    """
+
+    def __init__(self, raw_deploy: nn.Module, slot_category: torch.Tensor, num_select: int | None) -> None:
+        super().__init__()
+        self.raw = copy.deepcopy(raw_deploy).half().eval()
+        self.register_buffer("slot_category", slot_category.clone())  # [S] int64 (untouched by .half())
+        self.num_select = num_select
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from rfdetr_core.postprocess import select_detections
+
+        outputs = tuple(o.float() for o in self.raw(images.half()))
+        if self.num_select is None:
+            return outputs
+        logits, boxes = outputs[0], outputs[1]
+        masks = outputs[2] if len(outputs) > 2 else None
+        picked = select_detections(logits, boxes, masks, self.slot_category, self.num_select)
+        return tuple(t for t in picked if t is not None)
+
+
+def deploy_for(loaded, *, raw: bool, num_select: int | None, half: bool = False):
+    """``(module to export, reference float32 DeployModel, card, output names)`` for a ``LoadedModel``.
+
+    ``num_select`` (``--num-select``) is recorded in the card so runtimes know ``K``.
+    """
+    from rfdetr_core.deploy import DeployModel
+
+    card = loaded.card if num_select is None else loaded.card.replace(num_select=int(num_select))
+    reference = DeployModel(loaded.model, card, postprocess=not raw).eval()
+    names = reference.output_names
+    if not half:
+        return reference, reference, card, names
+    raw_deploy = DeployModel(loaded.model, card, postprocess=False)
+    module = HalfDeploy(raw_deploy, reference.slot_category, None if raw else reference.num_select).eval()
+    return module, reference, card, names
+
+
+def export_and_report(
+    module: nn.Module,
+    card,
+    output_names,
+    path: str | Path,
+    *,
+    batch: int,
+    dynamic_batch: bool,
+    opset: int,
+    half: bool,
+    sampler: str,
+    simplify: bool,
+    for_tensorrt: bool = False,
+) -> OnnxExportResult:
+    """Export ``module`` for ``card``; with ``for_tensorrt`` also refuse graphs TensorRT must not get."""
+    result = export_onnx(
+        module,
+        path,
+        resolution=card.resolution,
+        output_names=output_names,
+        card_metadata=card.to_metadata(),
+        batch=batch,
+        dynamic_batch=dynamic_batch,
+        opset=opset,
+        half=half,
+        sampler=sampler,
+        simplify=simplify,
+    )
+    if for_tensorrt:
+        import onnx
+
+        from rfdetr_export.trt_graph import trt_graph_problems
+
+        problems = trt_graph_problems(onnx.load(str(result.path)), allow_plugins=sampler == "trt-plugin")
+        if problems:
+            raise ExportError(
+                f"{result.path} is not fit for TensorRT ({len(problems)} problems): {'; '.join(problems[:3])}"
+            )
+    return result
