@@ -11,9 +11,9 @@ import torch
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+import fake_tensorrt  # noqa: E402  (tests/export is on sys.path)
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-import fake_tensorrt  # noqa: E402  (tests/export is on sys.path)
 from rfdetr_core.class_map import ClassMap  # noqa: E402
 from rfdetr_core.errors import MissingDependencyError  # noqa: E402
 from rfdetr_core.model_card import ModelCard  # noqa: E402
@@ -43,8 +43,16 @@ def _tiny_deploy_graph(path, half: bool):
         helper.make_tensor_value_info("masks", TensorProto.FLOAT, ["batch", 2, 2, 2]),
     ]
     ints = lambda name, values: numpy_helper.from_array(np.array(values, np.int64), name)  # noqa: E731
-    inits = [ints("zero", [0]), ints("two", [2]), ints("eight", [8]), ints("sixteen", [16]), ints("one", [1]),
-             ints("flat_shape", [0, -1]), ints("box_shape", [0, 2, 4]), ints("mask_shape", [0, 2, 2, 2])]
+    inits = [
+        ints("zero", [0]),
+        ints("two", [2]),
+        ints("eight", [8]),
+        ints("sixteen", [16]),
+        ints("one", [1]),
+        ints("flat_shape", [0, -1]),
+        ints("box_shape", [0, 2, 4]),
+        ints("mask_shape", [0, 2, 2, 2]),
+    ]
     work = TensorProto.FLOAT16 if half else TensorProto.FLOAT
     nodes = [
         helper.make_node("Cast", ["images"], ["x"], to=work),
@@ -66,8 +74,10 @@ def _tiny_deploy_graph(path, half: bool):
     ]
     # topological order: Neg before Greater
     nodes[5], nodes[6] = nodes[6], nodes[5]
-    model = helper.make_model(helper.make_graph(nodes, "toy", [images], outs, initializer=inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "toy", [images], outs, initializer=inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
@@ -81,11 +91,22 @@ def fake_trt(monkeypatch):
     return fake_tensorrt
 
 
-def _build(tmp_path, half=False, profile=BatchProfile(1, 2, 4), **kwargs):
+PROFILE = BatchProfile(1, 2, 4)
+
+
+def _build(tmp_path, half=False, profile=PROFILE, **kwargs):
     onnx_path = _tiny_deploy_graph(tmp_path / "toy.onnx", half)
     engine = tmp_path / "toy.engine"
-    side = build_engine(onnx_path, engine, input_name="images", resolution=(8, 8), profile=profile, half=half,
-                        card_metadata=CARD.to_metadata(), **kwargs)
+    side = build_engine(
+        onnx_path,
+        engine,
+        input_name="images",
+        resolution=(8, 8),
+        profile=profile,
+        half=half,
+        card_metadata=CARD.to_metadata(),
+        **kwargs,
+    )
     return onnx_path, engine, side
 
 
@@ -116,13 +137,25 @@ def test_build_and_run_equal_onnxruntime(fake_trt, tmp_path, half):
 def test_fp16_engine_refused_when_graph_is_float32(fake_trt, tmp_path):
     with pytest.raises(TensorRTBuildError, match="0% of the network's compute layers are fp16.*--half"):
         build_engine(
-            _tiny_deploy_graph(tmp_path / "fp32.onnx", half=False), tmp_path / "x.engine", input_name="images",
-            resolution=(8, 8), profile=BatchProfile(1, 1, 1), half=True, card_metadata=CARD.to_metadata())
+            _tiny_deploy_graph(tmp_path / "fp32.onnx", half=False),
+            tmp_path / "x.engine",
+            input_name="images",
+            resolution=(8, 8),
+            profile=BatchProfile(1, 1, 1),
+            half=True,
+            card_metadata=CARD.to_metadata(),
+        )
     assert not (tmp_path / "x.engine").exists()
     with pytest.raises(TensorRTBuildError, match="fp16 but --half was not given"):
-        build_engine(_tiny_deploy_graph(tmp_path / "fp16.onnx", half=True), tmp_path / "y.engine",
-                     input_name="images", resolution=(8, 8), profile=BatchProfile(1, 1, 1), half=False,
-                     card_metadata=CARD.to_metadata())
+        build_engine(
+            _tiny_deploy_graph(tmp_path / "fp16.onnx", half=True),
+            tmp_path / "y.engine",
+            input_name="images",
+            resolution=(8, 8),
+            profile=BatchProfile(1, 1, 1),
+            half=False,
+            card_metadata=CARD.to_metadata(),
+        )
 
 
 def test_profile_arguments_are_checked():
@@ -139,7 +172,9 @@ def test_engine_of_another_tensorrt_or_gpu_or_corrupt_is_refused(fake_trt, tmp_p
     with pytest.raises(RuntimeLoadError, match="built with TensorRT 10.3.0, this is TensorRT 11.4.0.106"):
         TensorRTModel(engine, device="cpu")
     card_file.write_text(json.dumps({**side, "gpu": "NVIDIA A100", "compute_capability": "8.0"}))
-    with pytest.raises(RuntimeLoadError, match="built for NVIDIA A100 \\(compute capability 8.0\\).*build it again"):
+    with pytest.raises(
+        RuntimeLoadError, match="built for NVIDIA A100 \\(compute capability 8.0\\).*build it again"
+    ):
         TensorRTModel(engine, device="cpu")
     card_file.write_text(json.dumps(side))
     engine.write_bytes(b"not an engine")

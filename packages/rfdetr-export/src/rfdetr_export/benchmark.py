@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch and ONNX Runtime)")
-    p.add_argument("--image-size", default="480x640", help="HxW of the synthetic source images (default 480x640)")
+    p.add_argument(
+        "--image-size", default="480x640", help="HxW of the synthetic source images (default 480x640)"
+    )
     p.add_argument("--threshold", type=float, default=0.5, help="score threshold of the end-to-end path")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
@@ -104,7 +106,12 @@ def _summary(times: Sequence[float], batch: int) -> dict:
     ordered = sorted(times)
     median = statistics.median(ordered)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-    return {"median_ms": median * 1e3, "p90_ms": p90 * 1e3, "images_per_s": batch / median, "iters": len(times)}
+    return {
+        "median_ms": median * 1e3,
+        "p90_ms": p90 * 1e3,
+        "images_per_s": batch / median,
+        "iters": len(times),
+    }
 
 
 def end_to_end(runner, images: list, threshold: float) -> list[dict]:
@@ -118,7 +125,9 @@ def end_to_end(runner, images: list, threshold: float) -> list[dict]:
     return finish_detections(outputs[0], outputs[1], outputs[2], masks, sizes, threshold=threshold)
 
 
-def benchmark(runner, batch_size: int, image_size: tuple[int, int], threshold: float, warmup: int, iters: int) -> dict:
+def benchmark(
+    runner, batch_size: int, image_size: tuple[int, int], threshold: float, warmup: int, iters: int
+) -> dict:
     """Time ``runner`` end to end and model only; returns the result dict (milliseconds, images/s)."""
     from rfdetr_core.preprocess import preprocess
     from rfdetr_export.check import synthetic_images
@@ -146,9 +155,11 @@ def table(result: dict) -> str:
     for key, label in (("end_to_end", "end to end"), ("model_only", "model only")):
         r = result[key]
         rows.append(f"{label:<12} {r['median_ms']:>10.2f} {r['p90_ms']:>10.2f} {r['images_per_s']:>10.2f}")
-    head = (f"{result['backend']} {result['variant']} @{result['resolution'][0]}x{result['resolution'][1]}, batch "
-            f"{result['batch_size']}, {result['device']}, {result['threads']} threads, source "
-            f"{result['image_size'][0]}x{result['image_size'][1]}")
+    head = (
+        f"{result['backend']} {result['variant']} @{result['resolution'][0]}x{result['resolution'][1]}, batch "
+        f"{result['batch_size']}, {result['device']}, {result['threads']} threads, source "
+        f"{result['image_size'][0]}x{result['image_size'][1]}"
+    )
     return "\n".join([head, *rows])
 
 

@@ -285,12 +285,13 @@ def export_onnx(
 
 def _check_writable(path: Path) -> None:
     """Fail before the (slow) export when ``path`` cannot be written."""
-    folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise ExportError(f"--output {path} is a folder; give a file name such as {path / 'model.onnx'}.")
-    probe = folder
+    probe = path.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    if not probe.is_dir():
+        raise ExportError(f"cannot write {path}: {probe} is a file, not a folder. Choose another --output.")
     if not os.access(probe, os.W_OK):
         raise ExportError(f"cannot write {path}: {probe} is not writable. Choose another --output.")
 

@@ -1,0 +1,74 @@
+"""Session-wide fixtures of the export tests: small checkpoints and their exports, each made once.
+
+Exports are the slow part (torch.export + ONNX translation, tens of seconds on 2 cores), so every exported file
+is made once per session through the CLI itself (``rfdetr_export.cli.main``, automatic check included) and
+shared; its printed report is kept for the CLI tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+# seg-nano runs at a small valid resolution (patch 12 x 1 window) to keep the tests quick.
+NANO_RESOLUTION = (192, 192)
+
+
+def make_checkpoint(path: Path, variant: str, resolution=None, seed: int = 0) -> Path:
+    """A random-init model with a spread class head (scores far apart, so top-K ties are not a coin toss),
+    saved with core's writer and its card."""
+    from rfdetr_core.checkpoint import save_model
+    from rfdetr_core.factory import load_model
+
+    torch.manual_seed(seed)
+    loaded = load_model(variant)
+    model = loaded.model
+    with torch.no_grad():
+        model.class_embed.weight.normal_(0.0, 0.5)
+        model.class_embed.bias.normal_(-2.0, 1.0)
+    card = loaded.card if resolution is None else loaded.card.replace(resolution=tuple(resolution))
+    return save_model(path, model.state_dict(), card)
+
+
+@dataclass
+class Exported:
+    path: Path
+    checkpoint: Path
+    stdout: str
+    stderr: str
+    code: int
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "seg-tiny": make_checkpoint(root / "tiny.safetensors", "seg-tiny"),
+        "seg-nano": make_checkpoint(root / "nano.safetensors", "seg-nano", NANO_RESOLUTION),
+    }
+
+
+@pytest.fixture(scope="session")
+def export(checkpoints, tmp_path_factory):
+    """``export(variant, *flags)`` -> :class:`Exported`, running the CLI once per distinct call."""
+    from rfdetr_export.cli import main
+
+    cache: dict[tuple, Exported] = {}
+    root = tmp_path_factory.mktemp("exports")
+
+    def run(variant: str, *flags: str) -> Exported:
+        key = (variant, *flags)
+        if key not in cache:
+            name = "_".join(part.strip("-") for part in key) + ".onnx"
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main([str(checkpoints[variant]), "--onnx", "--output", str(root / name), *flags])
+            cache[key] = Exported(root / name, checkpoints[variant], out.getvalue(), err.getvalue(), code)
+        return cache[key]
+
+    return run
