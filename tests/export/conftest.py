@@ -20,7 +20,7 @@ NANO_RESOLUTION = (192, 192)
 
 
 def make_checkpoint(path: Path, variant: str, resolution=None, seed: int = 0) -> Path:
-    """A random-init model with a spread class head (scores far apart, so top-K ties are not a coin toss),
+    """A random-init model with spread class heads (scores far apart, so top-K ties are not a coin toss),
     saved with core's writer and its card."""
     from rfdetr_core.checkpoint import save_model
     from rfdetr_core.factory import load_model
@@ -29,8 +29,10 @@ def make_checkpoint(path: Path, variant: str, resolution=None, seed: int = 0) ->
     loaded = load_model(variant)
     model = loaded.model
     with torch.no_grad():
-        model.class_embed.weight.normal_(0.0, 0.5)
-        model.class_embed.bias.normal_(-2.0, 1.0)
+        # the final head and the two-stage heads (whose top-Q proposal choice is as tie-prone)
+        for head in [model.class_embed, *model.query_selection.class_embed]:
+            head.weight.normal_(0.0, 0.5)
+            head.bias.normal_(-2.0, 1.0)
     card = loaded.card if resolution is None else loaded.card.replace(resolution=tuple(resolution))
     return save_model(path, model.state_dict(), card)
 

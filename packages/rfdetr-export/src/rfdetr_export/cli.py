@@ -112,10 +112,11 @@ def run_onnx(args) -> int:
     loaded = _load(args)
     sampler = args.deform_attn or "gather"
     output = Path(args.output) if args.output else _default_output(args.model, ".onnx", args.half, args.raw)
-    deploy, card = deploy_for(loaded, raw=args.raw, num_select=args.num_select)
+    module, deploy, card, names = deploy_for(loaded, raw=args.raw, num_select=args.num_select, half=args.half)
     result = export_and_report(
-        deploy,
+        module,
         card,
+        names,
         output,
         batch=args.batch,
         dynamic_batch=args.dynamic_batch,
@@ -148,29 +149,25 @@ def run_onnx(args) -> int:
             "  check: skipped (ONNX Runtime has no kernel for MultiscaleDeformableAttnPlugin_TRT; --trt checks the engine)"
         )
         return 0
-    if args.raw:
-        from rfdetr_export.export_model import check_raw
+    from rfdetr_export.check import decoded_raw, run_check
+    from rfdetr_export.runtime import OnnxRuntimeModel
 
-        ok = _print_check(
-            check_raw(result.path, deploy, card, args.dynamic_batch, args.half, args.check_images)
+    runner = OnnxRuntimeModel(result.path)
+    exported, reference = runner, deploy
+    if args.raw:  # compared after the same float32 graph-safe decode on both sides
+        exported, reference = decoded_raw(runner.run, card), decoded_raw(deploy, card)
+    batches = (1, 3) if args.dynamic_batch else (args.batch,)
+    ok = _print_check(
+        run_check(
+            exported,
+            reference,
+            resolution=card.resolution,
+            preprocess_config=card.preprocess,
+            batches=batches,
+            half=args.half,
+            images_dir=args.check_images,
         )
-    else:
-        from rfdetr_export.check import run_check
-        from rfdetr_export.runtime import OnnxRuntimeModel
-
-        runner = OnnxRuntimeModel(result.path)
-        batches = (1, 3) if args.dynamic_batch else (args.batch,)
-        ok = _print_check(
-            run_check(
-                runner,
-                deploy,
-                resolution=card.resolution,
-                preprocess_config=card.preprocess,
-                batches=batches,
-                half=args.half,
-                images_dir=args.check_images,
-            )
-        )
+    )
     if not ok:
         print(
             f"rfdetr-export: {result.path} disagrees with PyTorch beyond the tolerances (see above).",
@@ -197,12 +194,13 @@ def run_trt(args) -> int:
     sampler = args.deform_attn or "gather"
     loaded = _load(args)
     engine = Path(args.output) if args.output else _default_output(args.model, ".engine", args.half, False)
-    deploy, card = deploy_for(loaded, raw=False, num_select=args.num_select)
+    module, deploy, card, names = deploy_for(loaded, raw=False, num_select=args.num_select, half=args.half)
     onnx_path = engine.with_suffix(".onnx")
     dynamic = profile.max_batch > profile.min_batch
     result = export_and_report(
-        deploy,
+        module,
         card,
+        names,
         onnx_path,
         batch=profile.min_batch,
         dynamic_batch=dynamic,
@@ -231,10 +229,13 @@ def run_trt(args) -> int:
     if args.no_check:
         print("  check: skipped (--no-check)")
         return 0
+    import torch
+
     from rfdetr_export.check import run_check
     from rfdetr_export.runtime import TensorRTModel
 
-    runner = TensorRTModel(engine)
+    # a real TensorRT needs CUDA; the CPU device is taken only by the test double of tensorrt
+    runner = TensorRTModel(engine, device="cuda" if torch.cuda.is_available() else "cpu")
     batches = sorted({profile.min_batch, min(3, profile.max_batch)} if dynamic else {profile.min_batch})
     ok = _print_check(
         run_check(

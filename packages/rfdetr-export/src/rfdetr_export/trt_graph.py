@@ -10,7 +10,8 @@ onnx/onnx-tensorrt ``docs/operators.md`` at the ONNX-TensorRT 10.1 GA release (c
 * no shape tensor built by ``ScatterND`` (a ScatterND whose output reaches a ``Reshape``/``Expand``/``Tile``/
   ``Slice``/``ConstantOfShape``/``Range`` shape input): TensorRT must evaluate shape tensors at build time and
   such graphs fail or are wrong at batch > 1;
-* ``TopK``'s ``K`` below 3840 (the matrix' restriction).
+* ``TopK``: ``sorted=1`` and a constant ``K`` below 3840 (the matrix' restrictions; a computed ``K`` is
+  allowed since TensorRT 10, the 8.4 matrix still required an initializer).
 """
 
 from __future__ import annotations
@@ -205,20 +206,27 @@ def trt_graph_problems(model: onnx.ModelProto, allow_plugins: bool = False) -> l
             )
         elif node.op_type not in allowed:
             problems.append(f"{node.name}: {node.op_type} is not supported by the TensorRT ONNX parser")
-        if node.op_type == "TopK" and len(node.input) > 1:
-            k = inits.get(node.input[1])
-            if k is None and node.input[1] in producers and producers[node.input[1]].op_type == "Constant":
-                k = producers[node.input[1]].attribute[0].t
-            if k is None:
-                problems.append(f"{node.name}: TopK with a computed K (TensorRT needs a constant K)")
-            elif int(numpy_helper.to_array(k).reshape(-1)[0]) >= TOPK_MAX:
-                problems.append(
-                    f"{node.name}: TopK K={int(numpy_helper.to_array(k).reshape(-1)[0])} >= {TOPK_MAX}"
-                )
+        if node.op_type == "TopK":
+            problems.extend(_topk_problems(node, inits, producers))
     for node in model.graph.node:
         for index, name in enumerate(node.input):
             if (node.op_type, index) in _SHAPE_INPUTS and _built_by_scatter(name, producers):
                 problems.append(f"{node.name}: its shape input {name!r} is built with ScatterND")
+    return problems
+
+
+def _topk_problems(node: onnx.NodeProto, inits, producers) -> list[str]:
+    """The matrix' TopK rules: ``sorted`` must be 1, a constant ``K`` must be below :data:`TOPK_MAX`."""
+    problems = []
+    for attr in node.attribute:
+        if attr.name == "sorted" and attr.i != 1:
+            problems.append(f"{node.name}: TopK with sorted=0 (TensorRT needs sorted=1)")
+    k = inits.get(node.input[1]) if len(node.input) > 1 else None
+    if k is None and len(node.input) > 1 and node.input[1] in producers:
+        producer = producers[node.input[1]]
+        k = producer.attribute[0].t if producer.op_type == "Constant" and producer.attribute else None
+    if k is not None and int(numpy_helper.to_array(k).reshape(-1)[0]) >= TOPK_MAX:
+        problems.append(f"{node.name}: TopK K={int(numpy_helper.to_array(k).reshape(-1)[0])} >= {TOPK_MAX}")
     return problems
 
 
