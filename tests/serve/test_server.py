@@ -177,6 +177,7 @@ def test_error_statuses_and_messages(server, jpeg):
         (encode(np.zeros((1300, 1300, 3), np.uint8), "PNG"), {}, 413, "over the server's limit"),
         (data, {"threshold": 2}, 422, "threshold"),
         (data, {"max_detections": 0}, 422, "max_detections"),
+        (data, {"max_detections": 301}, 422, "at most 300 (the server's limit)"),
         (data, {"mask_format": "bitmap"}, 422, "mask_format"),
     ]
     for body, params, status, message in cases:

@@ -193,9 +193,14 @@ def create_app(settings: ServeSettings, served: ServedModel | None = None) -> Fa
                 if values:
                     raw[name] = values if name == "classes" else values[-1]
         try:
-            return PredictParams(**raw)
+            params = PredictParams(**raw)
         except ValidationError as exc:
             raise RequestRejected(422, _format_validation(exc.errors())) from exc
+        cap = settings.limits.max_detections
+        if params.max_detections is not None and params.max_detections > cap:
+            raise RequestRejected(422, f"Invalid parameters: max_detections: at most {cap} (the server's limit), "
+                                       f"got {params.max_detections}")
+        return params
 
     async def predict_one(data: bytes, params: PredictParams, received: float, request: Request) -> dict:
         model, batcher = require_ready()
@@ -212,7 +217,7 @@ def create_app(settings: ServeSettings, served: ServedModel | None = None) -> Fa
         state.metrics.queue_duration.observe(timing.queue_s)
         request.state.batch_size = max(getattr(request.state, "batch_size", 0), timing.batch_size)
         t2 = time.perf_counter()
-        max_det = min(params.max_detections or settings.limits.max_detections, settings.limits.max_detections)
+        max_det = params.max_detections  # None: all that pass the threshold
         classes = set(params.classes) if params.classes else None
 
         def encode():

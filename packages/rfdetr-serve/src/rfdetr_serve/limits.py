@@ -26,7 +26,8 @@ class Limits:
 
     ``max_upload_bytes``: request body size (413 past it, counted while streaming); ``max_pixels``: width x
     height of one decoded image (413; read from the file header, before decoding); ``max_images``: images in
-    one ``/predict/batch`` request (413); ``max_detections``: the most detections a request may ask for.
+    one ``/predict/batch`` request (413); ``max_detections``: the largest ``max_detections`` a request may ask
+    for (422 above it; without the parameter every detection over the threshold is returned).
     """
 
     max_upload_bytes: int = 20 * 2**20
