@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -119,13 +120,15 @@ def start_server(kind: str, model: Path, max_batch: int, wait_ms: float, thresho
 
 
 def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (LitServe runs worker processes in it), then SIGKILL to
+    whatever of the group is left once the server itself has exited or after 60 s."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # litserve has worker processes in the same session
-        try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+    with contextlib.suppress(ProcessLookupError):  # ProcessLookupError: the whole group is gone
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
     proc._log_file.close()  # type: ignore[attr-defined]
 
 
