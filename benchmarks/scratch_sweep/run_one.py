@@ -1,7 +1,7 @@
 """One run of the scratch-recipe sweep: the CPU demo (``seg-tiny`` on the synthetic dataset) with overrides.
 
 An experiment driver, not part of the packages: it patches the recipe tables (``recipes.SCRATCH``,
-``SCRATCH_CRITERION``, ``SCRATCH_DATA``), the ``seg-tiny`` variant and, for two options, methods of the
+``SCRATCH_LOSS_WEIGHTS``, ``SCRATCH_MATCH_COSTS``, ``SCRATCH_DATA``), the ``seg-tiny`` variant and, for two options, methods of the
 criterion, then calls ``rfdetr_train.train``. ``launch.sh`` starts many of these side by side (one per line
 of a ``roundN.txt`` file); the results of the sweep behind the scratch recipe are in
 ``benchmarks/results/scratch_sweep/h100_runs.json`` and docs/training.md. The rounds' specs override the
@@ -11,7 +11,9 @@ recipe of commit b7419d7 (lr 5e-4, upstream loss weights), which later commits r
         "variant": {...}, "class_loss": "focal", "mask_final_only": true}'
 
 * ``train``: keyword arguments of ``rfdetr_train.train`` (``seed``, ``lr``, ``steps``, ``device``, ...).
-* ``criterion`` / ``recipe`` / ``data``: entries merged into ``SCRATCH_CRITERION`` / ``SCRATCH`` / ``SCRATCH_DATA``.
+* ``criterion``: ``weight_<loss>`` / ``cost_<term>`` entries (``weight_class``, ``cost_mask_ce``, ...) replacing
+  fields of ``SCRATCH_LOSS_WEIGHTS`` / ``SCRATCH_MATCH_COSTS``.
+* ``recipe`` / ``data``: entries merged into ``SCRATCH`` / ``SCRATCH_DATA``.
 * ``variant``: fields of the ``seg-tiny`` :class:`~rfdetr_core.variants.Variant` to replace.
 * ``class_loss: "focal"``: plain sigmoid focal loss (targets 1 at matched cells, alpha 0.25, gamma 2;
   Lin et al. 2017) instead of the IoU-aware BCE.
@@ -40,7 +42,12 @@ from rfdetr_train.losses import criterion as crit_mod  # noqa: E402
 
 if spec.get("variant"):
     variants._REGISTRY["seg-tiny"] = dataclasses.replace(variants._REGISTRY["seg-tiny"], **spec["variant"])
-recipes.SCRATCH_CRITERION.update(spec.get("criterion", {}))
+# the rounds' flat names -> fields of LossWeights / MatchCosts ("weight_class" -> ce, "cost_class" -> cls)
+_crit = spec.get("criterion", {})
+_weights = {k.removeprefix("weight_").replace("class", "ce"): v for k, v in _crit.items() if k.startswith("weight_")}
+_costs = {k.removeprefix("cost_").replace("class", "cls"): v for k, v in _crit.items() if k.startswith("cost_")}
+recipes.SCRATCH_LOSS_WEIGHTS = dataclasses.replace(recipes.SCRATCH_LOSS_WEIGHTS, **_weights)
+recipes.SCRATCH_MATCH_COSTS = dataclasses.replace(recipes.SCRATCH_MATCH_COSTS, **_costs)
 recipes.SCRATCH.update(spec.get("recipe", {}))
 if spec.get("data"):
     recipes.SCRATCH_DATA.update(spec["data"])

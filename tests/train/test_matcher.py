@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou
 
-from rfdetr_train.losses import HungarianMatcher, TargetBatch, TargetFormatError
+from rfdetr_train.losses import HungarianMatcher, MatchCosts, TargetBatch, TargetFormatError
 from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy
 
 
@@ -218,7 +218,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TargetFormatError, match="boxes"):
         _pack([{"labels": torch.tensor([1]), "boxes": torch.rand(2, 4), "masks": torch.zeros(1, 4, 4)}])
     with pytest.raises(ValueError):
-        HungarianMatcher(cost_class=0, cost_bbox=0, cost_giou=0)
+        HungarianMatcher(MatchCosts(cls=0, bbox=0, giou=0))
 
 
 @pytest.mark.gpu

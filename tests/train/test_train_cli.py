@@ -98,8 +98,8 @@ def test_recipe_loss_weights_reach_the_criterion():
 
     tiny = get_variant("seg-tiny")
     scratch = build_criterion_for(tiny, 3, **recipes.criterion_options(recipes.resolve(TrainConfig(), tiny)))
-    assert scratch.weight_for("loss_ce_enc") == recipes.SCRATCH_CRITERION["weight_class"]
-    assert scratch.weight_for("loss_mask_dice_0") == recipes.SCRATCH_CRITERION["weight_mask_dice"]
+    assert scratch.weight_for("loss_ce_enc") == recipes.SCRATCH_LOSS_WEIGHTS.ce
+    assert scratch.weight_for("loss_mask_dice_0") == recipes.SCRATCH_LOSS_WEIGHTS.mask_dice
     assert scratch.weight_for("loss_ce") > scratch.weight_for("loss_mask_ce")  # classes up, masks down
     nano = get_variant("seg-nano")
     finetune = recipes.resolve(TrainConfig(weights="seg-nano"), nano)

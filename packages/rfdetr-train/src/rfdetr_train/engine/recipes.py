@@ -8,14 +8,18 @@
   rate, no layer decay, short warm-up, cosine schedule, EMA with a short warm-up, looser clipping, and a fixed
   budget of optimiser steps rather than epochs (sized from measured CPU speed; see docs/training.md); one
   input size instead of multi-scale (:data:`SCRATCH_DATA`), and loss weights and a matcher of its own
-  (:data:`SCRATCH_CRITERION`: classes weighted up, masks down, no mask costs in the matching).
+  (:data:`SCRATCH_LOSS_WEIGHTS`, :data:`SCRATCH_MATCH_COSTS`: overrides of upstream's defaults; classes
+  weighted up, masks down, no mask costs in the matching).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rfdetr_core.variants import Variant
 from rfdetr_train.data.config import DataConfig
 from rfdetr_train.engine.config import TrainConfig
+from rfdetr_train.losses.coefficients import LossWeights, MatchCosts
 
 FINETUNE = {
     "batch_size": 4,
@@ -41,7 +45,7 @@ SCRATCH = {
     # AP50 0.021 after 330 s at batch 2 vs 0.138 at batch 4; docs/training.md)
     "batch_size": 4,
     "grad_accum": 1,
-    # lr 2.5e-4 rather than 5e-4: with the loss weights of SCRATCH_CRITERION it takes off ~800 steps sooner
+    # lr 2.5e-4 rather than 5e-4: with the loss weights of SCRATCH_LOSS_WEIGHTS it takes off ~800 steps sooner
     # (scratch-recipe sweep, docs/training.md)
     "lr": 2.5e-4,
     "lr_encoder": 2.5e-4,
@@ -62,7 +66,7 @@ SCRATCH = {
     "steps_per_validation": 400,
 }
 
-# Criterion settings of the scratch recipe (keyword arguments of ``build_criterion``; finetune keeps upstream's).
+# Criterion settings of the scratch recipe, as overrides of upstream's defaults (finetune keeps those).
 # * Loss weights: class 4 (upstream 1), box L1 5 and GIoU 2 (as upstream), mask BCE 2 and Dice 2 (upstream 5 and
 #   5). From random weights the masks are noise and the upstream weights let the mask losses dominate the
 #   gradient; weighting the class term up makes the model find the objects ~1000 steps sooner. Sweep of the
@@ -72,18 +76,16 @@ SCRATCH = {
 # * The matcher ignores the mask costs: masks of an untrained model are noise, and with them in the cost the
 #   assignment of queries to objects keeps changing; boxes and classes alone give a steadier matching (segm
 #   AP50 0.046 vs 0.027 after 2000 steps of the earlier recipe; docs/training.md).
-SCRATCH_CRITERION = {
-    "weight_class": 4.0,
-    "weight_mask_ce": 2.0,
-    "weight_mask_dice": 2.0,
-    "cost_mask_ce": 0.0,
-    "cost_mask_dice": 0.0,
-}
+SCRATCH_LOSS_WEIGHTS = replace(LossWeights(), ce=4.0, mask_ce=2.0, mask_dice=2.0)
+SCRATCH_MATCH_COSTS = replace(MatchCosts(), mask_ce=0.0, mask_dice=0.0)
 
 
 def criterion_options(config: TrainConfig) -> dict:
-    """Keyword arguments for ``build_criterion`` of a resolved config: none for ``finetune``."""
-    return dict(SCRATCH_CRITERION) if config.recipe == "scratch" else {}
+    """Keyword arguments (``weights``, ``costs``) for ``build_criterion`` of a resolved config: upstream's
+    defaults for ``finetune``."""
+    if config.recipe == "scratch":
+        return {"weights": SCRATCH_LOSS_WEIGHTS, "costs": SCRATCH_MATCH_COSTS}
+    return {"weights": LossWeights(), "costs": MatchCosts()}
 
 
 # Data settings of the scratch recipe, used where the run does not set them: one input size (the validation

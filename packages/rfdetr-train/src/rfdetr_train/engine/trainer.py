@@ -36,6 +36,7 @@ from rfdetr_train.engine.validation import (
     summary_line,
     write_reports,
 )
+from rfdetr_train.losses.coefficients import LOSS_NAMES
 
 log = logging.getLogger("rfdetr_train")
 
@@ -284,7 +285,7 @@ class Trainer:
                             loss = self.criterion.total_loss(losses)
                             acc.backward(loss)
                         loss_sum += loss.detach()
-                        for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_mask_ce", "loss_mask_dice"):
+                        for k in LOSS_NAMES:
                             if k in losses:
                                 parts[k] = parts.get(k, 0) + losses[k].detach()
                         timer.compute_done(len(batch) * acc.num_processes)

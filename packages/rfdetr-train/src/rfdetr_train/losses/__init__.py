@@ -4,7 +4,8 @@
 returns the unweighted losses of every layer and ``criterion.total_loss(losses)`` their weighted sum.
 """
 
-from rfdetr_train.losses.criterion import LOSS_NAMES, SetCriterion, build_criterion
+from rfdetr_train.losses.coefficients import LOSS_NAMES, LossWeights, MatchCosts
+from rfdetr_train.losses.criterion import SetCriterion, build_criterion
 from rfdetr_train.losses.matcher import HungarianMatcher
 from rfdetr_train.losses.point_sampling import ImportancePointSampler, UniformPointSampler
 from rfdetr_train.losses.targets import LayerMatches, TargetBatch, TargetFormatError
@@ -14,6 +15,8 @@ __all__ = [
     "HungarianMatcher",
     "ImportancePointSampler",
     "LayerMatches",
+    "LossWeights",
+    "MatchCosts",
     "SetCriterion",
     "TargetBatch",
     "TargetFormatError",

@@ -12,6 +12,7 @@ weights follow upstream RF-DETR 1.11.2 (see ``rfdetr-upstream.md`` section 3); t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, matched_generalized_box_iou
+from rfdetr_train.losses.coefficients import LossWeights, MatchCosts
 from rfdetr_train.losses.layer_batch import batched_layer_losses, can_batch_layers
 from rfdetr_train.losses.loss_terms import ia_bce_terms, point_mask_terms
 from rfdetr_train.losses.matcher import HungarianMatcher
@@ -31,8 +33,6 @@ from rfdetr_train.losses.point_sampling import (
 )
 from rfdetr_train.losses.targets import LayerMatches, TargetBatch, TargetFormatError
 
-LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou", "loss_mask_ce", "loss_mask_dice")
-
 
 class SetCriterion(nn.Module):
     """Set-prediction losses for all decoder layers and the two-stage output.
@@ -41,8 +41,10 @@ class SetCriterion(nn.Module):
         num_classes: class slots K of the model (``pred_logits [..., K]``); targets hold slots in ``[0, K)``.
         group_detr: query groups G in training (upstream 13). In ``eval()`` mode one group is used, as the
             model then emits only group 0.
-        weight_class, weight_bbox, weight_giou, weight_mask_ce, weight_mask_dice: loss weights (upstream
-            1, 5, 2, 5, 5), in :attr:`weight_dict` and applied by :meth:`total_loss`.
+        weights: loss weights (default :class:`LossWeights`, upstream's), in :attr:`weight_dict` and applied
+            by :meth:`total_loss`.
+        costs: matching costs of the matcher built here (default :class:`MatchCosts`, upstream's; the mask
+            costs are dropped without ``segmentation``).
         segmentation: compute mask costs and losses (targets then need ``masks``).
         focal_alpha: IA-BCE exponent alpha: target score ``t = p^alpha * IoU^(1-alpha)``; also the focal alpha
             of the matcher's class cost.
@@ -51,7 +53,7 @@ class SetCriterion(nn.Module):
         point_sampler: ``(mask_logits [M, 1, h, w], num_points) -> [M, num_points, 2]`` loss points, called once
             per layer with that layer's matched mask logits (no grad). Default: PointRend importance sampling.
         match_point_sampler: ``(num_points, device) -> [num_points, 2]``, the matcher's shared points.
-        matcher: a ready :class:`HungarianMatcher` (then the two previous arguments and costs are its own).
+        matcher: a ready :class:`HungarianMatcher` (then ``costs`` and the two previous arguments are its own).
         batch_layers: compute the losses of same-shaped layers in one batched pass (equal to the per-layer
             pass up to float32 summation order); False = always layer by layer.
     """
@@ -61,11 +63,8 @@ class SetCriterion(nn.Module):
         num_classes: int,
         group_detr: int = 13,
         *,
-        weight_class: float = 1.0,
-        weight_bbox: float = 5.0,
-        weight_giou: float = 2.0,
-        weight_mask_ce: float = 5.0,
-        weight_mask_dice: float = 5.0,
+        weights: LossWeights | None = None,
+        costs: MatchCosts | None = None,
         segmentation: bool = True,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
@@ -88,18 +87,18 @@ class SetCriterion(nn.Module):
         self.mask_point_sample_ratio = mask_point_sample_ratio
         self.batch_layers = batch_layers
         self.point_sampler = point_sampler or ImportancePointSampler()
-        self.matcher = matcher or HungarianMatcher(
-            focal_alpha=focal_alpha,
-            mask_point_sample_ratio=mask_point_sample_ratio,
-            match_point_sampler=match_point_sampler,
+        if matcher is None:
+            costs = costs if costs is not None else MatchCosts()
+            matcher = HungarianMatcher(
+                costs if segmentation else replace(costs, mask_ce=0.0, mask_dice=0.0),
+                focal_alpha=focal_alpha,
+                mask_point_sample_ratio=mask_point_sample_ratio,
+                match_point_sampler=match_point_sampler,
+            )
+        self.matcher = matcher
+        self.weight_dict: dict[str, float] = (weights if weights is not None else LossWeights()).by_loss(
+            segmentation
         )
-        self.weight_dict: dict[str, float] = {
-            "loss_ce": weight_class,
-            "loss_bbox": weight_bbox,
-            "loss_giou": weight_giou,
-        }
-        if segmentation:
-            self.weight_dict.update({"loss_mask_ce": weight_mask_ce, "loss_mask_dice": weight_mask_dice})
 
     # -- public API -------------------------------------------------------------------------------------
 
@@ -282,43 +281,23 @@ def build_criterion(
     group_detr: int = 13,
     *,
     segmentation: bool = True,
-    weight_class: float = 1.0,
-    weight_bbox: float = 5.0,
-    weight_giou: float = 2.0,
-    weight_mask_ce: float = 5.0,
-    weight_mask_dice: float = 5.0,
-    cost_class: float = 2.0,
-    cost_bbox: float = 5.0,
-    cost_giou: float = 2.0,
-    cost_mask_ce: float = 5.0,
-    cost_mask_dice: float = 5.0,
+    weights: LossWeights | None = None,
+    costs: MatchCosts | None = None,
     focal_alpha: float = 0.25,
     mask_point_sample_ratio: int = 16,
     point_sampler: PointSampler | None = None,
     match_point_sampler: MatchPointSampler | None = None,
 ) -> SetCriterion:
-    """The criterion with its matcher; defaults are upstream RF-DETR-Seg's fine-tuning values."""
-    matcher = HungarianMatcher(
-        cost_class=cost_class,
-        cost_bbox=cost_bbox,
-        cost_giou=cost_giou,
-        cost_mask_ce=cost_mask_ce if segmentation else 0.0,
-        cost_mask_dice=cost_mask_dice if segmentation else 0.0,
-        focal_alpha=focal_alpha,
-        mask_point_sample_ratio=mask_point_sample_ratio,
-        match_point_sampler=match_point_sampler,
-    )
+    """The criterion with its matcher; ``weights`` and ``costs`` default to upstream RF-DETR-Seg's values
+    (:class:`LossWeights`, :class:`MatchCosts`)."""
     return SetCriterion(
         num_classes,
         group_detr,
-        weight_class=weight_class,
-        weight_bbox=weight_bbox,
-        weight_giou=weight_giou,
-        weight_mask_ce=weight_mask_ce,
-        weight_mask_dice=weight_mask_dice,
+        weights=weights,
+        costs=costs,
         segmentation=segmentation,
         focal_alpha=focal_alpha,
         mask_point_sample_ratio=mask_point_sample_ratio,
         point_sampler=point_sampler,
-        matcher=matcher,
+        match_point_sampler=match_point_sampler,
     )

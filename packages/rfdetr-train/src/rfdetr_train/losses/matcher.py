@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, pairwise_generalized_box_iou
+from rfdetr_train.losses.coefficients import MatchCosts
 from rfdetr_train.losses.point_sampling import (
     MatchPointSampler,
     UniformPointSampler,
@@ -37,11 +38,8 @@ class HungarianMatcher:
     """One-to-one assignment of queries to objects per (layer, image, group).
 
     Args:
-        cost_class: weight of the focal classification cost (upstream 2).
-        cost_bbox: weight of the L1 distance of cxcywh boxes (upstream 5).
-        cost_giou: weight of ``-GIoU`` (upstream 2).
-        cost_mask_ce: weight of the point-sampled mask BCE (upstream 5); used when outputs carry masks.
-        cost_mask_dice: weight of the point-sampled mask Dice cost (upstream 5).
+        costs: weights of the cost terms (default :class:`MatchCosts`, upstream's); the mask terms are used
+            when the outputs carry masks.
         focal_alpha: focal alpha of the class cost.
         focal_gamma: focal gamma of the class cost.
         mask_point_sample_ratio: the mask costs use ``h*w // ratio`` points (h, w: prediction mask size).
@@ -51,23 +49,13 @@ class HungarianMatcher:
 
     def __init__(
         self,
-        cost_class: float = 2.0,
-        cost_bbox: float = 5.0,
-        cost_giou: float = 2.0,
-        cost_mask_ce: float = 5.0,
-        cost_mask_dice: float = 5.0,
+        costs: MatchCosts | None = None,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         mask_point_sample_ratio: int = 16,
         match_point_sampler: MatchPointSampler | None = None,
     ) -> None:
-        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
-            raise ValueError("the class, box and GIoU matching costs cannot all be 0")
-        self.cost_class = cost_class
-        self.cost_bbox = cost_bbox
-        self.cost_giou = cost_giou
-        self.cost_mask_ce = cost_mask_ce
-        self.cost_mask_dice = cost_mask_dice
+        self.costs = costs if costs is not None else MatchCosts()
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.mask_point_sample_ratio = mask_point_sample_ratio
@@ -159,9 +147,10 @@ class HungarianMatcher:
         cost_bbox = (boxes.unsqueeze(2) - tgt_boxes.unsqueeze(1)).abs().sum(-1)  # [L*B, GQ, Tmax]
         cost_class = self._class_cost(logits.view(num_layers * bsz, gq, num_classes), labels)
         cost_giou = -pairwise_generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
-        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        w = self.costs
+        cost = w.bbox * cost_bbox + w.cls * cost_class + w.giou * cost_giou
         cost = cost.view(num_layers, bsz, gq, -1)  # [L*B, GQ, Tmax] -> [L, B, GQ, Tmax]
-        if batch.masks is not None and (self.cost_mask_ce or self.cost_mask_dice):
+        if batch.masks is not None and w.uses_masks:
             if any("pred_masks" not in out for out in layers):
                 raise TargetFormatError("segmentation matching needs 'pred_masks' in every output layer")
             masks = [out["pred_masks"] for out in layers]
@@ -170,7 +159,7 @@ class HungarianMatcher:
             else:
                 parts = [self._mask_costs([m], batch) for m in masks]
                 cost_ce, cost_dice = (torch.cat([p[i] for p in parts]) for i in (0, 1))
-            cost += self.cost_mask_ce * cost_ce + self.cost_mask_dice * cost_dice
+            cost += w.mask_ce * cost_ce + w.mask_dice * cost_dice
         return cost
 
     def cost_matrix(self, outputs: dict[str, Any], batch: TargetBatch) -> Tensor:
