@@ -81,11 +81,17 @@ def test_val_subcommand_and_resume_errors(trained, dataset, tmp_path, capsys):
     assert code == 1 and "no run" in capsys.readouterr().err
 
 
-def test_finetune_from_weights_file_uses_the_finetune_recipe(trained, dataset, tmp_path):
+def test_finetune_from_weights_file_uses_the_finetune_recipe(trained, dataset, tmp_path, monkeypatch):
     import yaml
 
+    import rfdetr_core.weights.files as weights_files
     import rfdetr_train
 
+    reads = []
+    real_read = weights_files.read_weights_file
+    monkeypatch.setattr(
+        weights_files, "read_weights_file", lambda path: reads.append(path) or real_read(path)
+    )
     result = rfdetr_train.train(
         data=str(dataset), output=str(tmp_path), weights=str(trained.run_dir / "best.safetensors"),
         steps=1, batch_size=2, grad_accum=1, workers=0, progress=False, plots=False, gallery_images=0,
@@ -95,6 +101,24 @@ def test_finetune_from_weights_file_uses_the_finetune_recipe(trained, dataset, t
     # variant and resolution come from the file
     assert read_metadata(result.last_weights)["resolution"] == [64, 64]
     assert read_metadata(result.last_weights)["variant"] == "seg-tiny"
+    # without --model, the variant comes from the file, and the file is read once for variant and weights
+    assert len(reads) == 1
+
+
+def test_val_uses_the_validation_defaults_of_training(trained, dataset, tmp_path, monkeypatch):
+    import rfdetr_train
+    import rfdetr_train.data as data_pkg
+
+    batches = []
+    real = data_pkg.build_val_loader
+    monkeypatch.setattr(
+        data_pkg, "build_val_loader", lambda *a, **k: batches.append(k["batch_size"]) or real(*a, **k)
+    )
+    weights = str(trained.run_dir / "best.safetensors")
+    rfdetr_train.val(weights, data=str(dataset), workers=0, output=str(tmp_path / "a"))
+    rfdetr_train.val(weights, data=str(dataset), workers=0, output=str(tmp_path / "b"), val_batch_size=3)
+    # training validates with val_batch_size, else twice the recipe's batch (4 for seg-tiny's scratch recipe)
+    assert batches == [8, 3]
 
 
 @pytest.mark.slow

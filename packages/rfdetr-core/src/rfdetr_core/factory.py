@@ -15,6 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from rfdetr_core.model_card import ModelCard
 from rfdetr_core.models import ModelSpec, RFDETRModel
 from rfdetr_core.preprocess import PreprocessConfig
 from rfdetr_core.variants import Variant, get_variant
+
+if TYPE_CHECKING:
+    from rfdetr_core.weights.files import WeightsFile
 
 
 @dataclass
@@ -160,7 +164,7 @@ def resolve_weights_path(weights: str | os.PathLike, accept_license: bool = Fals
 def load_model(
     variant: str | Variant | None = None,
     num_classes: int | None = None,
-    weights: str | os.PathLike | None = None,
+    weights: str | os.PathLike | WeightsFile | None = None,
     accept_license: bool = False,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -171,7 +175,8 @@ def load_model(
     ``variant`` may be ``None`` only with ``weights`` that tell their variant (ours always do; upstream
     files through ``model_name`` or their shapes). ``class_map``: the classes the model is to predict from
     now on (e.g. a dataset's, for fine-tuning); it sets ``num_classes`` (``class_map.num_slots``) and replaces
-    the file's class map, so no warning is given about the file's class names.
+    the file's class map, so no warning is given about the file's class names. ``weights`` may also be a
+    :class:`~rfdetr_core.weights.files.WeightsFile` the caller has already read (it is not read again).
     """
     if class_map is not None:
         if num_classes is not None and num_classes != class_map.num_slots:
@@ -184,9 +189,12 @@ def load_model(
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     wf = None
     if weights is not None:
-        from rfdetr_core.weights.files import read_weights_file
+        from rfdetr_core.weights.files import WeightsFile, read_weights_file
 
-        wf = read_weights_file(resolve_weights_path(weights, accept_license))
+        if isinstance(weights, WeightsFile):
+            wf = weights
+        else:
+            wf = read_weights_file(resolve_weights_path(weights, accept_license))
     v = _pick_variant(variant, wf)
     slots = num_classes if num_classes is not None else (wf.num_slots if wf and wf.num_slots else None)
     model = build_model(v, num_classes=slots, num_queries=_file_num_queries(wf, v))

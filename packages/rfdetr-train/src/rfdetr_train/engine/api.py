@@ -107,6 +107,7 @@ def train(config: str | os.PathLike | None = None, **options: Any):
         build_loaders,
         load_data,
         make_accelerator,
+        read_initial_weights,
         resolve_variant,
     )
     from rfdetr_train.engine.starting_point import choose_starting_point, has_dataset
@@ -123,7 +124,8 @@ def train(config: str | os.PathLike | None = None, **options: Any):
         run = run.model_copy(
             update={"train": run.train.model_copy(update={"model": start.model, "weights": start.weights})}
         )
-    variant = resolve_variant(run.train.model, run.train.weights, run.train.num_queries)
+    weights_file = read_initial_weights(run.train.weights)  # the one read of a --weights file
+    variant = resolve_variant(run.train.model, run.train.weights, run.train.num_queries, weights_file)
     quick_look = (
         resume_state is None
         and run.train.test_limit is not None
@@ -162,7 +164,8 @@ def train(config: str | os.PathLike | None = None, **options: Any):
     threads = cpu_threads(acc, workers)
     if threads is not None and acc.is_main_process:
         log.info("CPU: %d compute thread(s) per process, %d loader worker(s)", threads, workers)
-    built = _build_model(variant, data.class_map, cfg, start)
+    built = _build_model(variant, data.class_map, cfg, start, weights_file)
+    del weights_file  # free the file's tensors (copied into the model)
     if cfg.drop_path:
         built.model.set_drop_path(cfg.drop_path)  # backbone stochastic depth, ramped over the blocks
     if cfg.grad_checkpointing:
@@ -205,7 +208,8 @@ def train(config: str | os.PathLike | None = None, **options: Any):
         data=data,
         train_loader=train_loader,
         val_loader=val_loader,
-        criterion=build_criterion_for(variant, len(data.class_map), **recipes.criterion_options(cfg)),
+        # K: the model's logit slots (class_map.num_slots), the one count model and criterion share
+        criterion=build_criterion_for(variant, built.model.num_slots, **recipes.criterion_options(cfg)),
         evaluator=evaluator,
     )
     result = Trainer(run, run_dir, parts, resume_state).fit()
@@ -218,14 +222,14 @@ def train(config: str | os.PathLike | None = None, **options: Any):
     return result
 
 
-def _build_model(variant, class_map, cfg, start):
+def _build_model(variant, class_map, cfg, start, weights_file=None):
     """:func:`~rfdetr_train.engine.setup.build_train_model`; when the weights were chosen for the user
     (no ``--weights``), a failed download also says how to train without them."""
     from rfdetr_core.weights.download import DownloadError
     from rfdetr_train.engine.setup import build_train_model
 
     try:
-        return build_train_model(variant, class_map, cfg.weights, cfg.parsed_resolution())
+        return build_train_model(variant, class_map, weights_file or cfg.weights, cfg.parsed_resolution())
     except DownloadError as exc:
         if start is None or start.chosen is None:
             raise

@@ -17,19 +17,21 @@ def val(weights: str, split: str = "val", config: str | None = None, **options: 
     ``eval_max_dets``, ``output`` (reports folder; default ``runs/val``, ``runs/val2``, ...),
     ``allow_class_mismatch``: score the model even when its classes are not the dataset's categories
     (otherwise :class:`~rfdetr_train.evaluation.class_match.ClassMismatchError` names the mismatching ids).
+    Batch size and loader workers default to those of validation during training (twice the recipe's batch;
+    the training loader's workers, at most 2).
     """
     from rfdetr_core.factory import load_model
-    from rfdetr_train.data import build_val_loader
-    from rfdetr_train.engine.api import _setup_logging
+    from rfdetr_train.engine import recipes
+    from rfdetr_train.engine.api import _setup_logging, loader_workers
     from rfdetr_train.engine.options import build_run_config
     from rfdetr_train.engine.run_dir import next_free_dir
-    from rfdetr_train.engine.setup import load_data, make_accelerator
+    from rfdetr_train.engine.setup import build_validation_loader, load_data, make_accelerator
     from rfdetr_train.engine.validation import evaluate, image_loader_for, summary_line, write_reports
     from rfdetr_train.evaluation.class_match import check_classes
     from rfdetr_train.evaluation.evaluator import Evaluator
 
     output = options.pop("output", None)
-    batch_size = options.pop("batch_size", None) or 8
+    batch_size = options.pop("batch_size", None)
     allow_mismatch = bool(options.pop("allow_class_mismatch", False))
     run = build_run_config(options, config)
     acc = make_accelerator(run.train.device, run.train.mixed_precision, 1)
@@ -46,18 +48,11 @@ def val(weights: str, split: str = "val", config: str | None = None, **options: 
     mismatch = check_classes(loaded.class_map, data.class_map, str(weights), label, allow_mismatch)
     if mismatch and acc.is_main_process:
         print(f"warning: --allow-class-mismatch: scoring anyway although {mismatch.describe()}.")
-    workers = run.data.workers if run.data.workers is not None else 0
-    loader = build_val_loader(
-        data,
-        resolution=loaded.resolution,
-        batch_size=batch_size,
-        split=split,
-        workers=workers,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
-        preprocess=loaded.preprocess,
-        pin_memory=acc.device.type == "cuda",
-    )
+    # the defaults of validation during training: the recipe's batch x 2, the training loader's workers (max 2)
+    loader = build_validation_loader(
+        data, split, recipes.resolve(run.train, loaded.variant), loaded.resolution, loaded.preprocess, acc,
+        loader_workers(acc, run.data.workers), batch_size=batch_size,
+    )  # fmt: skip
     evaluator = Evaluator.from_config(
         data.coco_gt(split), run.eval, class_map=loaded.class_map, accelerator=acc, training=False
     )

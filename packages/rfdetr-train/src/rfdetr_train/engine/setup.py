@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +21,10 @@ from rfdetr_core.factory import card_for
 from rfdetr_core.model_card import ModelCard
 from rfdetr_core.preprocess import PreprocessConfig
 from rfdetr_core.variants import Variant, get_variant
+
+if TYPE_CHECKING:
+    from rfdetr_core.weights.files import WeightsFile
+    from rfdetr_train.engine.config import TrainConfig
 
 log = logging.getLogger("rfdetr_train")
 
@@ -69,23 +75,31 @@ def make_accelerator(device: str | None, mixed_precision: str, grad_accum: int):
     )
 
 
-def resolve_variant(model: str | None, weights: str | None, num_queries: int | None) -> Variant:
-    """The variant: ``--model``, else the one the weights name or file says, else seg-tiny."""
+def read_initial_weights(weights: str | None) -> WeightsFile | None:
+    """``--weights`` read once for the whole setup: the file's content, or ``None`` without weights or for an
+    official name (which :func:`build_train_model` downloads)."""
+    if weights is None:
+        return None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        return None
+    from rfdetr_core.weights.files import read_weights_file
+
+    return read_weights_file(path)
+
+
+def resolve_variant(
+    model: str | None, weights: str | None, num_queries: int | None, weights_file: WeightsFile | None = None
+) -> Variant:
+    """The variant: ``--model``, else the one the weights file (``weights_file``, read by
+    :func:`read_initial_weights`) or official name says, else seg-tiny."""
     if model is not None:
         v = get_variant(model)
+    elif weights_file is not None:
+        if weights_file.variant is None:
+            raise RFDETRError(f"{weights}: cannot tell which variant these weights are for; pass --model.")
+        v = get_variant(weights_file.variant)
     elif weights is not None:
-        v = _variant_of_weights(weights)
-    else:
-        v = get_variant(DEFAULT_VARIANT)
-    if num_queries is not None and num_queries != v.num_queries:
-        v = v.with_overrides(num_queries=num_queries)
-    return v
-
-
-def _variant_of_weights(weights: str) -> Variant:
-    from pathlib import Path
-
-    if not Path(weights).expanduser().is_file():
         from rfdetr_core.weights.download import resolve_official_name
 
         v = resolve_official_name(weights)
@@ -93,13 +107,11 @@ def _variant_of_weights(weights: str) -> Variant:
             raise RFDETRError(
                 f"--weights {weights!r}: no such file, and not the name of official weights (e.g. seg-nano)."
             )
-        return v
-    from rfdetr_core.weights.files import read_weights_file
-
-    wf = read_weights_file(weights)
-    if wf.variant is None:
-        raise RFDETRError(f"{weights}: cannot tell which variant these weights are for; pass --model.")
-    return get_variant(wf.variant)
+    else:
+        v = get_variant(DEFAULT_VARIANT)
+    if num_queries is not None and num_queries != v.num_queries:
+        v = v.with_overrides(num_queries=num_queries)
+    return v
 
 
 @dataclass
@@ -111,10 +123,13 @@ class ModelSetup:
 
 
 def build_train_model(
-    variant: Variant, class_map: ClassMap, weights: str | None, resolution: tuple[int, int] | None
+    variant: Variant,
+    class_map: ClassMap,
+    weights: str | WeightsFile | None,
+    resolution: tuple[int, int] | None,
 ) -> ModelSetup:
-    """The model to train for ``class_map`` (the dataset's classes): random init, or ``weights`` with the
-    class heads resized to ``class_map.num_slots``."""
+    """The model to train for ``class_map`` (the dataset's classes): random init, or ``weights`` (an official
+    name, or a file already read) with the class heads resized to ``class_map.num_slots``."""
     if weights is None:
         from rfdetr_core.factory import build_model
 
@@ -129,7 +144,7 @@ def build_train_model(
         if model.num_queries != variant.num_queries:
             raise RFDETRError(
                 f"--num-queries {variant.num_queries} differs from the {model.num_queries} queries of "
-                f"{weights}; fine-tuning keeps the file's query count."
+                f"{loaded.source or weights}; fine-tuning keeps the file's query count."
             )
         res = resolution or loaded.resolution
         preprocess = loaded.preprocess
@@ -151,7 +166,7 @@ def build_loaders(
     """Training and validation loaders of this process's shard (validation: ``None`` without a val split).
 
     ``workers``: loader processes, as resolved by :func:`rfdetr_train.engine.api.loader_workers`."""
-    from rfdetr_train.data import build_train_loader, build_val_loader
+    from rfdetr_train.data import build_train_loader
 
     cfg = run.train
     pin = accelerator.device.type == "cuda"
@@ -172,25 +187,54 @@ def build_loaders(
     )
     val_loader = None
     if "val" in data.splits:
-        val_loader = build_val_loader(
-            data,
-            resolution=resolution,
-            batch_size=cfg.val_batch_size or 2 * cfg.batch_size,
-            split="val",
-            limit=cfg.test_limit,
-            workers=min(workers, 2),
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            preprocess=preprocess,
-            pin_memory=pin,
+        val_loader = build_validation_loader(
+            data, "val", cfg, resolution, preprocess, accelerator, workers, limit=cfg.test_limit
         )
     else:
         log.warning("The dataset has no validation split: no validation, best.safetensors = last weights.")
     return train_loader, val_loader
 
 
-def build_criterion_for(variant: Variant, num_classes: int, **options):
-    """The criterion of ``variant``; ``options`` (loss weights, matching costs) override upstream's defaults."""
+def build_validation_loader(
+    data,
+    split: str,
+    train: TrainConfig,
+    resolution: tuple[int, int],
+    preprocess: PreprocessConfig,
+    accelerator,
+    workers: int,
+    *,
+    batch_size: int | None = None,
+    limit: int | None = None,
+):
+    """The loader of ``split`` for validation, with the same defaults in training and in ``val``.
+
+    Args:
+        train: the recipe-resolved training options: ``val_batch_size``, else twice ``batch_size``.
+        workers: the training loader's processes (:func:`rfdetr_train.engine.api.loader_workers`); validation
+            uses at most 2 of them.
+        batch_size: an explicit validation batch (``val --batch-size``), else the default above.
+        limit: the first ``limit`` images only (``--test-limit``).
+    """
+    from rfdetr_train.data import build_val_loader
+
+    return build_val_loader(
+        data,
+        resolution=resolution,
+        batch_size=batch_size or train.val_batch_size or 2 * train.batch_size,
+        split=split,
+        limit=limit,
+        workers=min(workers, 2),
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        preprocess=preprocess,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+
+
+def build_criterion_for(variant: Variant, num_slots: int, **options):
+    """The criterion of ``variant`` for ``num_slots`` class slots ``K`` (the model's ``num_slots``);
+    ``options`` (loss weights, matching costs) override upstream's defaults."""
     from rfdetr_train.losses import build_criterion
 
-    return build_criterion(num_classes, variant.group_detr, segmentation=variant.is_segmentation, **options)
+    return build_criterion(num_slots, variant.group_detr, segmentation=variant.is_segmentation, **options)
