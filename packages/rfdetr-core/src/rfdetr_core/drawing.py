@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -10,8 +10,23 @@ import torch
 from rfdetr_core.errors import ImageError
 from rfdetr_core.preprocess import load_image
 
-if TYPE_CHECKING:
-    from rfdetr_core.detections import Detections
+
+class DrawableDetections(Protocol):
+    """What :func:`draw_detections` reads (a :class:`~rfdetr_core.detections.Detections` has it all).
+
+    ``N`` detections of one ``image_size = (H, W)`` image: ``boxes [N, 4]`` xyxy pixels, ``scores [N]``,
+    ``category_ids [N]``, ``class_names`` (N strings), ``masks`` ``[N, H, W]`` bool or ``None``.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    category_ids: np.ndarray
+    class_names: list[str]
+    masks: np.ndarray | None
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int: ...
+
 
 # A fixed, colour-blind-friendly cycle (Okabe-Ito plus extras) so one class keeps its colour across images.
 _PALETTE = np.array(
@@ -43,7 +58,9 @@ def _to_uint8_rgb(image: Any) -> np.ndarray:
     return t.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # [H, W, 3]
 
 
-def draw_detections(image: Any, detections: Detections, show_masks: bool = True, show_labels: bool = True):
+def draw_detections(
+    image: Any, detections: DrawableDetections, show_masks: bool = True, show_labels: bool = True
+):
     """Draw ``detections`` on ``image`` and return a new PIL RGB image."""
     from PIL import Image, ImageDraw, ImageFont
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rfdetr_train.data.findings import FindingList
+from rfdetr_train.data.layout import DatasetSource, SplitSource
 from rfdetr_train.data.masks import mask_area, rle_problem
-from rfdetr_train.data.sources import DatasetSource, SplitSource
 
 REQUIRED_TOP = ("images", "annotations", "categories")
 REQUIRED_IMAGE = ("id", "file_name", "width", "height")

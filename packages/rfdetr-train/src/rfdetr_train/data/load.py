@@ -15,9 +15,10 @@ from rfdetr_train.data.checks import DEFAULT_MAX_INSTANCES, CheckedSplit, check_
 from rfdetr_train.data.config import DataConfig
 from rfdetr_train.data.dataset import InstanceDataset
 from rfdetr_train.data.findings import UNSKIPPABLE, DatasetError, FindingList, raise_for_errors
+from rfdetr_train.data.layout import DatasetSource
 from rfdetr_train.data.loaders import TrainLoader, ValLoader
 from rfdetr_train.data.sampler import ResumableBatchSampler
-from rfdetr_train.data.sources import DatasetSource, resolve_dataset
+from rfdetr_train.data.sources import resolve_dataset
 from rfdetr_train.data.transforms import TrainTransform, ValTransform, multi_scale_sizes
 
 

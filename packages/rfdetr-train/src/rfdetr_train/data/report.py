@@ -6,7 +6,7 @@ import statistics
 from collections import Counter
 
 from rfdetr_train.data.checks import CheckedSplit
-from rfdetr_train.data.sources import DatasetSource
+from rfdetr_train.data.layout import DatasetSource
 
 # COCO's area ranges (pixels of the mask at the source size).
 SMALL_AREA = 32**2

@@ -18,52 +18,11 @@ downstream (checks, datasets, evaluation ground truth) sees one format with the 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from rfdetr_train.data import yolo_format
 from rfdetr_train.data.findings import DatasetError, FindingList
-
-SPLIT_NAMES = ("train", "val", "test")
-_SPLIT_ALIASES = {"valid": "val", "validation": "val", "training": "train", "testing": "test"}
-
-
-def canonical_split(name: str) -> str | None:
-    """``"valid"`` -> ``"val"`` etc.; ``None`` for names that are no split (``"train2017"`` -> ``"train"``)."""
-    low = name.lower()
-    if low in SPLIT_NAMES:
-        return low
-    if low in _SPLIT_ALIASES:
-        return _SPLIT_ALIASES[low]
-    for prefix in ("train", "valid", "val", "test"):  # train2017, val2017, ...
-        if low.startswith(prefix) and low[len(prefix) :].isdigit():
-            return _SPLIT_ALIASES.get(prefix, prefix)
-    return None
-
-
-@dataclass
-class SplitSource:
-    """One split, as a COCO instance dict with the dataset's own image / category / annotation ids.
-
-    ``coco["images"][i]["file_name"]`` is relative to ``image_root``. ``origin`` is the file the split came
-    from (for messages). ``format`` is ``"coco"`` or ``"yolo"``.
-    """
-
-    name: str
-    coco: dict
-    image_root: Path
-    origin: Path
-    format: str = "coco"
-
-
-@dataclass
-class DatasetSource:
-    """All splits found behind one path, and how they were found (``layout``)."""
-
-    root: Path
-    layout: str
-    splits: dict[str, SplitSource] = field(default_factory=dict)
-    findings: FindingList = field(default_factory=FindingList)
-    notes: list[str] = field(default_factory=list)
+from rfdetr_train.data.layout import SPLIT_NAMES, DatasetSource, SplitSource, canonical_split
 
 
 def read_coco_json(path: Path, findings: FindingList, split: str | None = None) -> dict | None:
@@ -133,8 +92,6 @@ def resolve_dataset(
     JSON syntax errors become ``json-parse`` findings (the split is then missing); a path that matches no
     layout raises :class:`DatasetError` saying what was looked for.
     """
-    from rfdetr_train.data import yolo_format
-
     img_root = Path(images).expanduser() if images else None
     if img_root is not None and not img_root.is_dir():
         raise DatasetError(f"--images {img_root}: no such folder.")

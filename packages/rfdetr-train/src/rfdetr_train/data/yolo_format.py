@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rfdetr_train.data.findings import DatasetError, FindingList
-from rfdetr_train.data.sources import DatasetSource, SplitSource, canonical_split
+from rfdetr_train.data.layout import DatasetSource, SplitSource, canonical_split
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
