@@ -5,12 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rfdetr_core.atomic_io import atomic_write_text
-from rfdetr_core.model_card import ModelCard
 from rfdetr_train.engine import recipes
 from rfdetr_train.engine.options import build_run_config, dump_yaml
 from rfdetr_train.engine.run_dir import check_new_run_dir, new_run_dir
@@ -30,21 +28,6 @@ def _setup_logging(main: bool) -> None:
         log.addHandler(_StdoutHandler())
         log.propagate = False
     log.setLevel(logging.INFO if main else logging.WARNING)
-
-
-@dataclass
-class Parts:
-    """What the :class:`~rfdetr_train.engine.trainer.Trainer` runs on."""
-
-    accelerator: Any
-    variant: Any
-    model: Any
-    card: ModelCard
-    data: Any
-    train_loader: Any
-    val_loader: Any
-    criterion: Any
-    evaluator: Any
 
 
 def _cores() -> int:
@@ -103,6 +86,7 @@ def train(config: str | os.PathLike | None = None, **options: Any):
 
     from rfdetr_train.engine.resume import resume_line, resume_position, resumed_run
     from rfdetr_train.engine.setup import (
+        Parts,
         build_criterion_for,
         build_loaders,
         load_data,

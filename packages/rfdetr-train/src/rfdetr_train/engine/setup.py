@@ -23,8 +23,15 @@ from rfdetr_core.preprocess import PreprocessConfig
 from rfdetr_core.variants import Variant, get_variant
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from rfdetr_core.models import RFDETRModel
     from rfdetr_core.weights.files import WeightsFile
+    from rfdetr_train.data.load import LoadedDataset
+    from rfdetr_train.data.loaders import TrainLoader, ValLoader
     from rfdetr_train.engine.config import TrainConfig
+    from rfdetr_train.evaluation.evaluator import Evaluator
+    from rfdetr_train.losses import SetCriterion
 
 log = logging.getLogger("rfdetr_train")
 
@@ -112,6 +119,22 @@ def resolve_variant(
     if num_queries is not None and num_queries != v.num_queries:
         v = v.with_overrides(num_queries=num_queries)
     return v
+
+
+@dataclass
+class Parts:
+    """What the :class:`~rfdetr_train.engine.trainer.Trainer` runs on: the pieces of one run, built in
+    :func:`rfdetr_train.engine.api.train` by the functions of this module."""
+
+    accelerator: Accelerator
+    variant: Variant
+    model: RFDETRModel
+    card: ModelCard
+    data: LoadedDataset
+    train_loader: TrainLoader
+    val_loader: ValLoader | None
+    criterion: SetCriterion
+    evaluator: Evaluator | None
 
 
 @dataclass

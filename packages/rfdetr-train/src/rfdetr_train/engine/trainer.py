@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,10 @@ from rfdetr_train.engine.validation import (
     write_reports,
 )
 from rfdetr_train.losses.coefficients import LOSS_NAMES
+
+if TYPE_CHECKING:
+    from rfdetr_train.config import RunConfig
+    from rfdetr_train.engine.setup import Parts
 
 log = logging.getLogger("rfdetr_train")
 
@@ -87,11 +91,12 @@ class Trainer:
     Args:
         run: the resolved :class:`~rfdetr_train.config.RunConfig` (recipe applied).
         run_dir: the run directory (exists).
-        parts: an :class:`rfdetr_train.engine.api.Parts` (accelerator, model, data, criterion, evaluator).
+        parts: the run's :class:`~rfdetr_train.engine.setup.Parts` (accelerator, model, card, data, loaders,
+            criterion, evaluator).
         resume: a loaded ``checkpoints/last/`` to continue from.
     """
 
-    def __init__(self, run, run_dir: Path, parts, resume: TrainingState | None = None):
+    def __init__(self, run: RunConfig, run_dir: Path, parts: Parts, resume: TrainingState | None = None):
         self.run, self.cfg, self.run_dir = run, run.train, Path(run_dir)
         self.acc = parts.accelerator
         self.variant, self.card, self.data = parts.variant, parts.card, parts.data
