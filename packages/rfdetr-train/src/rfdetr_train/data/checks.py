@@ -67,6 +67,31 @@ def _read_header(path: Path) -> ImageFileInfo | Exception:
         return exc
 
 
+@dataclass
+class _Reporter:
+    """Error findings of one split, every one naming the split's file."""
+
+    findings: FindingList
+    origin: str
+    split: str
+
+    def __call__(self, code: str, msg: str, **where) -> None:
+        self.findings.error(code, f"{self.origin}: {msg}", file=self.origin, split=self.split, **where)
+
+    def warning(self, code: str, msg: str, **where) -> None:
+        self.findings.warning(code, f"{self.origin}: {msg}", file=self.origin, split=self.split, **where)
+
+
+@dataclass
+class _KeptAnnotations:
+    """The usable annotations of a split and what the checks noted about them."""
+
+    annotations: list = field(default_factory=list)
+    clamped: list = field(default_factory=list)  # ids of annotations slightly outside their image
+    areas: dict = field(default_factory=dict)  # annotation id -> mask pixels
+    per_image: Counter = field(default_factory=Counter)  # image id -> non-crowd instances
+
+
 def check_split(
     split: SplitSource,
     findings: FindingList,
@@ -77,14 +102,13 @@ def check_split(
 ) -> CheckedSplit | None:
     """Validate one split; ``None`` when its top level is unusable (missing 'images' / 'categories').
 
-    A split whose annotations all lack 'segmentation' (a box-only export) gets one ``no-masks`` error, not
-    one per annotation; with ``no_masks_reported`` the caller has already said so for the whole dataset.
+    Sections, in this order (so the findings keep their order): top level, categories, images, image files,
+    annotations, then the split-wide warnings. A split whose annotations all lack 'segmentation' (a box-only
+    export) gets one ``no-masks`` error, not one per annotation; with ``no_masks_reported`` the caller has
+    already said so for the whole dataset.
     """
-    coco, origin, sname = split.coco, str(split.origin), split.name
-
-    def err(code, msg, **kw):
-        return findings.error(code, f"{origin}: {msg}", file=origin, split=sname, **kw)
-
+    coco = split.coco
+    err = _Reporter(findings, str(split.origin), split.name)
     missing = [k for k in REQUIRED_TOP if not isinstance(coco.get(k), list)]
     if missing:
         # without images or categories nothing in the split is usable, not even with --skip-invalid
@@ -94,10 +118,29 @@ def check_split(
             "'annotations' and 'categories' lists.")  # fmt: skip
         if unusable:
             return None
+    cats = _check_categories(coco["categories"], err)
+    images = _check_images(coco["images"], err)
+    files = _check_files(split.image_root, images, err) if check_files and images else {}
+    kept = _check_annotations(coco, cats, images, err, no_masks_reported)
+    _warn_about_split(kept, images, max_instances, bool(coco.get("annotations")), err)
+    out = {k: v for k, v in coco.items() if k not in REQUIRED_TOP}
+    out.update(images=list(images.values()), annotations=kept.annotations, categories=list(cats.values()))
+    n_ann = len(coco.get("annotations") or [])
+    return CheckedSplit(
+        split,
+        out,
+        files,
+        dropped_images=len(coco["images"]) - len(images),
+        dropped_annotations=n_ann - len(kept.annotations),
+        clamped_annotations=len(kept.clamped),
+        areas=kept.areas,
+    )
 
-    # -- categories -------------------------------------------------------------------------------
+
+def _check_categories(categories: list, err: _Reporter) -> dict:
+    """``category id -> category`` of the well-formed categories (the first of a duplicated id)."""
     cats: dict = {}
-    for i, c in enumerate(coco["categories"]):
+    for i, c in enumerate(categories):
         miss = [k for k in REQUIRED_CAT if not isinstance(c, dict) or k not in c]
         if miss:
             err("missing-key", f"category #{i} lacks {miss}; every category needs 'id' and 'name'.")
@@ -110,10 +153,13 @@ def check_split(
                 f"{c['name']!r}); give each category its own id.")  # fmt: skip
             continue
         cats[c["id"]] = c
+    return cats
 
-    # -- images -----------------------------------------------------------------------------------
+
+def _check_images(entries: list, err: _Reporter) -> dict:
+    """``image id -> image`` of the well-formed image entries (ids, file name, positive integer size)."""
     images: dict = {}
-    for i, im in enumerate(coco["images"]):
+    for i, im in enumerate(entries):
         miss = [k for k in REQUIRED_IMAGE if not isinstance(im, dict) or k not in im]
         if miss:
             iid = im.get("id") if isinstance(im, dict) else None
@@ -135,37 +181,43 @@ def check_split(
                 f"{im['width']!r}x{im['height']!r}; they must be positive integers.", image_id=im["id"], dropped=1)  # fmt: skip
             continue
         images[im["id"]] = im
+    return images
 
+
+def _check_files(image_root: Path, images: dict, err: _Reporter) -> dict[int, ImageFileInfo]:
+    """Read every image file's header (8 threads); images whose file is missing, unreadable or of another
+    size than the JSON says are removed from ``images``. Returns ``image id -> header`` of the others."""
     files: dict = {}
-    if check_files and images:
-        paths = {iid: split.image_root / im["file_name"] for iid, im in images.items()}
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            headers = dict(zip(paths, pool.map(_read_header, paths.values())))
-        for iid, info in headers.items():
-            im, path = images[iid], paths[iid]
-            if isinstance(info, Exception):
-                if not path.exists():
-                    err("image-missing", f"image id {iid}: file {path} does not exist. Check the path (or "
-                        "pass --images DIR for the image folder), or remove the image.", image_id=iid, dropped=1)  # fmt: skip
-                else:
-                    err("image-unreadable", f"image id {iid}: cannot read {path} ({info}). Replace the file "
-                        "or remove the image.", image_id=iid, dropped=1)  # fmt: skip
-                del images[iid]
-            elif (info.width, info.height) != (im["width"], im["height"]):
-                err("size-mismatch", f"image id {iid}: {path} is {info.width}x{info.height} (WxH) but the "
-                    f"JSON says {im['width']}x{im['height']}. Fix 'width'/'height' (or re-export).",
-                    image_id=iid, dropped=1)  # fmt: skip
-                del images[iid]
+    paths = {iid: image_root / im["file_name"] for iid, im in images.items()}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        headers = dict(zip(paths, pool.map(_read_header, paths.values())))
+    for iid, info in headers.items():
+        im, path = images[iid], paths[iid]
+        if isinstance(info, Exception):
+            if not path.exists():
+                err("image-missing", f"image id {iid}: file {path} does not exist. Check the path (or "
+                    "pass --images DIR for the image folder), or remove the image.", image_id=iid, dropped=1)  # fmt: skip
             else:
-                files[iid] = info
+                err("image-unreadable", f"image id {iid}: cannot read {path} ({info}). Replace the file "
+                    "or remove the image.", image_id=iid, dropped=1)  # fmt: skip
+            del images[iid]
+        elif (info.width, info.height) != (im["width"], im["height"]):
+            err("size-mismatch", f"image id {iid}: {path} is {info.width}x{info.height} (WxH) but the "
+                f"JSON says {im['width']}x{im['height']}. Fix 'width'/'height' (or re-export).",
+                image_id=iid, dropped=1)  # fmt: skip
+            del images[iid]
+        else:
+            files[iid] = info
+    return files
 
-    # -- annotations ------------------------------------------------------------------------------
-    anns_out: list = []
+
+def _check_annotations(
+    coco: dict, cats: dict, images: dict, err: _Reporter, no_masks_reported: bool
+) -> _KeptAnnotations:
+    """The annotations whose ids, category, image and shape are usable; one error per dropped annotation
+    (none for those of an image dropped above: that image's error counts them)."""
+    kept = _KeptAnnotations()
     seen_ann: set = set()
-    clamped: list = []
-    areas: dict = {}
-    per_image: Counter = Counter()
-    dropped_with_images = 0
     valid_image_ids = {im.get("id") for im in coco["images"] if isinstance(im, dict) and _ident(im.get("id"))}
     raw_anns = coco.get("annotations") or []
     if box_only_count(coco):
@@ -194,111 +246,108 @@ def check_split(
         im = images.get(a["image_id"])
         if im is None:
             if a["image_id"] in valid_image_ids:  # its image was dropped above; counted there
-                dropped_with_images += 1
                 continue
             err("unknown-image", f"annotation id {aid}{src} points to image {a['image_id']}, which is not in "
                 "'images'. Add the image or delete the annotation.", ann_id=aid, image_id=a["image_id"], dropped=1)  # fmt: skip
             continue
-        h, w = im["height"], im["width"]
-        where = f"annotation id {aid} (image {im['id']}, {im['file_name']}){src}"
-        seg = a["segmentation"]
-        overrun = 0.0
-        problem = None
-        if isinstance(seg, list):
-            if not seg:
-                problem = ("polygon-too-short", "has an empty polygon list")
-            for poly in seg:
-                if not isinstance(poly, list) or not all(isinstance(v, (int, float)) for v in poly):
-                    problem = (
-                        "missing-key",
-                        "has a polygon that is not a flat list of numbers [x1, y1, x2, y2, ...]",
-                    )
-                    break
-                if len(poly) < 6 or len(poly) % 2:
-                    problem = ("polygon-too-short", f"has a polygon with {len(poly) // 2} point(s) "
-                               f"({len(poly)} numbers); polygons need at least 3 x,y points")  # fmt: skip
-                    break
-                if any(not math.isfinite(v) for v in poly):
-                    problem = ("polygon-too-short", "has a polygon with NaN or infinite coordinates")
-                    break
-                xs, ys = poly[0::2], poly[1::2]
-                overrun = max(overrun, -min(xs), max(xs) - w, -min(ys), max(ys) - h)
-                if max(-min(xs), max(xs) - w) > overrun_tolerance(w) or max(
-                    -min(ys), max(ys) - h
-                ) > overrun_tolerance(h):
-                    problem = ("out-of-bounds", f"has polygon points outside the {w}x{h} image (x {min(xs):.1f}.."
-                               f"{max(xs):.1f}, y {min(ys):.1f}..{max(ys):.1f}); more than "
-                               f"{overrun_tolerance(max(w, h)):.0f} px is an error. Fix the coordinates "
-                               "(are they normalised, or for another image size?)")  # fmt: skip
-                    break
-        elif isinstance(seg, dict):
-            why = rle_problem(seg, h, w)
-            if why:
-                problem = ("rle-invalid", f"has an unusable RLE mask: {why}. Re-encode it for this image")
-        else:
-            problem = ("missing-key", f"has a segmentation of type {type(seg).__name__}; use polygons or RLE")
-        bbox = a.get("bbox")
-        if problem is None and isinstance(bbox, list) and len(bbox) == 4:
-            bx, by, bw, bh = bbox
-            bo_x, bo_y = max(-bx, bx + bw - w), max(-by, by + bh - h)
-            if bo_x > overrun_tolerance(w) or bo_y > overrun_tolerance(h):
-                problem = ("out-of-bounds", f"has a bbox {bbox} reaching outside the {w}x{h} image by more "
-                           f"than {overrun_tolerance(max(w, h)):.0f} px. Fix the box (xywh in pixels)")  # fmt: skip
-            overrun = max(overrun, bo_x, bo_y)
-        area = mask_area(seg, h, w) if problem is None else 0
-        if problem is None and area == 0:
-            problem = ("empty-mask", "has an empty mask (zero pixels). Delete it or redraw the outline")
+        problem, overrun, area = _shape_problem(a, im["height"], im["width"])
         if problem is not None:
+            where = f"annotation id {aid} (image {im['id']}, {im['file_name']}){src}"
             err(problem[0], f"{where} {problem[1]}.", ann_id=aid, image_id=im["id"], dropped=1)
             continue
         if overrun > 0:
-            clamped.append(aid)
+            kept.clamped.append(aid)
         if not a.get("iscrowd", 0):
-            per_image[im["id"]] += 1
-        anns_out.append(a)
-        areas[aid] = area
+            kept.per_image[im["id"]] += 1
+        kept.annotations.append(a)
+        kept.areas[aid] = area
+    return kept
 
-    if clamped:
-        findings.warning(
-            "clamped",
-            f"{origin}: {len(clamped)} annotation(s) reach up to {overrun_tolerance(1):.0f} px (or 1% of the "
-            f"side) outside their image and are clamped (first ids: {clamped[:5]}).",
-            file=origin,
-            split=sname,
+
+def _shape_problem(a: dict, h: int, w: int) -> tuple[tuple[str, str] | None, float, int]:
+    """``(problem, overrun, area)`` of one annotation on an ``h x w`` image: ``problem`` is ``(code, what is
+    wrong)`` or ``None``; ``overrun`` the most pixels a polygon or the bbox reaches outside the image (within
+    the tolerance it is clamped later); ``area`` the mask's pixels (0 when there is a problem)."""
+    seg = a["segmentation"]
+    if isinstance(seg, list):
+        problem, overrun = _polygon_problem(seg, h, w)
+    elif isinstance(seg, dict):
+        why = rle_problem(seg, h, w)
+        problem = (
+            ("rle-invalid", f"has an unusable RLE mask: {why}. Re-encode it for this image") if why else None
         )
-    crowded = [(n, iid) for iid, n in per_image.items() if n > max_instances]
+        overrun = 0.0
+    else:
+        problem = ("missing-key", f"has a segmentation of type {type(seg).__name__}; use polygons or RLE")
+        overrun = 0.0
+    bbox = a.get("bbox")
+    if problem is None and isinstance(bbox, list) and len(bbox) == 4:
+        bx, by, bw, bh = bbox
+        bo_x, bo_y = max(-bx, bx + bw - w), max(-by, by + bh - h)
+        if bo_x > overrun_tolerance(w) or bo_y > overrun_tolerance(h):
+            problem = ("out-of-bounds", f"has a bbox {bbox} reaching outside the {w}x{h} image by more "
+                       f"than {overrun_tolerance(max(w, h)):.0f} px. Fix the box (xywh in pixels)")  # fmt: skip
+        overrun = max(overrun, bo_x, bo_y)
+    area = mask_area(seg, h, w) if problem is None else 0
+    if problem is None and area == 0:
+        problem = ("empty-mask", "has an empty mask (zero pixels). Delete it or redraw the outline")
+    return problem, overrun, area
+
+
+def _polygon_problem(seg: list, h: int, w: int) -> tuple[tuple[str, str] | None, float]:
+    """``(problem, overrun)`` of a polygon segmentation (see :func:`_shape_problem`); the first problem wins."""
+    overrun = 0.0
+    problem = ("polygon-too-short", "has an empty polygon list") if not seg else None
+    for poly in seg:
+        if not isinstance(poly, list) or not all(isinstance(v, (int, float)) for v in poly):
+            return (
+                "missing-key",
+                "has a polygon that is not a flat list of numbers [x1, y1, x2, y2, ...]",
+            ), overrun
+        if len(poly) < 6 or len(poly) % 2:
+            return ("polygon-too-short", f"has a polygon with {len(poly) // 2} point(s) "
+                    f"({len(poly)} numbers); polygons need at least 3 x,y points"), overrun  # fmt: skip
+        if any(not math.isfinite(v) for v in poly):
+            return ("polygon-too-short", "has a polygon with NaN or infinite coordinates"), overrun
+        xs, ys = poly[0::2], poly[1::2]
+        overrun = max(overrun, -min(xs), max(xs) - w, -min(ys), max(ys) - h)
+        if max(-min(xs), max(xs) - w) > overrun_tolerance(w) or max(
+            -min(ys), max(ys) - h
+        ) > overrun_tolerance(h):
+            return ("out-of-bounds", f"has polygon points outside the {w}x{h} image (x {min(xs):.1f}.."
+                    f"{max(xs):.1f}, y {min(ys):.1f}..{max(ys):.1f}); more than "
+                    f"{overrun_tolerance(max(w, h)):.0f} px is an error. Fix the coordinates "
+                    "(are they normalised, or for another image size?)"), overrun  # fmt: skip
+    return problem, overrun
+
+
+def _warn_about_split(
+    kept: _KeptAnnotations, images: dict, max_instances: int, had_annotations: bool, err: _Reporter
+) -> None:
+    """The split-wide warnings: clamped annotations, crowded images, no usable annotation."""
+    if kept.clamped:
+        err.warning(
+            "clamped",
+            f"{len(kept.clamped)} annotation(s) reach up to {overrun_tolerance(1):.0f} px (or 1% of the "
+            f"side) outside their image and are clamped (first ids: {kept.clamped[:5]}).",
+        )
+    crowded = [(n, iid) for iid, n in kept.per_image.items() if n > max_instances]
     if crowded:
         n, iid = max(crowded)
-        findings.warning(
+        err.warning(
             "too-many-instances",
-            f"{origin}: {len(crowded)} image(s) hold more instances than the model's {max_instances} queries "
+            f"{len(crowded)} image(s) hold more instances than the model's {max_instances} queries "
             f"(most: image {iid} with {n}); the surplus cannot be detected. Use a variant with more queries "
             "(--num-queries) or tile the images.",
-            file=origin,
-            split=sname,
             image_id=iid,
         )
-    if not anns_out and images:
-        why = "no annotations" if not coco.get("annotations") else "no usable annotations left"
-        findings.warning(
+    if not kept.annotations and images:
+        why = "no annotations" if not had_annotations else "no usable annotations left"
+        err.warning(
             "no-annotations",
-            f"{origin}: {why} in this split ({len(images)} images). Evaluated on it, every AP and AR is -1 "
+            f"{why} in this split ({len(images)} images). Evaluated on it, every AP and AR is -1 "
             "(nothing to measure, as pycocotools reports it); trained on it, the model only sees background.",
-            file=origin,
-            split=sname,
         )
-    out = {k: v for k, v in coco.items() if k not in REQUIRED_TOP}
-    out.update(images=list(images.values()), annotations=anns_out, categories=list(cats.values()))
-    n_ann = len(coco.get("annotations") or [])
-    return CheckedSplit(
-        split,
-        out,
-        files,
-        dropped_images=len(coco["images"]) - len(images),
-        dropped_annotations=n_ann - len(anns_out),
-        clamped_annotations=len(clamped),
-        areas=areas,
-    )
 
 
 def box_only_count(coco: dict) -> int:
