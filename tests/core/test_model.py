@@ -95,8 +95,11 @@ def test_invalid_resolution_names_nearest_sizes(tiny):
             RFDETR("seg-tiny", device="cpu", resolution=(12 * m + 1, 12 * m))
         with pytest.raises(InvalidResolutionError, match="312, 324"):
             RFDETR("seg-nano", device="cpu", resolution=(312, 313))
-    with pytest.raises(ValueError, match=rf"seg-tiny: input {12 * m + 1}x{12 * m} is not a multiple of {m}"):
+    with pytest.raises(
+        ValueError, match=rf"seg-tiny: input {12 * m + 1}x{12 * m} is not a multiple of {m}"
+    ) as err:
         tiny(_images(1, 12 * m + 1, 12 * m))
+    assert f"nearest valid sizes for {12 * m + 1}: {11 * m}, {12 * m}, {13 * m}, {14 * m}." in str(err.value)
 
 
 def test_windowed_blocks_equal_each_window_run_as_its_own_image():

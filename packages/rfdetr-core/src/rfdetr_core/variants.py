@@ -14,6 +14,7 @@ import difflib
 from dataclasses import dataclass, field, replace
 
 from rfdetr_core.errors import InvalidResolutionError, UnknownVariantError
+from rfdetr_core.models.spec import valid_sizes
 
 WEIGHTS_BASE_URL = "https://storage.googleapis.com/rfdetr"
 
@@ -114,10 +115,7 @@ class Variant:
 
     def valid_sizes(self, around: int, count: int = 2) -> list[int]:
         """The ``count`` valid sizes just below and above ``around`` (positive only)."""
-        m = self.size_multiple
-        below = [(around // m - i) * m for i in range(count)]
-        above = [(around // m + 1 + i) * m for i in range(count)]
-        return sorted(s for s in set(below + above) if s > 0)
+        return valid_sizes(self.size_multiple, around, count)
 
     def check_resolution(self, height: int, width: int | None = None) -> tuple[int, int]:
         """Return ``(height, width)`` or raise :class:`InvalidResolutionError` naming the nearest valid sizes."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from rfdetr_core.models.backbone import WindowedViT
 from rfdetr_core.models.mask_head import MaskHead
 from rfdetr_core.models.projector import MultiScaleProjector
-from rfdetr_core.models.spec import ModelSpec
+from rfdetr_core.models.spec import ModelSpec, valid_sizes
 from rfdetr_core.models.transformer import MLP, Decoder, QuerySelection, apply_box_delta
 
 # Focal-loss prior (Lin et al., RetinaNet): class biases start at -log((1 - 0.01) / 0.01).
@@ -141,12 +141,14 @@ class RFDETRModel(nn.Module):
 
     def _check_size(self, height: int, width: int) -> None:
         m = self.spec.size_multiple
-        if height % m or width % m:
-            raise ValueError(
-                f"{self.spec.name}: input {height}x{width} is not a multiple of {m} per side (patch size "
-                f"{self.spec.patch_size} x {self.spec.num_windows} window(s)); resize it first "
-                "(RFDETR.predict does)"
-            )
+        for side in (height, width):
+            if side <= 0 or side % m:
+                near = ", ".join(str(s) for s in valid_sizes(m, max(side, 1)))
+                raise ValueError(
+                    f"{self.spec.name}: input {height}x{width} is not a multiple of {m} per side (patch size "
+                    f"{self.spec.patch_size} x {self.spec.num_windows} window(s)); nearest valid sizes for "
+                    f"{side}: {near}. Resize the images first (RFDETR.predict does)."
+                )
 
     def _initial_queries(self, ts_boxes: Tensor, groups: int) -> tuple[Tensor, Tensor]:
         """Content queries and reference boxes for ``groups`` groups: ``[B, G*Q, C]``, ``[B, G*Q, 4]``."""

@@ -11,6 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def valid_sizes(multiple: int, around: int, count: int = 2) -> list[int]:
+    """The ``count`` input sizes (multiples of ``multiple``) just below and the ``count`` just above ``around``
+    (positive only), e.g. ``valid_sizes(32, 100) == [64, 96, 128, 160]``."""
+    below = [(around // multiple - i) * multiple for i in range(count)]
+    above = [(around // multiple + 1 + i) * multiple for i in range(count)]
+    return sorted(s for s in set(below + above) if s > 0)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Architecture of one RF-DETR(-Seg) network.
