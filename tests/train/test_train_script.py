@@ -20,7 +20,7 @@ def test_original_check_command_trains_and_prints_per_class_tables(tmp_path):
            "--steps", "20", "--batch_size", "2", "--resolution", "64", "--output", str(tmp_path),
            "--no_progress"]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # RFDETR_HOME: the suite's own (conftest)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=850)
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     assert "training seg-tiny (scratch recipe, from scratch) at 64x64" in out
