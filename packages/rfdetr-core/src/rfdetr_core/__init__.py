@@ -9,7 +9,7 @@ from rfdetr_core.class_map import ClassMap
 from rfdetr_core.errors import RFDETRError
 from rfdetr_core.variants import Variant, get_variant, list_variants
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The declared surface: the names rfdetr-train, rfdetr-export and rfdetr-serve may import from core (from
 # here or from the module named below; tests/core/test_surface.py checks both). Anything else is internal.

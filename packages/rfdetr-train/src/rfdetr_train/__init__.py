@@ -14,7 +14,7 @@ The same options as ``python -m rfdetr_train`` (snake_case), see :func:`rfdetr_t
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__", "train", "val"]
 
