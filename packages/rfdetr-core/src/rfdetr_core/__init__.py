@@ -29,6 +29,8 @@ _LAZY = {
     "build_model": "rfdetr_core.factory",
     "card_for": "rfdetr_core.factory",
     "LoadedModel": "rfdetr_core.factory",
+    "RFDETRModel": "rfdetr_core.models",
+    "WeightsFile": "rfdetr_core.weights.files",
     "read_weights_file": "rfdetr_core.weights.files",
     "resolve_official_name": "rfdetr_core.weights.download",
     "DownloadError": "rfdetr_core.weights.download",
@@ -44,6 +46,7 @@ _LAZY = {
     "to_float_rgb": "rfdetr_core.preprocess",
     "select_detections": "rfdetr_core.postprocess",
     "finish_detections": "rfdetr_core.postprocess",
+    "upsample_masks": "rfdetr_core.postprocess",
     "encode_masks": "rfdetr_core.mask_rle",
     "logits_to_rle": "rfdetr_core.mask_rle",
     "rle_area": "rfdetr_core.mask_rle",
@@ -52,6 +55,8 @@ _LAZY = {
     "crop_runs": "rfdetr_core.mask_rle",
     "runs_to_counts": "rfdetr_core.mask_rle",
     "draw_detections": "rfdetr_core.drawing",
+    # deformable-attention backend (export traces the pure-PyTorch samplers)
+    "use_backend": "rfdetr_core.ops",
     # errors, files, folders
     "CheckpointError": "rfdetr_core.errors",
     "ImageError": "rfdetr_core.errors",
@@ -60,6 +65,7 @@ _LAZY = {
     "require": "rfdetr_core.errors",
     "atomic_path": "rfdetr_core.atomic_io",
     "atomic_write_text": "rfdetr_core.atomic_io",
+    "atomic_write_bytes": "rfdetr_core.atomic_io",
     "datasets_dir": "rfdetr_core.paths",
 }
 
