@@ -106,6 +106,26 @@ def _print_check(results) -> bool:
     return all(r.ok for r in results)
 
 
+def _check_against_pytorch(exported, reference, card, batches, args, path) -> int:
+    """Run the post-export check of ``exported`` against ``reference`` (PyTorch) on ``batches``; the exit
+    code: 0, or :data:`EXIT_CHECK_FAILED` with a message naming ``path``."""
+    from rfdetr_export.check import run_check
+
+    results = run_check(
+        exported,
+        reference,
+        resolution=card.resolution,
+        preprocess_config=card.preprocess,
+        batches=batches,
+        half=args.half,
+        images_dir=args.check_images,
+    )
+    if _print_check(results):
+        return 0
+    print(f"rfdetr-export: {path} disagrees with PyTorch beyond the tolerances (see above).", file=sys.stderr)
+    return EXIT_CHECK_FAILED
+
+
 def run_onnx(args) -> int:
     from rfdetr_export.export_model import deploy_for, export_and_report
 
@@ -149,7 +169,7 @@ def run_onnx(args) -> int:
             "  check: skipped (ONNX Runtime has no kernel for MultiscaleDeformableAttnPlugin_TRT; --trt checks the engine)"
         )
         return 0
-    from rfdetr_export.check import decoded_raw, run_check
+    from rfdetr_export.check import decoded_raw
     from rfdetr_export.runtime import OnnxRuntimeModel
 
     runner = OnnxRuntimeModel(result.path)
@@ -157,24 +177,7 @@ def run_onnx(args) -> int:
     if args.raw:  # compared after the same float32 graph-safe decode on both sides
         exported, reference = decoded_raw(runner.run, card), decoded_raw(deploy, card)
     batches = (1, 3) if args.dynamic_batch else (args.batch,)
-    ok = _print_check(
-        run_check(
-            exported,
-            reference,
-            resolution=card.resolution,
-            preprocess_config=card.preprocess,
-            batches=batches,
-            half=args.half,
-            images_dir=args.check_images,
-        )
-    )
-    if not ok:
-        print(
-            f"rfdetr-export: {result.path} disagrees with PyTorch beyond the tolerances (see above).",
-            file=sys.stderr,
-        )
-        return EXIT_CHECK_FAILED
-    return 0
+    return _check_against_pytorch(exported, reference, card, batches, args, result.path)
 
 
 def run_trt(args) -> int:
@@ -231,30 +234,12 @@ def run_trt(args) -> int:
         return 0
     import torch
 
-    from rfdetr_export.check import run_check
     from rfdetr_export.runtime import TensorRTModel
 
     # a real TensorRT needs CUDA; the CPU device is taken only by the test double of tensorrt
     runner = TensorRTModel(engine, device="cuda" if torch.cuda.is_available() else "cpu")
     batches = sorted({profile.min_batch, min(3, profile.max_batch)} if dynamic else {profile.min_batch})
-    ok = _print_check(
-        run_check(
-            runner,
-            deploy.to(runner.device),
-            resolution=card.resolution,
-            preprocess_config=card.preprocess,
-            batches=batches,
-            half=args.half,
-            images_dir=args.check_images,
-        )
-    )
-    if not ok:
-        print(
-            f"rfdetr-export: {engine} disagrees with PyTorch beyond the tolerances (see above).",
-            file=sys.stderr,
-        )
-        return EXIT_CHECK_FAILED
-    return 0
+    return _check_against_pytorch(runner, deploy.to(runner.device), card, batches, args, engine)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
