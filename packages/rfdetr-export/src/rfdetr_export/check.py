@@ -1,10 +1,24 @@
 """The automatic check after every export: the exported file against PyTorch on the same pixels.
 
-Both run the same normalised batch (built-in synthetic images, or the user's ``--check-images DIR``); each
-exported detection is matched to the PyTorch detection of the same label with the closest box, and the
-worst score error, box error (pixels at the source size) and mask IoU (logits upsampled to the source size
-and thresholded at 0, as predict does) over all ``K`` selected detections are reported against the
-tolerances (:data:`TOLERANCES`). Batch 1, and batch 3 for graphs with a dynamic batch axis.
+Both run the same normalised batch (built-in synthetic images, or the user's ``--check-images DIR``); the
+``K`` detections of each image are paired (:func:`compare_outputs`) and the worst score error, box error
+(pixels at the source size) and mask IoU (logits upsampled to the source size and thresholded at 0, as
+predict does) over all pairs are reported against the tolerances (:data:`TOLERANCES`). Batch 1, and batch 3
+for graphs with a dynamic batch axis.
+
+*Ties.* Scores are float32 sigmoids, which round to exactly 1.0 above logit ~16.6 and sit one ulp (6e-8)
+apart just below; two runtimes whose sigmoids differ in the last bit (ONNX Runtime's and torch's do, for
+about a third of the logits above 10) then order tied pairs differently, and where a tie straddles the
+``K``-th place they even keep different pairs. The pairing is therefore tie-aware, in three steps:
+
+1. the same rank, the same label and the same box (IoU > 0.5, or corners within the box tolerance);
+2. any other rank with the same label, the same box and a score within the score tolerance (a swap among
+   tied scores);
+3. what is left on both sides must have scores within the score tolerance of the other side's ``K``-th
+   score (a tie at the cut-off: either side could keep it), and is counted as ``cutoff_ties``; anything
+   else is ``unmatched`` and fails.
+
+Every paired detection is then held to the strict score, box and mask tolerances.
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ class CheckResult:
     min_mask_iou: float
     unmatched: int
     tolerance: Tolerance
+    cutoff_ties: int = 0  # unpaired detections tied with the other side's K-th score (module docstring)
 
     @property
     def ok(self) -> bool:
@@ -62,7 +77,8 @@ class CheckResult:
         return (
             f"check batch {self.batch}: {self.detections} detections, score error {self.score_error:.2e} "
             f"(<= {t.score:g}), box error {self.box_error_px:.3f} px (<= {t.box_px:g}), mask IoU min "
-            f"{self.min_mask_iou:.4f} (>= {t.mask_iou:g}), unmatched {self.unmatched}: {verdict}"
+            f"{self.min_mask_iou:.4f} (>= {t.mask_iou:g}), ties at the cut-off {self.cutoff_ties}, unmatched "
+            f"{self.unmatched}: {verdict}"
         )
 
 
@@ -115,6 +131,52 @@ def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 if union == 0 else (a & b).sum().item() / union
 
 
+def _pair_detections(
+    scores_e: torch.Tensor,
+    labels_e: torch.Tensor,
+    boxes_e: torch.Tensor,
+    scores_r: torch.Tensor,
+    labels_r: torch.Tensor,
+    boxes_r: torch.Tensor,
+    score_tol: float,
+    box_tol: float,
+) -> tuple[list[tuple[int, int]], int, int]:
+    """Tie-aware pairing of one image's detections (module docstring): ``scores [K]``, ``labels [K]``,
+    ``boxes [K, 4]`` (pixels) of each side -> ``(pairs [(k_exported, k_reference)], cutoff_ties, unmatched)``.
+
+    Two boxes are the same box when they overlap (IoU > 0.5) or their corners are within ``box_tol`` pixels
+    (boxes of zero width or height, common in barely trained models, have no IoU).
+    """
+    n_e, n_r = len(scores_e), len(scores_r)
+    corners = (boxes_e[:, None, :] - boxes_r[None, :, :]).abs().amax(-1)  # [Ke, Kr]
+    overlap = (_box_iou(boxes_e, boxes_r) > 0.5) | (corners <= box_tol)
+    same = (labels_e[:, None] == labels_r[None, :]) & overlap
+    close = (scores_e[:, None] - scores_r[None, :]).abs() <= score_tol
+    n = min(n_e, n_r)
+    ranked = same.diagonal()[:n]
+    used_e = torch.zeros(n_e, dtype=torch.bool)
+    used_r = torch.zeros(n_r, dtype=torch.bool)
+    used_e[:n], used_r[:n] = ranked, ranked
+    pairs = [(k, k) for k in range(n) if ranked[k]]
+    # a swap among tied scores: same label, same box, score within the tolerance; nearest score first
+    gap = (scores_e[:, None] - scores_r[None, :]).abs()
+    for k in range(n_e):
+        if used_e[k]:
+            continue
+        ok = same[k] & close[k] & ~used_r
+        if bool(ok.any()):
+            j = int(gap[k].masked_fill(~ok, math.inf).argmin())
+            used_e[k] = used_r[j] = True
+            pairs.append((k, j))
+    # a tie at the cut-off: left over on one side, and as good as the other side's K-th score
+    last_e = float(scores_e.min()) if n_e else -math.inf
+    last_r = float(scores_r.min()) if n_r else -math.inf
+    left_e, left_r = scores_e[~used_e], scores_r[~used_r]
+    tied = int((left_e <= last_r + score_tol).sum() + (left_r <= last_e + score_tol).sum())
+    unmatched = len(left_e) + len(left_r) - tied
+    return pairs, tied, unmatched
+
+
 def compare_outputs(
     exported: Sequence[torch.Tensor],
     reference: Sequence[torch.Tensor],
@@ -123,51 +185,37 @@ def compare_outputs(
 ) -> CheckResult:
     """Compare two deploy tuples ``(scores [B,K], labels [B,K], boxes [B,K,4], masks [B,K,h,w])``.
 
-    Detection ``k`` of both is paired when labels agree and boxes overlap (IoU > 0.5); any other exported
-    detection is matched to an unused reference detection of the same label maximising ``box IoU - |score
-    difference|`` (ranks swap where scores tie); one without a partner counts as unmatched.
+    Detections are paired tie-aware (module docstring); the paired ones give the score, box (source pixels)
+    and mask-IoU numbers, the unpaired ones count as ``cutoff_ties`` (scores tied with the other side's
+    ``K``-th) or ``unmatched`` (a failure).
     """
     from rfdetr_core.postprocess import upsample_masks
 
     scores_e, labels_e, boxes_e, masks_e = (t.detach().cpu() for t in exported)
     scores_r, labels_r, boxes_r, masks_r = (t.detach().cpu() for t in reference)
     score_err = box_err = 0.0
-    min_iou, unmatched, total = 1.0, 0, 0
+    min_iou, unmatched, ties, total = 1.0, 0, 0, 0
     for i, (h, w) in enumerate(source_sizes):
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)
         be, br = boxes_e[i].float() * scale, boxes_r[i].float() * scale
-        iou = _box_iou(be, br)
-        same = labels_e[i][:, None] == labels_r[i][None, :]
-        cost = torch.where(same, iou - (scores_e[i][:, None] - scores_r[i][None, :]).abs(), -math.inf)
-        # Same rank, same label, overlapping box: the usual case. The rest (ranks swapped where scores tie)
-        # are matched greedily.
-        n = min(len(be), len(br))
-        ranked = same.diagonal()[:n] & (iou.diagonal()[:n] > 0.5)
-        used = torch.zeros(len(br), dtype=torch.bool)
-        used[:n] = ranked
-        pairs = [(k, k) for k in range(n) if ranked[k]]
-        for k in range(len(be)):
-            if k < n and ranked[k]:
-                continue
-            row = cost[k].masked_fill(used, -math.inf)
-            j = int(row.argmax())
-            if not math.isfinite(float(row[j])):
-                unmatched += 1
-                continue
-            used[j] = True
-            pairs.append((k, j))
+        se, sr = scores_e[i].float(), scores_r[i].float()
+        pairs, tied, missing = _pair_detections(
+            se, labels_e[i], be, sr, labels_r[i], br, tolerance.score, tolerance.box_px
+        )
+        ties += tied
+        unmatched += missing
         total += len(be)
         if not pairs:
             continue
         ke = torch.tensor([k for k, _ in pairs])
         kr = torch.tensor([j for _, j in pairs])
-        score_err = max(score_err, float((scores_e[i][ke] - scores_r[i][kr]).abs().max()))
+        score_err = max(score_err, float((se[ke] - sr[kr]).abs().max()))
         box_err = max(box_err, float((be[ke] - br[kr]).abs().max()))
         up_e = upsample_masks(masks_e[i][ke].float(), (h, w))
         up_r = upsample_masks(masks_r[i][kr].float(), (h, w))
         for a, b in zip(up_e, up_r, strict=True):
             min_iou = min(min_iou, _mask_iou(a, b))
-    return CheckResult(len(source_sizes), total, score_err, box_err, min_iou, unmatched, tolerance)
+    return CheckResult(len(source_sizes), total, score_err, box_err, min_iou, unmatched, tolerance, ties)
 
 
 def run_check(
