@@ -16,6 +16,7 @@ __version__ = "0.2.0"
 _LAZY = {
     # facade, model card, runners, deploy
     "RFDETR": "rfdetr_core.predict",
+    "TORCH_SUFFIXES": "rfdetr_core.predict",
     "Detections": "rfdetr_core.detections",
     "ModelCard": "rfdetr_core.model_card",
     "Runner": "rfdetr_core.runner",

@@ -259,7 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     show_defaults(t)
 
     va = sub.add_parser("val", help="validate weights on a dataset split", description="Validate a model.")
-    va.add_argument("--weights", required=True, metavar="PATH", help="checkpoint to validate")
+    va.add_argument(
+        "--weights",
+        required=True,
+        metavar="PATH",
+        help="weights to validate (.safetensors/.pth/.pt/.ckpt) or an exported model (.onnx, .engine: needs "
+        "rfdetr-export)",
+    )
     _add_data_flags(va)
     va.add_argument("--split", choices=("val", "test"), default="val", help="dataset split to score")
     va.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass (default: 8)")

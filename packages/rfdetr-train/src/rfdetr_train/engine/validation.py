@@ -36,6 +36,26 @@ def evaluate(model: nn.Module, loader, evaluator, accelerator) -> Any:
         model.train(was_training)
 
 
+@torch.no_grad()
+def evaluate_runner(runner, loader, evaluator, accelerator) -> Any:
+    """An :class:`~rfdetr_train.evaluation.evaluator.EvalReport` of an exported model on ``loader``.
+
+    ``runner`` is a runner of :mod:`rfdetr_core.runner` (e.g. rfdetr-export's ONNX Runtime or TensorRT one):
+    ``images [B, 3, H, W]`` normalised -> ``(scores [B, K], labels [B, K], boxes [B, K, 4][, masks [B, K, h,
+    w]])``, already selected in its graph; the evaluator scores the first ``max_dets`` of each image through
+    the same host half of post-processing as :func:`evaluate`.
+    """
+    evaluator.reset()
+    device = accelerator.device
+    with torch.random.fork_rng(devices=[]):
+        for batch in loader:
+            batch = batch.to(device, non_blocking=True)
+            out = runner(batch.images)
+            masks = out[3] if len(out) > 3 else None
+            evaluator.update_selected(out[0], out[1], out[2], masks, batch.targets)
+    return evaluator.compute()
+
+
 def metric_value(metrics: dict, key: str) -> float:
     """``"segm/AP50"`` -> ``metrics["segm"]["AP50"]`` (NaN when absent)."""
     kind, _, name = key.partition("/")

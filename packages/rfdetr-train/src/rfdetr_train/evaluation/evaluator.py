@@ -190,22 +190,52 @@ class Evaluator:
                 ``pred_masks [B, Q, h, w]`` mask logits (eval output dict of DESIGN).
             targets: ``B`` dicts with ``image_id`` (the dataset's id) and ``orig_size`` (source ``(h, w)``).
         """
-        from rfdetr_core.postprocess import finish_detections, select_detections
+        from rfdetr_core.postprocess import select_detections
 
         logits, boxes = outputs["pred_logits"].detach(), outputs["pred_boxes"].detach()
-        masks = outputs.get("pred_masks")
-        if self.iou_types is not None and "segm" not in self.iou_types:
-            masks = None
-        if self.iou_types is not None and "segm" in self.iou_types and masks is None:
-            raise RFDETRError("segm evaluation was asked for but the model outputs have no 'pred_masks'.")
-        if len(targets) != logits.shape[0]:
-            raise RFDETRError(f"{logits.shape[0]} outputs but {len(targets)} targets in this batch.")
-        sizes = torch.stack([torch.as_tensor(t["orig_size"]).reshape(2) for t in targets]).to(logits.device)
+        masks = self._masks_to_score(outputs.get("pred_masks"))
         table = self._slot_table(logits.shape[2], logits.device)  # [K] category ids, -1: slot without a class
         # the graph-safe half of post-processing: top max_dets pairs, their boxes and mask logits [B, N, ...]
-        scores, cats, boxes_n, picked = select_detections(
+        selected = select_detections(
             logits.float(), boxes.float(), masks.detach() if masks is not None else None, table, self.max_dets
         )
+        self.update_selected(*selected, targets)
+
+    def _masks_to_score(self, masks: torch.Tensor | None) -> torch.Tensor | None:
+        if self.iou_types is not None and "segm" not in self.iou_types:
+            return None
+        if self.iou_types is not None and "segm" in self.iou_types and masks is None:
+            raise RFDETRError("segm evaluation was asked for but the model outputs have no 'pred_masks'.")
+        return masks
+
+    @torch.no_grad()
+    def update_selected(
+        self,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        boxes: torch.Tensor,
+        masks: torch.Tensor | None,
+        targets: Sequence[Mapping],
+    ) -> None:
+        """Add one batch of already selected detections: the graph-safe half's outputs, e.g. an exported
+        model's (a runner of ``rfdetr_core.runner``).
+
+        Args:
+            scores: ``[B, N]`` descending; labels: ``[B, N]`` dataset category ids (``-1``: slot without a
+                class); boxes: ``[B, N, 4]`` xyxy normalised to ``[0, 1]``; masks: ``[B, N, h, w]`` mask
+                logits or ``None``. Only the first ``max_dets`` of each image are scored (the top
+                ``max_dets`` when ``N`` is larger: the rows are in descending score order).
+            targets: as in :meth:`update`.
+        """
+        from rfdetr_core.postprocess import finish_detections
+
+        masks = self._masks_to_score(masks)
+        if len(targets) != scores.shape[0]:
+            raise RFDETRError(f"{scores.shape[0]} outputs but {len(targets)} targets in this batch.")
+        n = self.max_dets
+        scores, cats, boxes_n = scores[:, :n].float(), labels[:, :n], boxes[:, :n].float()
+        picked = masks[:, :n].detach() if masks is not None else None
+        sizes = torch.stack([torch.as_tensor(t["orig_size"]).reshape(2) for t in targets]).to(scores.device)
         for i, t in enumerate(targets):
             image_id = _as_int(t["image_id"])
             self._seen.append(image_id)
