@@ -163,19 +163,33 @@ def table(result: dict) -> str:
     return "\n".join([head, *rows])
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    """``"480x640"`` -> ``(480, 640)``."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise RFDETRError(f"--image-size {text!r}: give HxW in pixels, e.g. 480x640") from None
+    if height < 1 or width < 1:
+        raise RFDETRError(f"--image-size {text!r}: both sides must be >= 1 pixel")
+    return height, width
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()  # --threads sets torch's; given back after the run (library callers)
     try:
-        height, width = (int(v) for v in args.image_size.lower().split("x"))
+        size = _image_size(args.image_size)
         if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
             raise RFDETRError("--batch-size and --iters must be >= 1, --warmup >= 0")
         runner = make_runner(args.backend, args.model, args.device, args.threads, args.variant)
-        result = benchmark(runner, args.batch_size, (height, width), args.threshold, args.warmup, args.iters)
+        result = benchmark(runner, args.batch_size, size, args.threshold, args.warmup, args.iters)
     except (RFDETRError, OSError, ValueError) as exc:
         if args.debug:
             raise
         print(f"rfdetr-export benchmark: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
