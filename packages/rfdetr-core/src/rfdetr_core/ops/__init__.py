@@ -54,9 +54,11 @@ def ms_deform_attn(
         sampling_locations.to(dtype),
         attention_weights.to(dtype),
     )
-    if requested_backend() == "gather":
+    choice = requested_backend()
+    if choice == "gather":
         return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
-    if value.is_cuda and use_cuda_kernel():
+    # "pytorch" never consults the kernel loader (no build attempt, no warning)
+    if value.is_cuda and choice != "pytorch" and use_cuda_kernel():
         check_kernel_inputs(value, spatial_shapes, sampling_locations, attention_weights)
         return torch.ops.rfdetr._ms_deform_attn_cuda(
             value, spatial_shapes, sampling_locations, attention_weights
