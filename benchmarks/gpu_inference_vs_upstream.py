@@ -23,6 +23,12 @@ that optimises the same weights with the compile cache left by the first.
 Run on the GPU machine (upstream's wheels installed, see docs/benchmarks.md):
 
     PYTHONPATH=packages/rfdetr-core/src python3 benchmarks/gpu_inference_vs_upstream.py --json $OUT/gpu_inference.json
+
+``--parallel`` runs one process per variant: their compile and capture phases (CPU-bound: Dynamo tracing,
+inductor code generation, both sides) overlap, then every process waits until all have compiled and they take
+turns for the timed part (a lock file), so no timing runs beside another process's work. Compile and capture
+seconds are then measured with the other variants compiling beside them (upper bounds of a lone start).
+``--profile`` adds a ``torch.profiler`` table of our fastest end-to-end path (typical load) per batch size.
 """
 
 from __future__ import annotations
@@ -149,6 +155,47 @@ def second_process_start(ckpt: Path, batch_sizes, compile: bool) -> dict:
     return {"error": (proc.stderr or proc.stdout)[-2000:]}
 
 
+@contextlib.contextmanager
+def timing_slot(sync_dir: Path | None, peers: int, name: str, wait_for: Path | None = None):
+    """With ``sync_dir``: mark this process compiled, wait until ``peers`` processes have (and ``wait_for``
+    exists), then hold an exclusive lock on ``sync_dir/lock`` for the block (one process times at a time)."""
+    while wait_for is not None and not wait_for.exists():
+        time.sleep(0.5)
+    if sync_dir is None:
+        yield
+        return
+    import fcntl
+
+    (sync_dir / f"ready-{name}").touch()
+    while len(list(sync_dir.glob("ready-*"))) < peers and not (sync_dir / "abort").exists():
+        time.sleep(0.5)
+    with open(sync_dir / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def profile_table(fn, calls: int = 20, rows: int = 25) -> str:
+    """``torch.profiler`` table (CPU and CUDA self time) of ``calls`` calls of ``fn``, after one warm call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        _sync()
+    avg = prof.key_averages()
+    return (
+        f"{calls} calls\n"
+        + avg.table(sort_by="self_cpu_time_total", row_limit=rows)
+        + "\n"
+        + avg.table(sort_by="self_cuda_time_total", row_limit=rows)
+    )
+
+
 def bench_variant(variant: str, args, rows: list, report: dict) -> None:
     import rfdetr
 
@@ -190,6 +237,19 @@ def bench_variant(variant: str, args, rows: list, report: dict) -> None:
         f"{variant}: upstream compile took {sum(info.get(f'upstream_compile_seconds_b{b}', 0) for b in (1, 8)):.1f} s"
     )
 
+    with timing_slot(args.sync_dir, args.peers, variant, args.wait_for):
+        _time_variant(
+            variant, args, rows, info, ours, fast, fast_compiled, up, up_module, up_best, resolution, dev
+        )
+    up_best.clear()
+    if gpu:
+        torch.cuda.empty_cache()
+
+
+def _time_variant(
+    variant, args, rows, info, ours, fast, fast_compiled, up, up_module, up_best, resolution, dev
+):
+    """The timed part of :func:`bench_variant` (inside the timing slot)."""
     for bs in args.batches:
         imgs = make_images(bs, device=dev)
         x = torch.randn(bs, 3, resolution, resolution, device=dev)
@@ -262,9 +322,11 @@ def bench_variant(variant: str, args, rows: list, report: dict) -> None:
                 + (f"  ERROR {r['error']}" if "error" in r else ""),
                 flush=True,
             )
-    up_best.clear()
-    if gpu:
-        torch.cuda.empty_cache()
+        if args.profile and fastest is not None and args.json:
+            table = profile_table(our_predict(fastest, loads["typical"]))
+            path = args.json.with_name(f"{args.json.stem}_profile_{variant}_b{bs}.txt")
+            path.write_text(table)
+            print(f"  profile written to {path}", flush=True)
 
 
 def _stages(model, imgs, threshold: float) -> dict:
@@ -334,7 +396,15 @@ def main() -> None:
     parser.add_argument("--no-second-process", dest="second_process", action="store_false")
     parser.add_argument("--batches", default="1,8", type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--parallel", action="store_true", help="one process per variant (see the docstring)")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table of our fastest e2e path")
+    parser.add_argument("--wait-for", type=Path, default=None, help="time only once this file exists")
+    parser.add_argument("--sync-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--peers", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.parallel and len(args.variants.split(",")) > 1:
+        run_parallel(args)
+        return
     if not torch.cuda.is_available():
         print("no CUDA device: a CPU smoke run of the harness (eager paths only), not a benchmark")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -361,8 +431,61 @@ def main() -> None:
         except Exception as exc:  # one variant failing must not lose the others' numbers; reported
             traceback.print_exc()
             report.setdefault(variant, {})["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            if args.sync_dir is not None:  # a variant that failed before its timing slot frees the barrier
+                (args.sync_dir / f"ready-{variant}").touch()
         if args.json:
             args.json.write_text(json.dumps({"meta": meta, "report": report, "rows": rows}, indent=1))
+    print("\n".join(ratio_table(report)))
+    for variant, info in report.items():
+        print(variant, {k: v for k, v in info.items() if not k.startswith("b")})
+
+
+def run_parallel(args) -> None:
+    """One child process per variant (``--sync-dir`` barrier and lock), then their reports merged."""
+    variants = args.variants.split(",")
+    sync = Path(tempfile.mkdtemp(prefix="gpu_inference_sync_"))
+    out = args.json or sync / "gpu_inference.json"
+    children = []
+    passthrough = [a for a in sys.argv[1:] if a != "--parallel"]
+    for flag in ("--variants", "--json"):  # replaced per child
+        if flag in passthrough:
+            i = passthrough.index(flag)
+            del passthrough[i : i + 2]
+    for v in variants:
+        child_json = out.with_name(f"{out.stem}_{v}.json")
+        cmd = [sys.executable, __file__, *passthrough, "--variants", v, "--json", str(child_json)]
+        cmd += ["--sync-dir", str(sync), "--peers", str(len(variants))]
+        log = open(out.with_name(f"{out.stem}_{v}.log"), "w")  # noqa: SIM115 (closed when the child ends)
+        children.append((v, child_json, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    running = {v: (proc, log) for v, _, proc, log in children}
+    while running:
+        for v, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            if proc.returncode != 0:
+                (sync / "abort").touch()  # a child that died before the barrier must not hold the others
+                print(f"{v}: child exited with {proc.returncode}", flush=True)
+            log.close()
+            del running[v]
+        time.sleep(1.0)
+    meta: dict = {}
+    report: dict = {}
+    rows: list = []
+    for v, child_json, _, _ in children:
+        if child_json.exists():
+            data = json.loads(child_json.read_text())
+            meta = meta or data["meta"]
+            report.update(data["report"])
+            rows.extend(data["rows"])
+        else:
+            report[v] = {"error": "no JSON from the child process (see its log)"}
+    meta = {**meta, "argv": sys.argv, "parallel_compile": True}
+    out.write_text(json.dumps({"meta": meta, "report": report, "rows": rows}, indent=1))
+    for v, *_ in children:
+        log_path = out.with_name(f"{out.stem}_{v}.log")
+        print(f"===== {v} ({log_path})")
+        print("\n".join(line for line in log_path.read_text().splitlines() if "WARNING" not in line)[-6000:])
     print("\n".join(ratio_table(report)))
     for variant, info in report.items():
         print(variant, {k: v for k, v in info.items() if not k.startswith("b")})
