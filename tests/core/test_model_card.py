@@ -84,6 +84,27 @@ def test_file_written_by_v010_loads():
     assert model.resolution == (96, 128) and model.class_names == ["cat", "dog", "bird"]
 
 
+def test_weights_file_reads_its_fields_from_the_card(tmp_path):
+    from rfdetr_core.weights.files import WeightsFile, read_weights_file
+
+    card = _card()
+    wf = WeightsFile(path=tmp_path / "m", format="rfdetr", state_dict={}, upstream_layout=False, card=card)
+    assert (wf.variant, wf.resolution, wf.class_map, wf.preprocess, wf.num_slots) == (
+        card.variant,
+        card.resolution,
+        card.class_map,
+        card.preprocess,
+        card.num_slots,
+    )
+    with pytest.raises(ValueError, match="contradicts its card"):
+        WeightsFile(
+            path=tmp_path / "m", format="rfdetr", state_dict={}, upstream_layout=False, card=card, num_slots=5
+        )
+    read = read_weights_file(FIXTURE)  # our file: every field comes from its card
+    assert read.card is not None and read.resolution == read.card.resolution
+    assert read.class_map == read.card.class_map and read.variant == read.card.variant
+
+
 def test_save_model_writes_the_card_and_record(tmp_path):
     loaded = load_model(weights=FIXTURE)
     path = save_model(tmp_path / "m.safetensors", loaded.model.state_dict(), loaded.card, record={"step": 7})

@@ -29,6 +29,21 @@ def level_shapes(spatial_shapes: list[int]) -> list[tuple[int, int]]:
     return list(zip(spatial_shapes[0::2], spatial_shapes[1::2], strict=True))
 
 
+def _sampler_dims(
+    value: torch.Tensor, spatial_shapes: list[int], sampling_locations: torch.Tensor
+) -> tuple[list[tuple[int, int]], tuple[int, int, int, int], tuple[int, int, int]]:
+    """The sizes both samplers read: ``(level (H, W) pairs, value's (B, S, M, D), (Q, L, P))``.
+
+    ``value [B, S, M, D]``, ``sampling_locations [B, Q, M, L, P, 2]``; raises ``ValueError`` when ``L`` is not
+    the number of ``(H, W)`` pairs in ``spatial_shapes``.
+    """
+    shapes = level_shapes(spatial_shapes)
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    if levels != len(shapes):
+        raise ValueError(f"sampling_locations has {levels} levels but spatial_shapes has {len(shapes)}")
+    return shapes, tuple(value.shape), (queries, levels, points)
+
+
 def ms_deform_attn_pytorch(
     value: torch.Tensor,
     spatial_shapes: list[int],
@@ -48,11 +63,9 @@ def ms_deform_attn_pytorch(
     Returns:
         ``[B, Q, M * D]``.
     """
-    shapes = level_shapes(spatial_shapes)
-    batch, _, heads, dim = value.shape
-    _, queries, _, levels, points, _ = sampling_locations.shape
-    if levels != len(shapes):
-        raise ValueError(f"sampling_locations has {levels} levels but spatial_shapes has {len(shapes)}")
+    shapes, (batch, _, heads, dim), (queries, levels, points) = _sampler_dims(
+        value, spatial_shapes, sampling_locations
+    )
     values = value.split([h * w for h, w in shapes], dim=1)
     # CPU 16-bit grid_sample misreads offsets >= 2**15 (see the module docstring): sample those in float32.
     wide = value.device.type == "cpu" and value.dtype in (torch.bfloat16, torch.float16)
@@ -101,11 +114,9 @@ def ms_deform_attn_gather(
     Returns:
         ``[B, Q, M * D]``.
     """
-    shapes = level_shapes(spatial_shapes)
-    _, positions, heads, dim = value.shape
-    _, queries, _, levels, points, _ = sampling_locations.shape
-    if levels != len(shapes):
-        raise ValueError(f"sampling_locations has {levels} levels but spatial_shapes has {len(shapes)}")
+    shapes, (_, positions, heads, dim), (queries, levels, points) = _sampler_dims(
+        value, spatial_shapes, sampling_locations
+    )
     math_dtype = torch.promote_types(sampling_locations.dtype, torch.float32)
     device = value.device
     starts, start = [], 0

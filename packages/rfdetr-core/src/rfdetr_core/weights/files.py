@@ -86,6 +86,8 @@ class WeightsFile:
         num_slots: logit slots of the classification head (``class_embed.bias`` rows), when present.
         metadata: our metadata, or upstream's ``args`` as a plain dict.
         card: the model card of our files (``None`` for upstream files and for ours without a full card).
+            When given, ``variant``, ``resolution``, ``class_map``, ``preprocess`` and ``num_slots`` are read
+            from it (pass only the card); the five fields exist for files without one.
     """
 
     path: Path
@@ -99,6 +101,28 @@ class WeightsFile:
     num_slots: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     card: ModelCard | None = None
+
+    def __post_init__(self) -> None:
+        if self.card is None:
+            return
+        for name, value in _card_fields(self.card).items():
+            given = getattr(self, name)
+            if given is not None and given != value:
+                raise ValueError(
+                    f"WeightsFile {name}={given!r} contradicts its card ({value!r}); pass the card only"
+                )
+            setattr(self, name, value)
+
+
+def _card_fields(card: ModelCard) -> dict[str, Any]:
+    """The :class:`WeightsFile` fields a card determines."""
+    return {
+        "variant": card.variant,
+        "resolution": card.resolution,
+        "class_map": card.class_map,
+        "preprocess": card.preprocess,
+        "num_slots": card.num_slots,
+    }
 
 
 def load_pickle_safely(path: str | os.PathLike) -> Any:
@@ -276,11 +300,6 @@ def _read_ours(path: Path) -> WeightsFile:
             format=FORMAT_OURS,
             state_dict=sd,
             upstream_layout=_looks_upstream(sd),
-            variant=card.variant,
-            resolution=card.resolution,
-            class_map=card.class_map,
-            preprocess=card.preprocess,
-            num_slots=card.num_slots,
             metadata=meta,
             card=card,
         )
