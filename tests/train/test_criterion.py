@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from criterion_cases import criterion_case, leaves
 
 from rfdetr_train.losses import LayerMatches, SetCriterion, TargetFormatError, build_criterion
 
@@ -22,62 +23,21 @@ def _match_points(num_points, device):
     return torch.rand(num_points, 2, generator=torch.Generator().manual_seed(1)).to(device)
 
 
-def _layer(b, g, mask_hw=(10, 14)):
-    def boxes():
-        return torch.cat(
-            [
-                torch.rand(b, GROUPS * Q, 2, generator=g) * 0.6 + 0.2,
-                torch.rand(b, GROUPS * Q, 2, generator=g) * 0.3 + 0.05,
-            ],
-            -1,
-        )
-
-    return {
-        "pred_logits": torch.randn(b, GROUPS * Q, K, generator=g),
-        "pred_boxes": boxes(),
-        "pred_masks": {
-            "spatial_features": torch.randn(b, C, *mask_hw, generator=g),
-            "query_features": torch.randn(b, GROUPS * Q, C, generator=g),
-            "bias": torch.randn(1, generator=g),
-        },
-    }
-
-
 def _case(sizes, seed=0, aux=1, gt_hw=None):
-    g = torch.Generator().manual_seed(seed)
-    b = len(sizes)
-    out = _layer(b, g)
-    out["aux_outputs"] = [_layer(b, g) for _ in range(aux)]
-    out["enc_outputs"] = _layer(b, g)
-    targets = []
-    for i, n in enumerate(sizes):
-        h, w = gt_hw[i] if gt_hw else (20, 28)
-        targets.append(
-            {
-                "labels": torch.randint(0, K, (n,), generator=g),
-                "boxes": torch.cat(
-                    [torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.3 + 0.05],
-                    -1,
-                ),
-                "masks": torch.rand(n, h, w, generator=g) > 0.5,
-            }
-        )
-    return out, targets
-
-
-def _leaves(node):
-    if isinstance(node, dict):
-        for key in sorted(node):
-            yield from _leaves(node[key])
-    elif isinstance(node, list):
-        for value in node:
-            yield from _leaves(value)
-    else:
-        yield node
+    return criterion_case(
+        sizes,
+        seed,
+        slots=K,
+        queries=GROUPS * Q,
+        channels=C,
+        aux=aux,
+        mask_hw=(10, 14),
+        gt_hw=(lambda i: gt_hw[i]) if gt_hw else (lambda i: (20, 28)),
+    )
 
 
 def _requires_grad(node):
-    for leaf in _leaves(node):
+    for leaf in leaves(node):
         leaf.requires_grad_(True)
     return node
 
@@ -175,7 +135,7 @@ def test_images_without_objects_are_safe_and_keep_every_output_in_the_graph():
     assert losses["loss_bbox"] == 0 and losses["loss_mask_dice_enc"] == 0
     assert losses["loss_ce"] > 0  # every query is a negative
     crit.total_loss(losses).backward()
-    assert all(leaf.grad is not None for leaf in _leaves(out))  # DDP: no parameter left without a gradient
+    assert all(leaf.grad is not None for leaf in leaves(out))  # DDP: no parameter left without a gradient
 
 
 def test_batched_losses_equal_the_sum_of_per_image_losses_with_mixed_mask_sizes():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from criterion_cases import criterion_case, leaves
 
 from rfdetr_train.losses import build_criterion
 from rfdetr_train.losses.layer_batch import can_batch_layers
@@ -11,57 +12,19 @@ from rfdetr_train.losses.layer_batch import can_batch_layers
 K, C, GROUPS, Q = 4, 8, 3, 6
 
 
-def _layer(b, g, dense=False, mask_hw=(12, 16)):
-    boxes = torch.cat(
-        [
-            torch.rand(b, GROUPS * Q, 2, generator=g) * 0.6 + 0.2,
-            torch.rand(b, GROUPS * Q, 2, generator=g) * 0.3 + 0.05,
-        ],
-        -1,
-    )
-    out = {"pred_logits": torch.randn(b, GROUPS * Q, K, generator=g), "pred_boxes": boxes}
-    if dense:
-        out["pred_masks"] = torch.randn(b, GROUPS * Q, *mask_hw, generator=g)
-    else:
-        out["pred_masks"] = {
-            "spatial_features": torch.randn(b, C, *mask_hw, generator=g),
-            "query_features": torch.randn(b, GROUPS * Q, C, generator=g),
-            "bias": torch.randn(1, generator=g),
-        }
-    return out
-
-
 def _case(sizes, seed, aux=3, dense=False):
-    g = torch.Generator().manual_seed(seed)
-    b = len(sizes)
-    out = _layer(b, g, dense)
-    out["aux_outputs"] = [_layer(b, g, dense) for _ in range(aux)]
-    out["enc_outputs"] = _layer(b, g, dense)
-    targets = []
-    for i, n in enumerate(sizes):
-        h, w = (24 + 4 * i, 30)
-        targets.append(
-            {
-                "labels": torch.randint(0, K, (n,), generator=g),
-                "boxes": torch.cat(
-                    [torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.3 + 0.05],
-                    -1,
-                ),
-                "masks": torch.rand(n, h, w, generator=g) > 0.5,
-            }
-        )
-    return out, targets
-
-
-def _leaves(node):
-    if isinstance(node, dict):
-        for key in sorted(node):
-            yield from _leaves(node[key])
-    elif isinstance(node, list):
-        for value in node:
-            yield from _leaves(value)
-    else:
-        yield node
+    return criterion_case(
+        sizes,
+        seed,
+        slots=K,
+        queries=GROUPS * Q,
+        channels=C,
+        aux=aux,
+        mask_hw=(12, 16),
+        gt_hw=lambda i: (24 + 4 * i, 30),
+        dense=dense,
+        logits_first=False,
+    )
 
 
 def _clone_with_grad(node):
@@ -80,7 +43,7 @@ def _run(outputs, targets, batch_layers, seed):
     losses = crit(outputs, targets)
     after = torch.rand(3)  # both passes must leave the global RNG at the same place
     crit.total_loss(losses).backward()
-    return losses, [leaf.grad for leaf in _leaves(outputs)], after
+    return losses, [leaf.grad for leaf in leaves(outputs)], after
 
 
 @pytest.mark.parametrize(
