@@ -106,6 +106,23 @@ def test_early_failures_create_no_run_folder_and_take_no_name(dataset, tmp_path,
     assert _runs(out) == []
 
 
+def test_a_taken_name_is_refused_before_the_data_is_read(tmp_path, capsys):
+    out = tmp_path / "runs"
+    taken = out / "exp"
+    taken.mkdir(parents=True)
+    (taken / "config.yaml").write_text("an earlier run\n")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.json").write_text("{not json")  # a dataset error, if the data were read first
+    args = ["--data", str(bad), "--output", str(out), "--name", "exp", "--model", "seg-tiny", "--steps", "1"]
+    assert main([*args, "--workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert f"Run directory {taken} already exists and is not empty" in err
+    assert "Pick another --name" in err and f"--resume {taken}" in err
+    assert "train.json" not in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2
+    assert _runs(out) == ["exp"] and (taken / "config.yaml").read_text() == "an earlier run\n"  # untouched
+
+
 def test_final_line_resume_messages_and_a_finished_run(dataset, tmp_path, capsys):
     import yaml
 

@@ -245,7 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="no progress bar (log lines only)",
     )
     r.add_argument("--output", metavar="DIR", help="runs folder (default ./runs)")
-    r.add_argument("--name", metavar="NAME", help="run name (default train, train2, ...)")
+    r.add_argument(
+        "--name",
+        metavar="NAME",
+        help="run name (default train, train2, ...: the first free one); a named folder that is not empty "
+        "is refused, never overwritten",
+    )
     r.add_argument(
         "--resume",
         nargs="?",
