@@ -6,9 +6,14 @@
     dets = model.predict("street.jpg", threshold=0.5)     # one Detections
     dets.save("street_pred.jpg"); coco = dets.to_coco(image_id=1)
 
-Images pass through :func:`rfdetr_core.preprocess.preprocess` (the one preprocessing path), the model, and
-:func:`rfdetr_core.postprocess.postprocess`; detections whose slot maps to no class are dropped before masks
-are upsampled, and everything returned is in source-image pixels.
+The facade holds a *runner* (:mod:`rfdetr_core.runner`): :class:`~rfdetr_core.runner.TorchRunner` over a
+:class:`~rfdetr_core.deploy.DeployModel` by default, or an ONNX Runtime / TensorRT runner from rfdetr-export
+(:meth:`RFDETR.from_file`, :meth:`RFDETR.from_runner`). Images pass through
+:func:`rfdetr_core.preprocess.preprocess` (the one preprocessing path, with the card's settings), the runner,
+which ends in the graph-safe half of post-processing (:func:`rfdetr_core.postprocess.select_detections`: the
+top ``num_select`` pairs), and the host half (:func:`rfdetr_core.postprocess.finish_detections`): detections
+at or below the threshold and those whose slot maps to no class are dropped before masks are upsampled, and
+everything returned is in source-image pixels.
 
 On CUDA, masks leave the device as COCO RLE by default (``mask_format="auto"``): moving dense full-size bool
 masks to the host costs far more than the network (seg-medium, 8 images of 640x480: 323 ms of 387). The
