@@ -43,6 +43,7 @@ _LAZY = {
     "preprocess": "rfdetr_core.preprocess",
     "load_image": "rfdetr_core.preprocess",
     "open_image": "rfdetr_core.preprocess",
+    "OpenedImage": "rfdetr_core.preprocess",
     "resize_normalize": "rfdetr_core.preprocess",
     "to_float_rgb": "rfdetr_core.preprocess",
     "select_detections": "rfdetr_core.postprocess",

@@ -6,7 +6,9 @@ Input types (see :func:`to_float_rgb`):
 * a ``PIL.Image`` of any mode (greyscale, RGBA, palette, 16-bit ``I;16``),
 * a numpy array, **RGB** ``HxWx3`` (or ``HxW`` / ``HxWx1`` greyscale, ``HxWx4`` RGBA), dtype uint8,
   uint16 or float in [0, 1],
-* a torch tensor ``[3,H,W]`` (or ``[1,H,W]``), uint8 or float in [0, 1].
+* a torch tensor ``[3,H,W]`` (or ``[1,H,W]``), uint8 or float in [0, 1],
+* an :class:`OpenedImage`: a file already decoded by :meth:`OpenedImage.open` (e.g. in a server's decode
+  thread), treated exactly like the file it came from (same pixels, the file's own size).
 
 Fixed rules: greyscale is repeated to three channels; alpha is dropped; integer images are divided by the
 maximum of their dtype (8-bit by 255, **16-bit by 65535**), so 16-bit data keep their full range.
@@ -101,6 +103,27 @@ def open_image(path: str | os.PathLike | BinaryIO, min_size: tuple[int, int] | N
     return img, source_size
 
 
+@dataclass(frozen=True)
+class OpenedImage:
+    """An image file decoded ahead of time: ``image`` is the loaded PIL image that :func:`open_image` gives
+    (JPEGs possibly decoded at reduced scale for ``min_size``), ``source_size`` the file's own ``(h, w)``.
+
+    ``predict`` / :func:`preprocess` take it like the file itself: ``predict(OpenedImage.open(f, size))``
+    equals ``predict(f)`` when ``size`` is the model's resolution. A server decodes each upload once this way
+    (checking it in the request thread) and hands the decoded image to the model thread.
+    """
+
+    image: Any
+    source_size: tuple[int, int]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | BinaryIO, min_size: tuple[int, int] | None = None) -> OpenedImage:
+        """Decode ``path`` (a path or binary file object) now; raises :class:`ImageError` like
+        :func:`open_image`."""
+        image, source_size = open_image(path, min_size)
+        return cls(image, source_size)
+
+
 def _pil_to_array(img) -> np.ndarray:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
@@ -168,7 +191,9 @@ def load_image(image: Any, min_size: tuple[int, int] | None = None) -> tuple[tor
     """Like :func:`to_float_rgb`, and also the source size ``(h, w)`` (the file's size for paths and binary
     file objects, which are decoded exactly like paths)."""
     source_size = None
-    if isinstance(image, (str, os.PathLike)) or hasattr(image, "read"):
+    if isinstance(image, OpenedImage):
+        image, source_size = image.image, image.source_size
+    elif isinstance(image, (str, os.PathLike)) or hasattr(image, "read"):
         image, source_size = open_image(image, min_size)
     t = _to_tensor(image)
     return t, source_size or (int(t.shape[1]), int(t.shape[2]))
@@ -261,7 +286,9 @@ def _device_ready(item: Any, min_size: tuple[int, int]) -> tuple[torch.Tensor, t
         t = t.expand(3, -1, -1) if t.shape[0] == 1 else t
         return t, (int(t.shape[1]), int(t.shape[2]))
     source_size = None
-    if isinstance(item, (str, os.PathLike)) or hasattr(item, "read"):  # same rule as load_image
+    if isinstance(item, OpenedImage):  # same rule as load_image
+        item, source_size = item.image, item.source_size
+    elif isinstance(item, (str, os.PathLike)) or hasattr(item, "read"):
         item, source_size = open_image(item, min_size)
     arr = None
     if isinstance(item, np.ndarray):

@@ -209,7 +209,7 @@ def create_app(settings: ServeSettings, served: ServedModel | None = None) -> Fa
         t1 = time.perf_counter()
         threshold = settings.threshold if params.threshold is None else params.threshold
         try:
-            det, timing = await batcher.submit(ImageJob(data, threshold))
+            det, timing = await batcher.submit(ImageJob(decoded.image, threshold))
         except QueueFull as exc:
             raise RequestRejected(503, f"The server is busy: {exc} Retry later.", {"Retry-After": "1"}) from exc
         except BatcherStopped as exc:

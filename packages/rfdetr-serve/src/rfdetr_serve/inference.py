@@ -20,10 +20,10 @@ EXPORTED_SUFFIXES = (".onnx", ".engine")
 
 @dataclass
 class ImageJob:
-    """One image for the model thread: the upload's bytes (decoded again by ``predict`` exactly as a file
-    would be; the request thread has already checked they decode) and the request's score threshold."""
+    """One image for the model thread: the upload as the request thread decoded it (core's
+    ``OpenedImage``, which ``predict`` takes exactly like the file) and the request's score threshold."""
 
-    data: bytes
+    image: Any
     threshold: float
 
 
@@ -78,7 +78,7 @@ class ServedModel:
         keeps ``score > its threshold``, which gives exactly what ``predict`` at that threshold returns (the
         top-k selection does not depend on the threshold, and every kept row is computed the same way)."""
         threshold = min(job.threshold for job in jobs)
-        images = [io.BytesIO(job.data) for job in jobs]
+        images = [job.image for job in jobs]
         return self.rfdetr.predict(images, threshold=threshold, batch_size=len(images))
 
     def warm_up(self, max_batch: int) -> None:
@@ -87,11 +87,14 @@ class ServedModel:
         import numpy as np
         from PIL import Image
 
+        from rfdetr_core.preprocess import OpenedImage
+
         h, w = self.resolution
         rng = np.random.default_rng(0)
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-        job = ImageJob(buf.getvalue(), 0.5)
+        buf.seek(0)
+        job = ImageJob(OpenedImage.open(buf, self.resolution), 0.5)
         for size in sorted({1, max_batch}):
             self.run_batch([job] * size)
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
+    from rfdetr_core.preprocess import OpenedImage
 
 # Formats the API promises (PIL format names). Others that PIL happens to read (GIF, ICO, PPM, ...) are
 # refused with 415 so the accepted set is the documented one.
@@ -127,30 +127,34 @@ async def _send_error(send, status: int, message: str) -> None:
 
 @dataclass
 class DecodedImage:
-    """An upload decoded by core's image loader: ``pixels [3, h, w]`` float32 in [0, 1] (``h, w`` may be a
-    reduced JPEG draft scale), ``size`` the file's own ``(height, width)`` and its ``format`` (PIL name)."""
+    """An upload decoded once, in the request's thread: ``image`` is core's
+    :class:`~rfdetr_core.preprocess.OpenedImage` (what the model thread runs ``predict`` on, so the bytes are
+    never decoded again), ``size`` the file's own ``(height, width)`` and ``format`` its PIL name."""
 
-    pixels: torch.Tensor  # [3, h, w]
+    image: OpenedImage
     size: tuple[int, int]
     format: str
 
 
 def decode_image(data: bytes, max_pixels: int, min_size: tuple[int, int]) -> DecodedImage:
-    """Decode one uploaded image the way ``RFDETR.predict(path)`` decodes a file.
+    """Decode one uploaded image the way ``RFDETR.predict(path)`` decodes a file (``min_size``: the model's
+    ``(H, W)``, which allows JPEG draft decoding exactly as ``predict`` does).
 
     The format and size come from the header first (PIL opens lazily): non-images and unsupported formats
     give 415, images over ``max_pixels`` give 413 (decompression bombs never get decoded), truncated or
-    corrupt data 400.
+    corrupt data 400. The pixels are decoded once, here; nothing is converted to float yet (the model thread
+    does that for the whole batch).
     """
     from PIL import Image, UnidentifiedImageError
 
-    from rfdetr_core.preprocess import load_image
+    from rfdetr_core.preprocess import OpenedImage
 
     if not data:
         raise RequestRejected(400, "The request holds no image: send the image bytes (multipart field 'file' "
                                    "or the raw body).")
+    buffer = io.BytesIO(data)
     try:
-        with Image.open(io.BytesIO(data)) as probe:
+        with Image.open(buffer) as probe:
             fmt, (width, height) = probe.format, probe.size
     except Image.DecompressionBombError as exc:
         raise RequestRejected(413, f"Image refused as a decompression bomb: {exc}") from exc
@@ -169,10 +173,11 @@ def decode_image(data: bytes, max_pixels: int, min_size: tuple[int, int]) -> Dec
         )
     if width < 1 or height < 1:
         raise RequestRejected(400, f"Image has an empty size {width}x{height}.")
+    buffer.seek(0)
     try:
-        pixels, size = load_image(io.BytesIO(data), min_size=min_size)
+        opened = OpenedImage.open(buffer, min_size=min_size)
     except Image.DecompressionBombError as exc:  # pragma: no cover - the header check comes first
         raise RequestRejected(413, f"Image refused as a decompression bomb: {exc}") from exc
     except Exception as exc:  # untrusted bytes: any decoder failure (core's ImageError included) is the upload's
         raise RequestRejected(400, f"The {fmt} image is corrupt or truncated: {exc}") from exc
-    return DecodedImage(pixels, size, fmt)
+    return DecodedImage(opened, opened.source_size, fmt)
