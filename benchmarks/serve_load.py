@@ -1,19 +1,29 @@
 """Load test of rfdetr-serve on loopback: requests/s, latency percentiles and errors under concurrent clients.
 
-Three servers, the same model and the same image, all started first, then loaded one after the other
-(``--rounds`` repeats the sequence, so drifts in the machine's load hit all three alike):
+Three servers, the same model and the same image, loaded one after the other (``--rounds`` repeats the
+sequence, so drifts in the machine's load hit all three alike):
 
 * ``batched``   our server with dynamic batching (``--max-batch B --max-wait-ms W``),
 * ``batch1``    our server with ``--max-batch 1`` (one image per model call),
-* ``litserve``  the same model behind LitServe (``max_batch_size=B``, ``batch_timeout=W``), decoding and
-  predicting with the same ``RFDETR.predict`` and encoding the same JSON (COCO RLE from core's encoder).
+* ``litserve``  the same model behind LitServe (``max_batch_size=B``, ``batch_timeout=W``), doing the same
+  work: the upload decoded once by the same ``RFDETR.predict`` (same preprocessing, same threshold), the
+  same JSON with the same COCO RLE masks (``rfdetr_serve.responses.detections_json``).
+
+Only the server being measured runs: each is started, loaded, then stopped before the next starts. (An idle
+LitServe server is not idle: its inference worker polls its queue every millisecond, 14 % of a core
+measured on the 2-core VM, which slowed the other servers when all three were kept up.)
 
 Each client posts the image (multipart ``file``) in a loop; answers arriving during ``--seconds`` after a
 warm-up (``--warmup``, not counted) give requests/s and latencies; a request fails when it gets no 200 or no
 parseable JSON. Only loopback addresses are used.
-Needs litserve (``uv sync --frozen --all-packages --group bench``) for the third server.
 
-    python benchmarks/serve_load.py --clients 32 --seconds 20 --json benchmarks/results/serve_load.json
+LitServe is not part of the workspace (nor of uv.lock); install it for the benchmark only, into a folder of
+its own, without its dependencies (fastapi and uvicorn are the workspace's, so both servers run the same
+HTTP stack), and put that folder on ``PYTHONPATH``::
+
+    uv pip install --python .venv/bin/python --target /tmp/serve-bench-site --no-deps litserve==0.2.19 pyzmq
+    PYTHONPATH=/tmp/serve-bench-site .venv/bin/python benchmarks/serve_load.py --clients 32 --seconds 20 \
+        --rounds 3 --json benchmarks/results/serve_load.json
 
 The model is ``seg-nano`` with random weights (a class bias makes the image give ~``--detections`` detections
 so masks are encoded), saved as a checkpoint; ``--model PATH`` serves another file (e.g. an ``.onnx``).
@@ -223,7 +233,7 @@ if _ls is not None:
 
 def litserve_main(model: str, port: str, max_batch: str, wait_ms: str, threshold: str) -> None:
     if _ls is None:
-        raise SystemExit("litserve is not installed: uv sync --frozen --all-packages --group bench")
+        raise SystemExit("litserve is not installed: see the install command in benchmarks/serve_load.py's docstring")
     api = SegAPI(model, float(threshold), max_batch_size=int(max_batch), batch_timeout=float(wait_ms) / 1000.0)
     server = _ls.LitServer(api, accelerator="cpu", timeout=120)
     server.run(host="127.0.0.1", port=int(port), num_api_servers=1, generate_client_file=False,
@@ -270,25 +280,21 @@ def main(argv=None) -> int:
         load_before = os.getloadavg()
         results: dict[str, list[dict]] = {}
         kinds = args.servers.split(",")
-        # all servers up at once (idle ones cost no CPU), then the rounds alternate between them so that
-        # changes in the machine's load hit every server alike
-        servers = {}
-        try:
+        # one server at a time: started, loaded, stopped (see the module docstring)
+        for rnd in range(args.rounds):
             for kind in kinds:
-                servers[kind] = start_server(kind, model, args.max_batch, args.max_wait_ms, threshold,
-                                             tmp_path / f"{kind}.log")
-            for rnd in range(args.rounds):
-                for kind in kinds:
-                    stats = asyncio.run(run_load(servers[kind][1], image, args.clients, args.seconds, args.warmup))
-                    stats["loadavg_1m_after"] = os.getloadavg()[0]
-                    results.setdefault(kind, []).append(stats)
-                    ms = {k: "-" if stats[k] is None else f"{stats[k]:.0f}" for k in ("p50_ms", "p90_ms", "p99_ms")}
-                    print(f"round {rnd} {kind:9s} {stats['rps']:6.2f} req/s  p50 {ms['p50_ms']} ms  p90 "
-                          f"{ms['p90_ms']} ms  p99 {ms['p99_ms']} ms  errors {stats['errors']}  mean batch "
-                          f"{stats['mean_batch']}  load {stats['loadavg_1m_after']:.1f}", flush=True)
-        finally:
-            for proc, _ in servers.values():
-                stop_server(proc)
+                proc, url = start_server(kind, model, args.max_batch, args.max_wait_ms, threshold,
+                                         tmp_path / f"{kind}.log")
+                try:
+                    stats = asyncio.run(run_load(url, image, args.clients, args.seconds, args.warmup))
+                finally:
+                    stop_server(proc)
+                stats["loadavg_1m_after"] = os.getloadavg()[0]
+                results.setdefault(kind, []).append(stats)
+                ms = {k: "-" if stats[k] is None else f"{stats[k]:.0f}" for k in ("p50_ms", "p90_ms", "p99_ms")}
+                print(f"round {rnd} {kind:9s} {stats['rps']:6.2f} req/s  p50 {ms['p50_ms']} ms  p90 "
+                      f"{ms['p90_ms']} ms  p99 {ms['p99_ms']} ms  errors {stats['errors']}  mean batch "
+                      f"{stats['mean_batch']}  load {stats['loadavg_1m_after']:.1f}", flush=True)
     summary = {k: float(np.mean([s["rps"] for s in v])) for k, v in results.items()}
     ratios = {}
     if summary.get("batched") and summary.get("batch1"):
