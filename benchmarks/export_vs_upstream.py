@@ -16,7 +16,7 @@ with boxes in source pixels and **bool masks ``[N, 480, 640]`` at the source siz
 * **upstream_onnx**: upstream's own ``RFDETR.export(format="onnx", dynamic_batch=True, opset_version=17)``
   of the same weights (outputs ``dets``, ``labels`` for all queries x 91 slots, ``masks`` for all queries),
   session made by upstream's ``rfdetr.export._onnx.inference._create_onnx_session`` (CPU provider, its
-  no-spinning options; the intra-op thread count is set to ``T`` on the options it creates, as for ours),
+  no-spinning options, which ours now shares; the intra-op thread count is set to ``T`` on the options it creates, as for ours),
   then upstream's own host decode per image: ``preprocess_to_nchw`` (PIL image -> torchvision resize,
   normalise), one ``session.run`` for the batch, ``decode_detections`` (sigmoid, top-k over 100x91 pairs,
   threshold, pixel xyxy) and the mask decode of its export runtime (``rfdetr.export._tflite.inference.

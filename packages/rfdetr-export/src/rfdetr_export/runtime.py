@@ -93,10 +93,11 @@ class OnnxRuntimeModel:
         options.log_severity_level = 3  # errors only: ORT's constant-folding notes about fp16 are noise here
         if threads is not None:
             options.intra_op_num_threads = int(threads)
-        # ORT's worker threads keep spinning for a while after run() returns (about 45 ms of a core after a
-        # seg-nano call, measured); that steals the cores from the preprocessing and mask upsampling around
-        # the call. Spin inside run() (its latency), stop when it returns.
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        # Worker threads block instead of spinning while they wait. Spinning kept a core busy for ~45 ms after
+        # every seg-nano run() (stealing it from the preprocessing and mask upsampling around the call) and
+        # made run() itself 1.3x slower on a shared 2-core VM (spinning threads hold the core the working one
+        # needs); measured 2026-12-03, upstream's ONNX sessions make the same choice.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
