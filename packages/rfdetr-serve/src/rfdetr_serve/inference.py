@@ -8,6 +8,7 @@ response equals ``RFDETR.predict`` on the same image by construction.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import platform
 from collections.abc import Sequence
@@ -99,14 +100,29 @@ class ServedModel:
             self.run_batch([job] * size)
 
     def card(self) -> dict[str, Any]:
-        """What ``GET /model`` reports about the model (the limits and batching are added by the app)."""
+        """What ``GET /model`` reports about the model (the limits and batching are added by the app):
+        name, variant, resolution ``[H, W]``, backend, device, classes, the full model card
+        (``ModelCard.to_metadata()``: queries, preprocessing, class map, ...), the file's export facts for
+        exported files, and the versions of what runs it."""
+        from importlib.metadata import PackageNotFoundError, version
+
         import torch
 
         import rfdetr_core
         import rfdetr_serve
 
         r = self.rfdetr
-        card = getattr(r, "card", None)
+        versions = {
+            "rfdetr_serve": rfdetr_serve.__version__,
+            "rfdetr_core": rfdetr_core.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
+        runner = getattr(r, "runner", None)
+        if self.backend != "pytorch":  # the exported file's runtime and the package that registered it
+            for dist in ("rfdetr-export", self.backend):
+                with contextlib.suppress(PackageNotFoundError):  # a runtime without package metadata: no line
+                    versions[dist.replace("-", "_")] = version(dist)
         return {
             "name": self.name,
             "source": self.source,
@@ -116,11 +132,8 @@ class ServedModel:
             "device": str(r.device),
             "classes": [{"category_id": int(c), "name": n}
                         for c, n in zip(r.class_map.category_ids, r.class_map.names)],
-            "card": card.to_metadata() if card is not None else None,
-            "versions": {
-                "rfdetr_serve": rfdetr_serve.__version__,
-                "rfdetr_core": rfdetr_core.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
+            "num_select": int(getattr(runner, "num_select", None) or r.card.default_num_select),
+            "card": r.card.to_metadata(),
+            "export": getattr(runner, "export_info", None),
+            "versions": versions,
         }
