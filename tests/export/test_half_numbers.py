@@ -26,7 +26,9 @@ from rfdetr_export.runtime import OnnxRuntimeModel
 
 
 @pytest.mark.parametrize("variant", ["seg-tiny", pytest.param("seg-nano", marks=pytest.mark.slow)])
-def test_half_graph_within_fp16_tolerances_of_float32_given_the_same_proposals(checkpoints, variant, tmp_path):
+def test_half_graph_within_fp16_tolerances_of_float32_given_the_same_proposals(
+    checkpoints, variant, tmp_path
+):
     loaded = load_model(None, None, checkpoints[variant])
     module, reference, card, names = deploy_for(loaded, raw=False, num_select=None, half=True)
     batch = 2
