@@ -38,14 +38,14 @@ def _edges(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _counts(mask_index: torch.Tensor, position: torch.Tensor, n: int, total: int):
-    """Run lengths of every mask, concatenated: ``counts [E + N]``, ``owner [E + N]`` (mask of each count)
-    and ``first [N]`` (index of each mask's first count). A mask with ``e`` edges has ``e + 1`` counts:
+    """Run lengths of every mask, concatenated: ``counts [E + N]``, ``owner [E + N]`` (mask of each count),
+    ``first [N]`` (index of each mask's first count) and ``ends [N]`` (one past its last). A mask with ``e`` edges has ``e + 1`` counts:
     its edge positions and ``total`` as the points, differenced."""
     device = position.device
-    # counts per mask (index_add, not bincount: no device synchronisation)
-    per_mask = torch.ones(n, dtype=torch.int64, device=device).index_add_(
-        0, mask_index, torch.ones_like(mask_index)
-    )
+    # counts per mask = its edges + 1; mask_index is sorted, so its edges are one searchsorted range (no
+    # device synchronisation, and no atomics: index_add_ into N slots took ~0.7 ms at 184 masks on an H200)
+    bounds = torch.searchsorted(mask_index, torch.arange(n + 1, device=device))  # [N + 1]
+    per_mask = bounds[1:] - bounds[:-1] + 1
     ends = torch.cumsum(per_mask, 0)  # [N] one past each mask's last count
     first = ends - per_mask
     m = int(mask_index.numel()) + n  # known on the host: E came back with nonzero()
@@ -55,10 +55,10 @@ def _counts(mask_index: torch.Tensor, position: torch.Tensor, n: int, total: int
     owner = torch.repeat_interleave(torch.arange(n, device=device), per_mask, output_size=m)  # [M]
     previous = torch.roll(points, 1)
     previous[first] = 0
-    return points - previous, owner, first
+    return points - previous, owner, first, ends
 
 
-def _compress(counts: torch.Tensor, owner: torch.Tensor, first: torch.Tensor, n: int):
+def _compress(counts: torch.Tensor, owner: torch.Tensor, first: torch.Tensor, ends: torch.Tensor, n: int):
     """COCO's character compression of the concatenated counts: ``(chars [C] uint8, length [N] int64)``."""
     local = torch.arange(counts.numel(), device=counts.device) - first[owner]  # index within its mask
     # from the 4th count of a mask on, the count two before it (same mask) is subtracted
@@ -75,7 +75,9 @@ def _compress(counts: torch.Tensor, owner: torch.Tensor, first: torch.Tensor, n:
         active = more
     chars = groups[written]  # row-major: each count's groups in order, counts in order
     per_count = written.sum(1)  # [M]
-    length = torch.zeros(n, dtype=torch.int64, device=counts.device).index_add_(0, owner, per_count)
+    # characters per mask: a segment sum over its counts (contiguous, from first to ends)
+    total = F.pad(torch.cumsum(per_count, 0), (1, 0))  # [M + 1]
+    length = total[ends] - total[first]
     return chars, length
 
 
@@ -105,8 +107,8 @@ def _encode_pass(masks: torch.Tensor, height: int, width: int) -> list[dict]:
     if n == 0:
         return []
     mask_index, position = _edges(_column_major(masks))
-    counts, owner, first = _counts(mask_index, position, n, height * width)
-    chars, length = _compress(counts, owner, first, n)
+    counts, owner, first, ends = _counts(mask_index, position, n, height * width)
+    chars, length = _compress(counts, owner, first, ends, n)
     # one device-to-host copy: the characters, then the N string lengths as int64 bytes
     packed = torch.cat([chars, length.view(torch.uint8)]).cpu().numpy()
     split = chars.numel()
