@@ -74,3 +74,18 @@ def test_bad_flags_exit_2_with_message(flags, message, capsys):
     assert main(["x.safetensors", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rfdetr-serve: " + message) and "\n" not in err
+
+
+def test_openmp_threads_sleep_unless_the_user_chose(tmp_path):
+    from rfdetr_serve.cli import default_thread_env
+
+    env: dict[str, str] = {}
+    default_thread_env(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    default_thread_env(env)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    # the command sets it before torch loads (libgomp reads it once, when it is loaded)
+    probe = "import sys, rfdetr_serve.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

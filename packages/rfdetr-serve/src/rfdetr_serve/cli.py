@@ -27,6 +27,18 @@ from rfdetr_serve.settings import API_KEY_ENV, SETTINGS_ENV, ServeSettings
 GRACEFUL_SHUTDOWN_S = 30
 
 
+def default_thread_env(environ: dict[str, str] | os._Environ = os.environ) -> None:
+    """Let torch's OpenMP threads sleep instead of spin between parallel regions (``OMP_WAIT_POLICY=PASSIVE``)
+    unless the user chose a policy. Must run before torch is imported (libgomp reads it when it loads).
+
+    Why: a server shares its cores with the event loop, the decode/encode pool, other workers and other
+    processes. On the shared 2-core VM, perf showed 46 % of the server's CPU in libgomp's spin-wait under load,
+    and in-process seg-nano predict (batch 4, 2 threads) went from 1.67-1.70 to 0.82-0.91 CPU-s per image
+    (2.8-3.4 -> 1.5-1.7 s wall) with the passive policy (load average 4-6).
+    """
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = ServeSettings(model="-")
     p = argparse.ArgumentParser(
@@ -68,6 +80,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    default_thread_env()
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
