@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +141,15 @@ def test_file_object_decodes_like_its_path(tmp_path):
     torch.testing.assert_close(from_bytes, from_path, rtol=0, atol=0)  # same draft scale, same pixels
     with pytest.raises(ImageError, match="Cannot read image"):
         load_image(io.BytesIO(b"not an image"))
+
+
+def test_pil_fast_path_warns_nothing():
+    """A PIL image's read-only array goes through the uint8 fast path without torch's not-writable warning (once per
+    process in torch, so checked in a fresh interpreter with every warning an error)."""
+    code = (
+        "import numpy as np; from PIL import Image; from rfdetr_core.preprocess import preprocess;"
+        "img = Image.fromarray(np.zeros((20, 30, 3), np.uint8));"
+        "x, sizes = preprocess(img, (16, 16)); assert sizes == [(20, 30)], sizes"
+    )
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -31,6 +31,13 @@ import torch.nn.functional as F
 
 from rfdetr_core.errors import ImageError
 
+# ``np.asarray(pil_image)`` is read-only, and torch warns when it wraps such an array. The uint8 fast path below
+# only reads that view (the first operation on it makes a new tensor), so the warning would be noise in every
+# user's log (once per process): ignored for warnings raised from this module only.
+warnings.filterwarnings(
+    "ignore", message="The given NumPy array is not writable", category=UserWarning, module=r"rfdetr_core\.preprocess"
+)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_MODES = ("stretch",)
