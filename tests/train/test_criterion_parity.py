@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from criterion_cases import leaves
 
 from rfdetr_train.losses import LayerMatches, build_criterion
 
@@ -78,17 +79,6 @@ def _with_grad(outputs):
         return node.clone().requires_grad_(True)
 
     return walk(copied)
-
-
-def _leaves(node):
-    if isinstance(node, dict):
-        for k in sorted(node):
-            yield from _leaves(node[k])
-    elif isinstance(node, list):
-        for v in node:
-            yield from _leaves(v)
-    else:
-        yield node
 
 
 class _FixedRandTorch:
@@ -207,7 +197,7 @@ def test_matching_and_losses_match_upstream(upstream, monkeypatch, seed, gt_size
     assert torch.allclose(our_total.detach(), up_total.detach(), rtol=1e-4)
     up_total.backward()
     our_total.backward()
-    for mine, theirs in zip(_leaves(our_outputs), _leaves(up_outputs)):
+    for mine, theirs in zip(leaves(our_outputs), leaves(up_outputs)):
         scale = theirs.grad.abs().max().clamp(min=1e-6)
         assert (mine.grad - theirs.grad).abs().max() <= 1e-4 * scale
 
