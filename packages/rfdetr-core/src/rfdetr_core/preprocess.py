@@ -194,14 +194,20 @@ def to_float_rgb(image: Any, min_size: tuple[int, int] | None = None) -> torch.T
     return load_image(image, min_size)[0]
 
 
+def _decoded(image: Any, min_size: tuple[int, int] | None) -> tuple[Any, tuple[int, int] | None]:
+    """Files (paths, binary file objects) decoded with :func:`open_image`, an :class:`OpenedImage` unpacked:
+    ``(image, the file's (h, w))``; anything else is returned as it is with ``None`` (its size is its own)."""
+    if isinstance(image, OpenedImage):
+        return image.image, image.source_size
+    if isinstance(image, (str, os.PathLike)) or hasattr(image, "read"):
+        return open_image(image, min_size)
+    return image, None
+
+
 def load_image(image: Any, min_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
     """Like :func:`to_float_rgb`, and also the source size ``(h, w)`` (the file's size for paths and binary
     file objects, which are decoded exactly like paths)."""
-    source_size = None
-    if isinstance(image, OpenedImage):
-        image, source_size = image.image, image.source_size
-    elif isinstance(image, (str, os.PathLike)) or hasattr(image, "read"):
-        image, source_size = open_image(image, min_size)
+    image, source_size = _decoded(image, min_size)
     t = _to_tensor(image)
     return t, source_size or (int(t.shape[1]), int(t.shape[2]))
 
@@ -292,11 +298,7 @@ def _device_ready(item: Any, min_size: tuple[int, int]) -> tuple[torch.Tensor, t
         t = t[:3]
         t = t.expand(3, -1, -1) if t.shape[0] == 1 else t
         return t, (int(t.shape[1]), int(t.shape[2]))
-    source_size = None
-    if isinstance(item, OpenedImage):  # same rule as load_image
-        item, source_size = item.image, item.source_size
-    elif isinstance(item, (str, os.PathLike)) or hasattr(item, "read"):
-        item, source_size = open_image(item, min_size)
+    item, source_size = _decoded(item, min_size)  # same rule as load_image
     arr = None
     if isinstance(item, np.ndarray):
         arr = item
