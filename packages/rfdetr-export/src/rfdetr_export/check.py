@@ -151,7 +151,8 @@ def _pair_detections(
     corners = (boxes_e[:, None, :] - boxes_r[None, :, :]).abs().amax(-1)  # [Ke, Kr]
     overlap = (_box_iou(boxes_e, boxes_r) > 0.5) | (corners <= box_tol)
     same = (labels_e[:, None] == labels_r[None, :]) & overlap
-    close = (scores_e[:, None] - scores_r[None, :]).abs() <= score_tol
+    gap = (scores_e[:, None] - scores_r[None, :]).abs()  # [Ke, Kr]
+    close = gap <= score_tol
     n = min(n_e, n_r)
     ranked = same.diagonal()[:n]
     used_e = torch.zeros(n_e, dtype=torch.bool)
@@ -159,7 +160,6 @@ def _pair_detections(
     used_e[:n], used_r[:n] = ranked, ranked
     pairs = [(k, k) for k in range(n) if ranked[k]]
     # a swap among tied scores: same label, same box, score within the tolerance; nearest score first
-    gap = (scores_e[:, None] - scores_r[None, :]).abs()
     for k in range(n_e):
         if used_e[k]:
             continue
