@@ -132,8 +132,11 @@ class DecodedImage:
     never decoded again), ``size`` the file's own ``(height, width)`` and ``format`` its PIL name."""
 
     image: OpenedImage
-    size: tuple[int, int]
     format: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.source_size
 
 
 def decode_image(data: bytes, max_pixels: int, min_size: tuple[int, int]) -> DecodedImage:
@@ -180,4 +183,4 @@ def decode_image(data: bytes, max_pixels: int, min_size: tuple[int, int]) -> Dec
         raise RequestRejected(413, f"Image refused as a decompression bomb: {exc}") from exc
     except Exception as exc:  # untrusted bytes: any decoder failure (core's ImageError included) is the upload's
         raise RequestRejected(400, f"The {fmt} image is corrupt or truncated: {exc}") from exc
-    return DecodedImage(opened, opened.source_size, fmt)
+    return DecodedImage(opened, fmt)
