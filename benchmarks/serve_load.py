@@ -26,7 +26,9 @@ HTTP stack), and put that folder on ``PYTHONPATH``::
         --rounds 3 --json benchmarks/results/serve_load.json
 
 The model is ``seg-nano`` with random weights (a class bias makes the image give ~``--detections`` detections
-so masks are encoded), saved as a checkpoint; ``--model PATH`` serves another file (e.g. an ``.onnx``).
+so masks are encoded), saved as a checkpoint; ``--onnx`` exports that checkpoint with ``rfdetr-export --onnx
+--dynamic-batch`` and serves the ``.onnx`` (ONNX Runtime) on all three servers; ``--model PATH`` serves another
+file. Every server loads the file through ``RFDETR.from_file``.
 """
 
 from __future__ import annotations
@@ -84,11 +86,19 @@ def make_model(folder: Path) -> Path:
     return save_checkpoint(folder / "seg-nano-random.safetensors", model.state_dict(), meta)
 
 
+def export_onnx(checkpoint: Path, folder: Path) -> Path:
+    """``checkpoint`` as a dynamic-batch ONNX file (rfdetr-export's CLI, its check against PyTorch included)."""
+    out = folder / (checkpoint.stem + ".onnx")
+    subprocess.run([sys.executable, "-m", "rfdetr_export", str(checkpoint), "--onnx", "--dynamic-batch",
+                    "--output", str(out)], check=True)
+    return out
+
+
 def pick_threshold(model_path: Path, image: bytes, detections: int) -> float:
     """The score threshold at which the bench image gives ``detections`` detections."""
     from rfdetr_core import RFDETR
 
-    det = RFDETR.from_checkpoint(model_path, device="cpu").predict(io.BytesIO(image), threshold=0.0)
+    det = RFDETR.from_file(model_path, device="cpu").predict(io.BytesIO(image), threshold=0.0)
     scores = np.sort(det.scores)[::-1]
     return float(scores[min(detections, len(scores) - 1)])
 
@@ -212,7 +222,7 @@ if _ls is not None:
         def setup(self, device):
             from rfdetr_core import RFDETR
 
-            self.model = RFDETR.from_checkpoint(self.model_path, device="cpu")
+            self.model = RFDETR.from_file(self.model_path, device="cpu")
 
         def decode_request(self, request):
             return request["file"].file.read()
@@ -252,6 +262,12 @@ def versions() -> dict:
            "uvicorn": uvicorn.__version__, "rfdetr_core": rfdetr_core.__version__,
            "rfdetr_serve": rfdetr_serve.__version__}
     out["litserve"] = _ls.__version__ if _ls is not None else None
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        out["onnxruntime"] = None
     return out
 
 
@@ -266,6 +282,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--servers", default="batched,batch1,litserve")
     p.add_argument("--model", type=Path, default=None, help="serve this file instead of random seg-nano")
+    p.add_argument("--onnx", action="store_true", help="serve random seg-nano exported to ONNX (dynamic batch)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -273,6 +290,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         tmp_path = Path(tmp)
         model = args.model or make_model(tmp_path)
+        if args.onnx:
+            model = export_onnx(model, tmp_path)
         threshold = pick_threshold(model, image, args.detections)
         print(f"model {model.name}, image 640x480 JPEG ({len(image)} bytes), threshold {threshold:.4f} "
               f"(~{args.detections} detections), {args.clients} clients x {args.seconds:g} s, "
