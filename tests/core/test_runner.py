@@ -86,5 +86,6 @@ def test_from_file_uses_the_registered_runner(tmp_path, monkeypatch, model):
     monkeypatch.setattr(
         "importlib.metadata.entry_points", lambda group: [_EP()] if group == "rfdetr_core.runners" else []
     )
+    (tmp_path / "m.onnx").write_bytes(b"")
     got = RFDETR.from_file(tmp_path / "m.onnx", device="cpu")
     assert made == [("m.onnx", "cpu", {})] and got.runner.backend == "fake"

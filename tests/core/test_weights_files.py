@@ -251,3 +251,12 @@ def test_a_run_folder_or_the_training_state_points_to_the_weights_file(tmp_path)
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no weights file in it"):
         RFDETR.from_checkpoint(empty)
+    # from_file (what `val --weights`, serve and export use) says the same before it looks for a runner by suffix
+    with pytest.raises(CheckpointError, match="training run folder; pass its weights file") as info:
+        RFDETR.from_file(run)
+    assert str(run / "best.safetensors") in str(info.value)
+    (empty / "model.onnx").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"pass one of the weights files in it: model\.onnx"):
+        RFDETR.from_file(empty)
+    with pytest.raises(CheckpointError, match="Model file not found: .*missing.onnx"):
+        RFDETR.from_file(tmp_path / "missing.onnx")

@@ -83,6 +83,18 @@ def test_user_errors_print_one_line_and_exit_1(recorder, capsys):
         cli.main(["--name", "boom", "--debug"])
 
 
+def test_val_on_a_run_folder_names_its_weights_file(tmp_path, capsys):
+    """`val --weights runs/train` (a folder) answers with core's run-folder message, not "no runner"."""
+    run = tmp_path / "train"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(b"x")
+    assert cli.main(["val", "--weights", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"rfdetr-train val: error: {run} is a training run folder; pass its weights file: {run / 'best.safetensors'}."
+    ), err
+
+
 def test_missing_handler_module_is_reported(monkeypatch, capsys):
     monkeypatch.setattr(cli, "HANDLERS", {**cli.HANDLERS, "check": "rfdetr_train.no_such_module:run"})
     assert cli.main(["check", "x"]) == 1

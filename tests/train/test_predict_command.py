@@ -88,3 +88,17 @@ def test_facade_threshold_and_float_range_checks(weights):
         model.predict(img, threshold=50)
     with pytest.warns(UserWarning, match="Divide by 255"):
         model.predict(img * 255.0)
+
+
+def test_a_folder_of_subfolders_names_the_subfolders_that_hold_images(weights, tmp_path, capsys):
+    """Folders are not searched recursively (a dataset's images/train, images/val...): the error says so and
+    names the subfolders with their image counts."""
+    root = tmp_path / "images"
+    for split, n in (("train", 2), ("val", 1)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(root / split / f"{i}.png")
+    assert main(["predict", str(weights), str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "no image files" in err and "Subfolders are not searched" in err
+    assert f"{root / 'train'} (2)" in err and f"{root / 'val'} (1)" in err

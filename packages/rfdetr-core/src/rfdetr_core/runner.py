@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from rfdetr_core.deploy import DeployModel, check_input
-from rfdetr_core.errors import MissingDependencyError
+from rfdetr_core.errors import CheckpointError, MissingDependencyError
 from rfdetr_core.model_card import ModelCard
 from rfdetr_core.postprocess import select_detections
 
@@ -87,12 +87,20 @@ def runner_from_file(
 ) -> Runner:
     """The runner registered for ``path``'s suffix in the ``rfdetr_core.runners`` entry-point group.
 
-    Raises :class:`~rfdetr_core.errors.MissingDependencyError` naming the package to install when no runner is
+    Raises :class:`~rfdetr_core.errors.CheckpointError` for a folder (naming the weights file to pass, e.g. a
+    run folder's ``best.safetensors``) or a missing file, and
+    :class:`~rfdetr_core.errors.MissingDependencyError` naming the package to install when no runner is
     registered for the suffix.
     """
     from importlib.metadata import entry_points
 
+    from rfdetr_core.weights.files import folder_message
+
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(folder_message(path))
+    if not path.exists():
+        raise CheckpointError(f"Model file not found: {path}")
     suffix = path.suffix.lower()
     found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == suffix.lstrip(".")]
     if not found:

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{train,val,check,eval,predict}", parser_class=_Parser
+        dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}", parser_class=_Parser
     )
 
     t = sub.add_parser(

@@ -27,7 +27,7 @@ def image_files(items: list[str]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not found:
-                raise ImageError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder.")
+                raise ImageError(_empty_folder_message(path))
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -35,6 +35,20 @@ def image_files(items: list[str]) -> list[Path]:
             raise ImageError(f"{path}: no such file or folder.")
     seen: set[Path] = set()
     return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+
+
+def _empty_folder_message(path: Path) -> str:
+    """Folders are not searched recursively: say so, and name the subfolders that do hold images."""
+    message = f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder."
+    holding = {}
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        n = sum(1 for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if n:
+            holding[sub] = n
+    if holding:
+        listed = ", ".join(f"{sub} ({n})" for sub, n in list(holding.items())[:4])
+        message += f" Subfolders are not searched; these hold images: {listed}. Pass them instead."
+    return message
 
 
 def _image_ids(files: list[Path]) -> list[int]:

@@ -211,11 +211,13 @@ def folder_message(path: Path) -> str:
     if (path / "best.safetensors").is_file() or (path / "last.safetensors").is_file():
         options = [str(path / n) for n in ("best.safetensors", "last.safetensors") if (path / n).is_file()]
         return f"{path} is a training run folder; pass its weights file: {' or '.join(options)}."
-    found = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt", ".ckpt"))
+    model_suffixes = (".safetensors", ".pth", ".pt", ".ckpt", ".onnx", ".engine")
+    found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in model_suffixes)
     if found:
         return f"{path} is a folder; pass one of the weights files in it: {', '.join(found[:5])}."
     return (
-        f"{path} is a folder with no weights file in it; pass the path of a .safetensors, .pth or .ckpt file."
+        f"{path} is a folder with no weights file in it; pass the path of a .safetensors, .pth or .ckpt file "
+        "(or an exported .onnx / .engine)."
     )
 
 
