@@ -121,6 +121,7 @@ def test_without_a_runner_for_onnx_val_names_the_package(tmp_path, capsys, monke
     import importlib.metadata
 
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: [])
+    (tmp_path / "model.onnx").write_bytes(b"")  # it exists: the suffix decides what is missing
     code = train_main(["val", "--weights", str(tmp_path / "model.onnx"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -129,6 +130,7 @@ def test_without_a_runner_for_onnx_val_names_the_package(tmp_path, capsys, monke
 
 def test_without_onnxruntime_val_names_the_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    (tmp_path / "model.onnx").write_bytes(b"")  # it exists: the suffix decides what is missing
     code = train_main(["val", "--weights", str(tmp_path / "model.onnx"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
