@@ -19,13 +19,17 @@ from rfdetr_core.errors import ImageError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
 def image_files(items: list[str]) -> list[Path]:
     """Expand ``items`` (image files and folders of them) into a sorted, de-duplicated file list."""
     files: list[Path] = []
     for item in items:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.iterdir() if _is_image(p))
             if not found:
                 raise ImageError(_empty_folder_message(path))
             files.extend(found)
@@ -42,7 +46,7 @@ def _empty_folder_message(path: Path) -> str:
     message = f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder."
     holding = {}
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
-        n = sum(1 for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        n = sum(1 for p in sub.rglob("*") if _is_image(p))
         if n:
             holding[sub] = n
     if holding:
