@@ -211,10 +211,9 @@ def folder_message(path: Path) -> str:
     if (path / "best.safetensors").is_file() or (path / "last.safetensors").is_file():
         options = [str(path / n) for n in ("best.safetensors", "last.safetensors") if (path / n).is_file()]
         return f"{path} is a training run folder; pass its weights file: {' or '.join(options)}."
-    from rfdetr_core.predict import TORCH_SUFFIXES  # local: predict imports this module's package
-    from rfdetr_core.runner import _PROVIDERS
-
-    model_suffixes = (*TORCH_SUFFIXES, *_PROVIDERS)
+    # PyTorch weights and exported files (predict.TORCH_SUFFIXES, runner._PROVIDERS; not imported: weights
+    # sits below both, and core keeps no import cycles, tests/core/test_import_structure.py)
+    model_suffixes = (".safetensors", ".pth", ".pt", ".ckpt", ".onnx", ".engine")
     found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in model_suffixes)
     if found:
         return f"{path} is a folder; pass one of the weights files in it: {', '.join(found[:5])}."
