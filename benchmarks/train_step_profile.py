@@ -14,7 +14,13 @@ ratio to upstream. Peak memory of a side = its own persistent memory (weights, o
 compiled graph pools) + the transient peak of its steps, so the models living side by side in one process do
 not count against each other. Modes: ``eager``; ``compile`` (``torch.compile`` of the model forward);
 ``compile-graphs`` (the same with CUDA graphs, ``mode="reduce-overhead"``); ``checkpointing`` (eager with
-backbone activation checkpointing). ``--phases`` adds the per-phase milliseconds of the eager step.
+backbone activation checkpointing); ``compile-graphs-checkpointing`` (CUDA graphs with checkpointing compiled
+in; it must be the only mode of its call, since the flag is part of what the compiled graph assumes).
+``--phases`` adds the per-phase milliseconds of the eager step.
+
+Before any step, every mode (and upstream) takes one probe step from the same initial weights on the same
+batch and seed (forward, criterion, backward; no optimiser step): its total loss and gradient norm, and
+their relative difference to our eager step's, are printed and kept (``probe`` in the JSON).
 
 Loop mode (``--loop``, see ``benchmarks/train_loop.py``) trains through each side's own trainer on a real
 dataset and reports images/s over the run and the time of one validation:
@@ -140,6 +146,47 @@ class Side:
             self.after_ckpt()
 
 
+def _probe(side: Side, images, targets, initial: dict, sync, matches=None) -> dict:
+    """One step's loss and gradient norm from ``initial`` weights (no optimiser step).
+
+    Ours: with ``matches`` (the eager reference's Hungarian matches) and uniform loss points from a fixed
+    seed, so the comparison measures the numerics of the step, not a flipped near-tie of the matching or of
+    the importance sampling (both discrete). ``matches=None``: match here and return them in ``"matches"``.
+    """
+    from rfdetr_train.losses.point_sampling import ImportancePointSampler
+
+    side.model.load_state_dict(initial)
+    side.opt.zero_grad(set_to_none=True)
+    torch.manual_seed(1234)
+    if side.before_ckpt:
+        side.before_ckpt()
+    if side.graphs:
+        torch.compiler.cudagraph_mark_step_begin()
+    with side.amp():
+        out = side.forward(images)
+    result: dict = {}
+    with side.amp() if side.total_loss is not None else contextlib.nullcontext():
+        if side.total_loss is not None:  # upstream: its own criterion as its loop runs it
+            loss = side.total_loss(side.criterion(out, targets))
+        else:
+            if matches is None:
+                matches = result["matches"] = side.criterion.match(out, targets)
+            sampler = side.criterion.point_sampler
+            side.criterion.point_sampler = ImportancePointSampler(oversample_ratio=1.0, importance_ratio=0.0)
+            try:
+                loss = side.criterion.total_loss(side.criterion(out, targets, matches=matches))
+            finally:
+                side.criterion.point_sampler = sampler
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(side.model.parameters(), float("inf"))
+    sync()
+    if side.after_ckpt:
+        side.after_ckpt()
+    side.opt.zero_grad(set_to_none=True)
+    result.update(loss=float(loss.detach()), grad_norm=float(grad_norm))
+    return result
+
+
 def _allocated(cuda: bool) -> int:
     return torch.cuda.memory_allocated() if cuda else 0
 
@@ -191,8 +238,14 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
     ours_held = _allocated(cuda) - base
     clip = recipe["clip_grad_norm"]
     opt_held = None  # the optimiser state, created by the first warm-up
+    if "compile-graphs-checkpointing" in args.modes:
+        if len(args.modes) > 1:
+            raise SystemExit("compile-graphs-checkpointing must be the only mode of its call")
+        model.set_grad_checkpointing(True)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ours_sides: list[Side] = []
     for mode in args.modes:
-        graphs = mode == "compile-graphs"
+        graphs = mode in ("compile-graphs", "compile-graphs-checkpointing")
         if mode == "compile":
             forward = torch.compile(model, dynamic=False)
         elif graphs:
@@ -200,11 +253,30 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
         elif mode in ("eager", "checkpointing"):
             forward = model
         else:
-            raise SystemExit(f"unknown mode {mode!r}; use eager, compile, compile-graphs or checkpointing")
+            raise SystemExit(
+                f"unknown mode {mode!r}; use eager, compile, compile-graphs, checkpointing or "
+                "compile-graphs-checkpointing"
+            )
         side = Side(mode, model, criterion, None, forward, opt, ema, amp, clip, graphs=graphs)
         if mode == "checkpointing":
             side.before_ckpt = lambda m=model: m.set_grad_checkpointing(True)
             side.after_ckpt = lambda m=model: m.set_grad_checkpointing(False)
+        ours_sides.append(side)
+    # Probe steps: same weights, batch and seed for every mode (the compiled modes compile here).
+    reference = Side("eager", model, criterion, None, model, opt, ema, amp, clip)
+    row["probe"] = {"eager": _probe(reference, images, targets, initial, sync)}
+    ref_matches = row["probe"]["eager"].pop("matches")
+    probe_s = {}
+    for side in ours_sides:
+        t0 = time.perf_counter()
+        try:
+            row["probe"][side.name] = _probe(side, images, targets, initial, sync, ref_matches)
+        except Exception as exc:
+            print(f"  {variant_name} b{batch} {side.name} probe: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+        probe_s[side.name] = time.perf_counter() - t0
+    model.load_state_dict(initial)
+    for side in ours_sides:
+        mode = side.name
         sync()
         before, graphs_before, t0 = _allocated(cuda), _graph_count(), time.perf_counter()
         try:
@@ -222,7 +294,7 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
             opt_held, held = held, 0
         side.persistent = ours_held + opt_held + held
         row["modes"][mode] = {
-            "warmup_s": time.perf_counter() - t0,
+            "warmup_s": time.perf_counter() - t0 + probe_s.get(mode, 0.0),
             "graphs_compiled": _graph_count() - graphs_before,
         }
         sides.append(side)
@@ -241,6 +313,8 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
         up_ema = ModelEMA(up_model, recipe["ema_decay"], recipe["ema_tau"])
         up = Side("upstream", up_model, up_criterion, up_total, up_model, up_opt, up_ema, amp, clip)
         try:
+            up_initial = {k: v.detach().clone() for k, v in up_model.state_dict().items()}
+            row["probe"]["upstream"] = _probe(up, images, targets, up_initial, sync)
             for _ in range(3):
                 up.step(images, targets)
             sync()
@@ -326,6 +400,18 @@ def _print_row(row: dict) -> None:
             f"{m['graphs_compiled']} graphs",
             flush=True,
         )
+    probe = row.get("probe", {})
+    ref = probe.get("eager")
+    for name, p in probe.items():
+        if ref and name not in ("eager", "upstream"):  # upstream: other weights and random draws
+            p["loss_rel_diff"] = abs(p["loss"] - ref["loss"]) / abs(ref["loss"])
+            p["grad_norm_rel_diff"] = abs(p["grad_norm"] - ref["grad_norm"]) / abs(ref["grad_norm"])
+            print(
+                f"  probe {name}: loss {p['loss']:.6f} (rel. diff to eager {p['loss_rel_diff']:.1e}), grad norm "
+                f"{p['grad_norm']:.4f} ({p['grad_norm_rel_diff']:.1e})"
+            )
+        else:
+            print(f"  probe {name}: loss {p['loss']:.6f}, grad norm {p['grad_norm']:.4f}")
     if "phases_ms" in row:
         print("  eager phases (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in row["phases_ms"].items()))
 

@@ -97,3 +97,79 @@ def test_matcher_mask_costs_of_all_layers_at_once_equal_layer_by_layer(dense):
     torch.manual_seed(5)  # the same points: one sampler call per layer, in layer order
     one_by_one = torch.stack([crit.matcher.cost_matrices([out], batch)[0] for out in layers])
     torch.testing.assert_close(together, one_by_one, rtol=1e-6, atol=1e-6)
+
+
+def _autocast_like(outputs):
+    """The dtypes a bf16-autocast forward gives: bf16 logits and mask features everywhere, float32 boxes in
+    the decoder layers and bf16 boxes in the encoder (two-stage) layer."""
+    def layer(out, box_dtype):
+        masks = {k: v.to(torch.bfloat16) if k != "bias" else v for k, v in out["pred_masks"].items()}
+        return {
+            "pred_logits": out["pred_logits"].to(torch.bfloat16),
+            "pred_boxes": out["pred_boxes"].to(box_dtype),
+            "pred_masks": masks,
+        }
+
+    mixed = layer(outputs, torch.float32)
+    mixed["aux_outputs"] = [layer(o, torch.float32) for o in outputs["aux_outputs"]]
+    mixed["enc_outputs"] = layer(outputs["enc_outputs"], torch.bfloat16)
+    return mixed
+
+
+def test_autocast_dtypes_take_the_batched_pass_with_equal_losses():
+    # Under bf16 autocast the encoder layer's boxes are bf16 and the decoder's float32: the batched pass must
+    # still apply (it did not before 0.2.1, so bf16 GPU training ran layer by layer).
+    outputs, targets = _case((3, 1, 7), seed=5)
+    mixed = _autocast_like(outputs)
+    crit = build_criterion(K, GROUPS)
+    layers = [out for _, out in crit.layers(mixed)]
+    assert can_batch_layers(layers, crit.match(mixed, targets))
+    per_layer, per_layer_grads, _ = _run(mixed, targets, False, seed=3)
+    batched, batched_grads, _ = _run(mixed, targets, True, seed=3)
+    for key, value in per_layer.items():
+        assert batched[key].dtype == torch.float32
+        # the same bf16 products (padded rows are zeros), float32 sums in another order
+        torch.testing.assert_close(batched[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for mine, reference in zip(batched_grads, per_layer_grads):
+        torch.testing.assert_close(mine.float(), reference.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_default_pass_is_batched_on_cuda_only(monkeypatch):
+    import rfdetr_train.losses.criterion as criterion_module
+
+    outputs, targets = _case((2, 3), seed=2)
+    calls = []
+    real = criterion_module.batched_layer_losses
+    monkeypatch.setattr(
+        criterion_module, "batched_layer_losses", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    crit = build_criterion(K, GROUPS)
+    assert crit.batch_layers is None
+    crit(outputs, targets)
+    assert calls == []  # CPU: layer by layer (the float order of earlier releases)
+    crit.batch_layers = True
+    crit(outputs, targets)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("batch_layers", [False, True])
+def test_bf16_mask_maps_get_no_float32_copy_for_backward(batch_layers):
+    # Memory: the mask products run on the bf16 maps themselves; a float32 copy of each [B, C, h, w] map
+    # (91 MiB per layer at seg-medium, batch 8) must not be among the tensors kept for the backward pass.
+    outputs, targets = _case((3, 1, 7), seed=5)
+    mixed = _clone_with_grad(_autocast_like(outputs))
+    crit = build_criterion(K, GROUPS)
+    crit.batch_layers = batch_layers
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        crit.total_loss(crit(mixed, targets))
+    b, c, h, w = mixed["pred_masks"]["spatial_features"].shape
+    layers = len(crit.layers(mixed))
+    copies = (c * h * w, b * c * h * w, layers * b * c * h * w)  # one image's map, a layer's, all layers'
+    assert saved
+    assert not [s for s in saved if s[0] == torch.float32 and s[1] in copies]

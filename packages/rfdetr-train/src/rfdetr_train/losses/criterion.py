@@ -55,7 +55,9 @@ class SetCriterion(nn.Module):
         match_point_sampler: ``(num_points, device) -> [num_points, 2]``, the matcher's shared points.
         matcher: a ready :class:`HungarianMatcher` (then ``costs`` and the two previous arguments are its own).
         batch_layers: compute the losses of same-shaped layers in one batched pass (equal to the per-layer
-            pass up to float32 summation order); False = always layer by layer.
+            pass up to float32 summation order); False = always layer by layer; None (default) = batched on
+            CUDA, where it saves kernel launches, and layer by layer elsewhere, which keeps the float order of
+            0.1.x so that a seeded CPU run (the demo) repeats the numbers of earlier releases.
     """
 
     def __init__(
@@ -72,7 +74,7 @@ class SetCriterion(nn.Module):
         point_sampler: PointSampler | None = None,
         match_point_sampler: MatchPointSampler | None = None,
         matcher: HungarianMatcher | None = None,
-        batch_layers: bool = True,
+        batch_layers: bool | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -137,7 +139,8 @@ class SetCriterion(nn.Module):
                 raise ValueError(f"{len(matches)} layer matches given for {len(layers)} output layers")
             num_boxes = self.num_boxes(batch, device)
             self._check_classes(layers)
-            if self.batch_layers and can_batch_layers([out for _, out in layers], matches):
+            batched = device.type == "cuda" if self.batch_layers is None else self.batch_layers
+            if batched and can_batch_layers([out for _, out in layers], matches):
                 stacked = batched_layer_losses(self, [out for _, out in layers], batch, matches, num_boxes)
                 per_layer = {name: value.unbind(0) for name, value in stacked.items()}  # [L] -> L scalars
                 return {
@@ -236,11 +239,15 @@ class SetCriterion(nn.Module):
         return ia_bce_terms(logits, cells, src_xyxy, tgt_xyxy, self.focal_alpha, self.focal_gamma).sum()
 
     def _matched_mask_logits(self, pred_masks: Any, matches: LayerMatches) -> Tensor:
-        """Mask logits of the matched queries only: -> ``[M, h, w]``."""
+        """Mask logits of the matched queries only: -> ``[M, h, w]`` float32.
+
+        The products run in the features' own dtype (bf16 under autocast, as upstream's criterion computes them
+        inside autocast); a float32 copy of every ``[B, C, h, w]`` map would be kept for the backward pass.
+        """
         if isinstance(pred_masks, Tensor):
-            return pred_masks.float()[matches.batch_idx, matches.query_idx]
-        spatial = pred_masks["spatial_features"].float()  # [B, C, h, w]
-        query = pred_masks["query_features"].float()  # [B, GQ, C]
+            return pred_masks[matches.batch_idx, matches.query_idx].float()
+        spatial = pred_masks["spatial_features"]  # [B, C, h, w]
+        query = pred_masks["query_features"].to(spatial.dtype)  # [B, GQ, C]
         height, width = spatial.shape[-2:]
         parts, start = [], 0
         for b, n in enumerate(matches.counts):
@@ -248,7 +255,7 @@ class SetCriterion(nn.Module):
                 q = query[b, matches.query_idx[start : start + n]]  # [n, C]
                 parts.append((q @ spatial[b].flatten(1)).view(n, height, width))  # [n, h*w] -> [n, h, w]
             start += n
-        return torch.cat(parts) + pred_masks["bias"].float()
+        return torch.cat(parts).float() + pred_masks["bias"].float()
 
     def _mask_losses(
         self, pred_masks: Any, batch: TargetBatch, matches: LayerMatches, num_boxes: Tensor

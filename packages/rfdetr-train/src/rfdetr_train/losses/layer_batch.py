@@ -28,23 +28,25 @@ _LAZY_KEYS = ("spatial_features", "query_features", "bias")
 
 
 def _signature(value: Any) -> Any:
+    # Shapes only: under autocast some layers come out in bf16 and others in float32, and every tensor is
+    # cast to float32 (logits, boxes) or to one dtype per product (mask features) before it is stacked.
     if isinstance(value, Tensor):
-        return ("dense", tuple(value.shape), value.dtype)
+        return ("dense", tuple(value.shape))
     if isinstance(value, dict):
-        return ("lazy",) + tuple((tuple(value[k].shape), value[k].dtype) for k in _LAZY_KEYS)
+        return ("lazy",) + tuple(tuple(value[k].shape) for k in _LAZY_KEYS)
     return None
 
 
 def can_batch_layers(layers: Sequence[dict[str, Any]], matches: Sequence[LayerMatches]) -> bool:
-    """Whether :func:`batched_layer_losses` applies: 2+ layers of equal shapes and dtypes, equal pair counts
-    per image in every layer, and at least one matched pair (an empty batch takes the per-layer pass, which
-    keeps every mask output in the graph with a zero loss)."""
+    """Whether :func:`batched_layer_losses` applies: 2+ layers of equal shapes (dtypes may differ), equal pair
+    counts per image in every layer, and at least one matched pair (an empty batch takes the per-layer pass,
+    which keeps every mask output in the graph with a zero loss)."""
     if len(layers) < 2 or len(matches) != len(layers) or matches[0].num_pairs == 0:
         return False
     first = layers[0]
     keys = ("pred_logits", "pred_boxes")
     for out, match in zip(layers, matches):
-        if any(out[k].shape != first[k].shape or out[k].dtype != first[k].dtype for k in keys):
+        if any(out[k].shape != first[k].shape for k in keys):
             return False
         if match.counts != matches[0].counts:
             return False
@@ -54,7 +56,7 @@ def can_batch_layers(layers: Sequence[dict[str, Any]], matches: Sequence[LayerMa
 
 
 def _stack(layers: Sequence[dict[str, Any]], key: str) -> Tensor:
-    return torch.stack([out[key] for out in layers]).float()
+    return torch.stack([out[key].float() for out in layers])
 
 
 def _pad_slots(counts: Sequence[int], device: torch.device) -> tuple[Tensor, int]:
@@ -71,26 +73,29 @@ def _pad_slots(counts: Sequence[int], device: torch.device) -> tuple[Tensor, int
 def _matched_mask_logits(
     layers: Sequence[dict[str, Any]], matches: Sequence[LayerMatches], layer: Tensor, b: Tensor, q: Tensor
 ) -> Tensor:
-    """Mask logits of every layer's matched queries: -> ``[L*M, h, w]`` (layer after layer)."""
+    """Mask logits of every layer's matched queries: -> ``[L*M, h, w]`` float32 (layer after layer).
+
+    Lazy entries: each layer's products run in its spatial map's own dtype (bf16 under autocast, as upstream's
+    criterion inside autocast) on the map itself, so no stacked or float32 copy of the ``[B, C, h, w]`` maps
+    is kept for the backward pass (at seg-medium, batch 8: 6 maps of 91 MiB each in float32).
+    """
     masks = [out["pred_masks"] for out in layers]
     if isinstance(masks[0], Tensor):
-        return torch.stack(masks).float()[layer, b, q]  # [L, B, GQ, h, w] -> [L*M, h, w]
-    spatial = torch.stack([m["spatial_features"] for m in masks]).float()  # [L, B, C, h, w]
-    query = torch.stack([m["query_features"] for m in masks]).float()  # [L, B, GQ, C]
-    bias = torch.stack([m["bias"] for m in masks]).float()  # [L, 1]
-    num_layers, bsz, channels, height, width = spatial.shape
-    # Each pair's logits are its query's dot product with its own image's map: one batched product over the
-    # L*B (layer, image) maps, with each image's pairs padded to the largest image's count.
-    slots, maxn = _pad_slots(matches[0].counts, spatial.device)  # [M]
-    offsets = torch.arange(num_layers, device=spatial.device).unsqueeze(1) * (bsz * maxn)  # [L, 1]
-    slots = (slots.unsqueeze(0) + offsets).reshape(-1)  # [L*M] rows of the [L*B*maxn, ...] layout
-    q_pad = query.new_zeros(num_layers * bsz * maxn, channels).index_copy(0, slots, query[layer, b, q])
-    padded = torch.bmm(
-        q_pad.view(num_layers * bsz, maxn, channels),  # [L*B*maxn, C] -> [L*B, maxn, C]
-        spatial.view(num_layers * bsz, channels, height * width),  # [L, B, C, h, w] -> [L*B, C, h*w]
-    )  # [L*B, maxn, h*w]
-    logits = padded.view(-1, height * width)[slots] + bias[layer]  # [L*M, h*w]
-    return logits.view(-1, height, width)
+        return torch.stack([m.float() for m in masks])[layer, b, q]  # [L, B, GQ, h, w] -> [L*M, h, w]
+    bsz, channels, height, width = masks[0]["spatial_features"].shape
+    # Each pair's logits are its query's dot product with its own image's map: per layer one batched product
+    # over the B maps, with each image's pairs padded to the largest image's count.
+    slots, maxn = _pad_slots(matches[0].counts, layer.device)  # [M] rows of the [B*maxn, ...] layout
+    out = []
+    for m, match in zip(masks, matches, strict=True):
+        spatial = m["spatial_features"]  # [B, C, h, w]
+        query = m["query_features"][match.batch_idx, match.query_idx].to(spatial.dtype)  # [M, C]
+        q_pad = query.new_zeros(bsz * maxn, channels).index_copy(0, slots, query)
+        padded = torch.bmm(
+            q_pad.view(bsz, maxn, channels), spatial.flatten(2)
+        )  # [B, maxn, h*w]
+        out.append(padded.view(-1, height * width)[slots].float() + m["bias"].float())  # [M, h*w]
+    return torch.cat(out).view(-1, height, width)
 
 
 def batched_layer_losses(
