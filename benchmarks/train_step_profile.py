@@ -111,6 +111,21 @@ class Side:
         self.times: list[float] = []
         self.peaks: list[float] = []
 
+    def outputs(self, images):
+        """The training forward of ``images`` under this side's autocast."""
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with self.amp():
+            return self.forward(images)
+
+    def loss_of(self, out, targets, matches=None):
+        """The weighted total loss of ``out`` (ours: with precomputed ``matches`` when given)."""
+        if self.total_loss is not None:
+            # upstream's criterion must run inside autocast (as its loop does); ours takes bf16 outputs outside
+            with self.amp():
+                return self.total_loss(self.criterion(out, targets))
+        return self.criterion.total_loss(self.criterion(out, targets, matches=matches))
+
     def step(self, images, targets, laps=None, sync=None) -> None:
         t = time.perf_counter()
 
@@ -124,15 +139,9 @@ class Side:
 
         if self.before_ckpt:
             self.before_ckpt()
-        if self.graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with self.amp():
-            out = self.forward(images)
+        out = self.outputs(images)
         lap("forward")
-        # ours takes bf16 outputs outside autocast; upstream's criterion must run inside it (as its loop does)
-        with self.amp() if self.total_loss is not None else contextlib.nullcontext():
-            losses = self.criterion(out, targets)
-            loss = (self.total_loss or self.criterion.total_loss)(losses)
+        loss = self.loss_of(out, targets)
         lap("criterion")
         loss.backward()
         lap("backward")
@@ -149,34 +158,32 @@ class Side:
 def _probe(side: Side, images, targets, initial: dict, sync, matches=None) -> dict:
     """One step's loss and gradient norm from ``initial`` weights (no optimiser step).
 
-    Ours: with ``matches`` (the eager reference's Hungarian matches) and uniform loss points from a fixed
-    seed, so the comparison measures the numerics of the step, not a flipped near-tie of the matching or of
-    the importance sampling (both discrete). ``matches=None``: match here and return them in ``"matches"``.
+    Ours: with ``matches`` (the eager reference's Hungarian matches) and uniform loss points drawn from the same
+    seed right before the loss, so the comparison measures the numerics of the step, not a flipped near-tie of
+    the matching or of the importance sampling (both discrete). ``matches=None``: match here and return them in
+    ``"matches"``.
     """
     from rfdetr_train.losses.point_sampling import ImportancePointSampler
 
     side.model.load_state_dict(initial)
     side.opt.zero_grad(set_to_none=True)
-    torch.manual_seed(1234)
     if side.before_ckpt:
         side.before_ckpt()
-    if side.graphs:
-        torch.compiler.cudagraph_mark_step_begin()
-    with side.amp():
-        out = side.forward(images)
+    out = side.outputs(images)
     result: dict = {}
-    with side.amp() if side.total_loss is not None else contextlib.nullcontext():
-        if side.total_loss is not None:  # upstream: its own criterion as its loop runs it
-            loss = side.total_loss(side.criterion(out, targets))
-        else:
-            if matches is None:
-                matches = result["matches"] = side.criterion.match(out, targets)
-            sampler = side.criterion.point_sampler
-            side.criterion.point_sampler = ImportancePointSampler(oversample_ratio=1.0, importance_ratio=0.0)
-            try:
-                loss = side.criterion.total_loss(side.criterion(out, targets, matches=matches))
-            finally:
-                side.criterion.point_sampler = sampler
+    if side.total_loss is not None:  # upstream: its own criterion and sampling
+        torch.manual_seed(1234)
+        loss = side.loss_of(out, targets)
+    else:
+        if matches is None:
+            matches = result["matches"] = side.criterion.match(out, targets)
+        sampler = side.criterion.point_sampler
+        side.criterion.point_sampler = ImportancePointSampler(oversample_ratio=1.0, importance_ratio=0.0)
+        torch.manual_seed(1234)  # after the matching, which draws its own points
+        try:
+            loss = side.loss_of(out, targets, matches)
+        finally:
+            side.criterion.point_sampler = sampler
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(side.model.parameters(), float("inf"))
     sync()

@@ -118,7 +118,7 @@ def _autocast_like(outputs):
 
 def test_autocast_dtypes_take_the_batched_pass_with_equal_losses():
     # Under bf16 autocast the encoder layer's boxes are bf16 and the decoder's float32: the batched pass must
-    # still apply (it did not before 0.2.1, so bf16 GPU training ran layer by layer).
+    # still apply (it did not before 207cd04, so bf16 GPU training ran layer by layer).
     outputs, targets = _case((3, 1, 7), seed=5)
     mixed = _autocast_like(outputs)
     crit = build_criterion(K, GROUPS)

@@ -91,9 +91,7 @@ def _matched_mask_logits(
         spatial = m["spatial_features"]  # [B, C, h, w]
         query = m["query_features"][match.batch_idx, match.query_idx].to(spatial.dtype)  # [M, C]
         q_pad = query.new_zeros(bsz * maxn, channels).index_copy(0, slots, query)
-        padded = torch.bmm(
-            q_pad.view(bsz, maxn, channels), spatial.flatten(2)
-        )  # [B, maxn, h*w]
+        padded = torch.bmm(q_pad.view(bsz, maxn, channels), spatial.flatten(2))  # [B, maxn, h*w]
         out.append(padded.view(-1, height * width)[slots].float() + m["bias"].float())  # [M, h*w]
     return torch.cat(out).view(-1, height, width)
 
