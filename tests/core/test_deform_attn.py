@@ -256,3 +256,20 @@ def test_kernel_input_checks(shapes, mutate, message):
     else:
         with pytest.raises(ValueError, match=message):
             cuda_ext.check_kernel_inputs(value, shapes, loc, attn)
+
+
+def test_gather_sampler_exports_without_tensor_literals():
+    """torch 2.11's ONNX exporter failed on the gather sampler while its constants were tensor literals made in
+    ``forward`` ("Constant tensor ...lifted_tensor_0 is not in the constants dictionary", 2026-12-04); they are
+    built by ops now, so ``torch.export`` lifts none."""
+    from rfdetr_core.ops.deform_attn import ms_deform_attn_gather
+
+    class Sampler(torch.nn.Module):
+        def forward(self, value, locations, weights):
+            return ms_deform_attn_gather(value, [4, 4, 2, 2], locations, weights)
+
+    value = torch.randn(1, 20, 2, 4)  # [B, S, M, D], S = 4*4 + 2*2
+    locations, weights = torch.rand(1, 3, 2, 2, 2, 2), torch.rand(1, 3, 2, 2, 2)  # [B, Q, M, L, P, (2)]
+    program = torch.export.export(Sampler(), (value, locations, weights))
+    assert not program.constants
+    torch.testing.assert_close(program.module()(value, locations, weights), Sampler()(value, locations, weights))

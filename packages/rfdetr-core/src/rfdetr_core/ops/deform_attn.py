@@ -18,6 +18,8 @@ their own dtype.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -93,6 +95,14 @@ _CORNER_DX = (0, 1, 0, 1)
 _CORNER_DY = (0, 0, 1, 1)
 
 
+def _int_constants(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``[len(values)]`` int64 built by ops (``full`` + ``stack``), not a tensor literal: torch 2.11's ONNX
+    exporter drops literals created in ``forward`` (lifted tensor constants) during its decompositions
+    ("Constant tensor ...lifted_tensor_0 is not in the constants dictionary"); the constant folder folds these
+    ops back into one initializer."""
+    return torch.stack([torch.full((), int(v), dtype=torch.int64, device=device) for v in values])
+
+
 def ms_deform_attn_gather(
     value: torch.Tensor,
     spatial_shapes: list[int],
@@ -124,12 +134,12 @@ def ms_deform_attn_gather(
         starts.append(start)
         start += h * w
     # Per-level constants, shaped to broadcast against [BM, Q, L, P, 4] (the taps on the last axis).
-    width = torch.tensor([w for _, w in shapes], device=device).view(levels, 1, 1)
-    height = torch.tensor([h for h, _ in shapes], device=device).view(levels, 1, 1)
-    level_start = torch.tensor(starts, device=device).view(levels, 1, 1)
-    size_xy = torch.tensor([[w, h] for h, w in shapes], dtype=math_dtype, device=device).view(levels, 1, 2)
-    dx = torch.tensor(_CORNER_DX, device=device)
-    dy = torch.tensor(_CORNER_DY, device=device)
+    width = _int_constants([w for _, w in shapes], device).view(levels, 1, 1)
+    height = _int_constants([h for h, _ in shapes], device).view(levels, 1, 1)
+    level_start = _int_constants(starts, device).view(levels, 1, 1)
+    size_xy = _int_constants([v for h, w in shapes for v in (w, h)], device).to(math_dtype).view(levels, 1, 2)
+    dx = _int_constants(_CORNER_DX, device)
+    dy = _int_constants(_CORNER_DY, device)
 
     # [B, Q, M, L, P, 2] -> [B, M, Q, L, P, 2] -> [B*M, Q, L, P, 2], then to pixel coordinates
     xy = sampling_locations.to(math_dtype).transpose(1, 2).flatten(0, 1) * size_xy - 0.5
