@@ -16,6 +16,7 @@ not count against each other. Modes: ``eager``; ``compile`` (``torch.compile`` o
 ``compile-graphs`` (the same with CUDA graphs, ``mode="reduce-overhead"``); ``checkpointing`` (eager with
 backbone activation checkpointing); ``compile-graphs-checkpointing`` (CUDA graphs with checkpointing compiled
 in; it must be the only mode of its call, since the flag is part of what the compiled graph assumes).
+``--memory-budget B`` sets the compiled graphs' activation memory budget (recompute instead of save).
 ``--phases`` adds the per-phase milliseconds of the eager step.
 
 Before any step, every mode (and upstream) takes one probe step from the same initial weights on the same
@@ -38,6 +39,7 @@ import json
 import time
 
 import torch
+import torch._functorch.config  # the activation memory budget (--memory-budget)
 
 
 def _targets(batch: int, classes: int, res: int, device, seed: int = 0) -> list[dict]:
@@ -155,31 +157,38 @@ class Side:
             self.after_ckpt()
 
 
-def _probe(side: Side, images, targets, initial: dict, sync, matches=None) -> dict:
+class _SharedPoints:
+    """Probe loss points: the same uniform points for every mask, so the loss does not depend on the order of
+    the matched pairs (``(mask_logits [M, 1, h, w], num_points) -> [M, num_points, 2]``)."""
+
+    def __call__(self, mask_logits, num_points):
+        points = torch.rand(1, num_points, 2, device=mask_logits.device)
+        return points.expand(mask_logits.shape[0], num_points, 2)
+
+
+def _probe(side: Side, images, targets, initial: dict, sync) -> dict:
     """One step's loss and gradient norm from ``initial`` weights (no optimiser step).
 
-    Ours: with ``matches`` (the eager reference's Hungarian matches) and uniform loss points drawn from the same
-    seed right before the loss, so the comparison measures the numerics of the step, not a flipped near-tie of
-    the matching or of the importance sampling (both discrete). ``matches=None``: match here and return them in
-    ``"matches"``.
+    Every side matches its own outputs, from the same seed, and (ours) takes its mask-loss points from
+    ``_SharedPoints`` drawn from the same seed right before the loss. The loss is then independent of the order
+    of the decoder's queries: under bf16 the two-stage top-k proposal order (and so the query index of a
+    prediction) flips between eager and compiled kernels on near-ties of bf16 scores, and a comparison with the
+    eager side's matches (by query index) or with per-mask points measured those flips, not the numerics.
     """
-    from rfdetr_train.losses.point_sampling import ImportancePointSampler
-
     side.model.load_state_dict(initial)
     side.opt.zero_grad(set_to_none=True)
     if side.before_ckpt:
         side.before_ckpt()
     out = side.outputs(images)
-    result: dict = {}
     if side.total_loss is not None:  # upstream: its own criterion and sampling
         torch.manual_seed(1234)
         loss = side.loss_of(out, targets)
     else:
-        if matches is None:
-            matches = result["matches"] = side.criterion.match(out, targets)
+        torch.manual_seed(1234)  # the matcher's mask-cost points
+        matches = side.criterion.match(out, targets)
         sampler = side.criterion.point_sampler
-        side.criterion.point_sampler = ImportancePointSampler(oversample_ratio=1.0, importance_ratio=0.0)
-        torch.manual_seed(1234)  # after the matching, which draws its own points
+        side.criterion.point_sampler = _SharedPoints()
+        torch.manual_seed(4321)
         try:
             loss = side.loss_of(out, targets, matches)
         finally:
@@ -190,8 +199,7 @@ def _probe(side: Side, images, targets, initial: dict, sync, matches=None) -> di
     if side.after_ckpt:
         side.after_ckpt()
     side.opt.zero_grad(set_to_none=True)
-    result.update(loss=float(loss.detach()), grad_norm=float(grad_norm))
-    return result
+    return {"loss": float(loss.detach()), "grad_norm": float(grad_norm)}
 
 
 def _allocated(cuda: bool) -> int:
@@ -234,7 +242,14 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
 
     images = torch.randn(batch, 3, res, res, device=device)
     targets = _targets(batch, args.classes, res, device)
-    row: dict = {"variant": variant_name, "resolution": res, "batch": batch, "amp": args.amp, "modes": {}}
+    row: dict = {
+        "variant": variant_name,
+        "resolution": res,
+        "batch": batch,
+        "amp": args.amp,
+        "activation_memory_budget": torch._functorch.config.activation_memory_budget,
+        "modes": {},
+    }
     sides: list[Side] = []
 
     base = _allocated(cuda)
@@ -272,22 +287,22 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
     # Probe steps: same weights, batch and seed for every mode (the compiled modes compile here).
     reference = Side("eager", model, criterion, None, model, opt, ema, amp, clip)
     row["probe"] = {"eager": _probe(reference, images, targets, initial, sync)}
-    ref_matches = row["probe"]["eager"].pop("matches")
-    probe_s = {}
+    probe_s, probe_graphs = {}, {}
     for side in ours_sides:
-        t0 = time.perf_counter()
+        t0, g0 = time.perf_counter(), _graph_count()
         try:
-            row["probe"][side.name] = _probe(side, images, targets, initial, sync, ref_matches)
+            row["probe"][side.name] = _probe(side, images, targets, initial, sync)
         except Exception as exc:
             print(f"  {variant_name} b{batch} {side.name} probe: FAILED {type(exc).__name__}: {str(exc)[:300]}")
         probe_s[side.name] = time.perf_counter() - t0
+        probe_graphs[side.name] = _graph_count() - g0
     model.load_state_dict(initial)
     for side in ours_sides:
         mode = side.name
         sync()
         before, graphs_before, t0 = _allocated(cuda), _graph_count(), time.perf_counter()
         try:
-            for _ in range(3):
+            for _ in range(args.warmup_steps):
                 side.step(images, targets)
             sync()
         except Exception as exc:  # a mode that fails is reported, the others still run
@@ -302,7 +317,7 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
         side.persistent = ours_held + opt_held + held
         row["modes"][mode] = {
             "warmup_s": time.perf_counter() - t0 + probe_s.get(mode, 0.0),
-            "graphs_compiled": _graph_count() - graphs_before,
+            "graphs_compiled": _graph_count() - graphs_before + probe_graphs.get(mode, 0),
         }
         sides.append(side)
 
@@ -322,7 +337,7 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
         try:
             up_initial = {k: v.detach().clone() for k, v in up_model.state_dict().items()}
             row["probe"]["upstream"] = _probe(up, images, targets, up_initial, sync)
-            for _ in range(3):
+            for _ in range(args.warmup_steps):
                 up.step(images, targets)
             sync()
             up.persistent = _allocated(cuda) - base
@@ -331,6 +346,7 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
             row["upstream_failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(f"  {variant_name} b{batch} upstream: FAILED {row['upstream_failed']}", flush=True)
 
+    graphs_before_timing = _graph_count()
     per = max(2, args.steps // 4)
     for _ in range(args.repeats):
         for side in sides:
@@ -346,6 +362,7 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
             if cuda:
                 side.peaks.append((side.persistent + torch.cuda.max_memory_allocated() - start) / 2**30)
 
+    row["graphs_compiled_while_timing"] = _graph_count() - graphs_before_timing  # recompiles: > 0 is a flaw
     up_ips = None
     for side in sides:
         t = sorted(side.times)[len(side.times) // 2]
@@ -407,6 +424,8 @@ def _print_row(row: dict) -> None:
             f"{m['graphs_compiled']} graphs",
             flush=True,
         )
+    if row.get("graphs_compiled_while_timing"):
+        print(f"  WARNING: {row['graphs_compiled_while_timing']} graphs compiled during the timed blocks")
     probe = row.get("probe", {})
     ref = probe.get("eager")
     for name, p in probe.items():
@@ -465,6 +484,9 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=80)
     ap.add_argument("--batch", type=_csv(int), default=[4], help="comma-separated batch sizes")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument(
+        "--warmup-steps", type=int, default=3, help="untimed whole steps per side after its probe step"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--amp", choices=("bf16", "fp16", "no"), default="bf16")
     ap.add_argument(
@@ -486,6 +508,12 @@ def main() -> None:
     ap.add_argument("--loop-compile", action="store_true", help="loop mode: also ours with --compile")
     ap.add_argument("--loop-timeout", type=int, default=400, help="seconds per side in loop mode")
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--memory-budget",
+        type=float,
+        help="compiled modes: torch._functorch.config.activation_memory_budget (1.0 = keep every activation "
+        "the partitioner would; lower values recompute the cheapest ones in the backward)",
+    )
     ap.add_argument("--val-images", type=int, default=100)
     ap.add_argument("--train-images", type=int, help="loop mode: only the first N training images")
     ap.add_argument("--warmup", type=int, default=20, help="loop mode: steps left out of the timing")
@@ -510,9 +538,20 @@ def main() -> None:
                 json.dump({"torch": torch.__version__, "loop": results}, f, indent=1)
         return
 
+    if args.upstream:
+        # Importing upstream's model code sets this process-wide (rfdetr/detr.py, 1.11.2). Set it first, so every
+        # side compiles and runs under one state (else our compiled graphs, built before upstream's import,
+        # recompile in the first timed block on their TF32 guard).
+        torch.set_float32_matmul_precision("high")
+    if args.memory_budget is not None:
+        # The min-cut partitioner's knob (torch >= 2.4): keep at most this share of the activations it would
+        # save for the backward of a compiled graph, recomputing the cheapest (by estimated flops) instead.
+        torch._functorch.config.activation_memory_budget = args.memory_budget
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(
-        f"{name}, torch {torch.__version__}, {args.classes} classes, modes {','.join(args.modes)}", flush=True
+        f"{name}, torch {torch.__version__}, {args.classes} classes, modes {','.join(args.modes)}, "
+        f"activation memory budget {torch._functorch.config.activation_memory_budget}",
+        flush=True,
     )
     rows = []
     for variant in args.variant:
