@@ -114,3 +114,22 @@ def test_boxes_of_zero_size_pair_by_their_corners():
     assert r.ok and r.unmatched == 0
     moved = _side([0.9, 0.8], [1, 2], [[0.6, 0.5, 0.6, 0.75], B])  # 20 px away: another box
     assert compare_outputs(one, moved, SIZES, F32).unmatched == 2
+
+
+def test_a_mask_only_failure_gets_the_hint_and_others_do_not():
+    from rfdetr_export.check import CheckResult, failure_hint
+
+    def result(**changes):
+        fields = dict(batch=3, detections=30, score_error=1e-5, box_error_px=0.0, min_mask_iou=0.995, unmatched=0)
+        fields.update(changes)
+        return CheckResult(tolerance=F32, **fields)
+
+    passed, masks_off = result(), result(min_mask_iou=0.97)
+    assert failure_hint([passed]) is None  # nothing failed
+    assert masks_off.only_masks_off and not passed.only_masks_off
+    hint = failure_hint([passed, masks_off])
+    assert hint is not None and "mask IoU" in hint and "--check-images" in hint
+    # another failure alongside (scores, boxes or an unpaired detection): no hint, the numbers speak
+    for other in (result(min_mask_iou=0.97, score_error=0.1), result(box_error_px=3.0), result(unmatched=2)):
+        assert not other.only_masks_off
+        assert failure_hint([masks_off, other]) is None

@@ -62,6 +62,15 @@ def test_disagreement_beyond_tolerance_exits_1(reuse_export, tmp_path, monkeypat
     captured = capsys.readouterr()
     assert code == 1
     assert "FAILED" in captured.out and "disagrees with PyTorch beyond the tolerances" in captured.err
+    assert "Only the mask IoU is off" not in captured.err  # the scores failed
+
+
+def test_a_mask_iou_only_failure_exits_1_with_the_hint(reuse_export, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(check.TOLERANCES, "float32", check.Tolerance(score=1e-3, box_px=0.5, mask_iou=1.01))
+    code = main([str(reuse_export.checkpoint), "--dynamic-batch", "--output", str(tmp_path / "m.onnx")])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "Only the mask IoU is off" in captured.err and "--check-images" in captured.err
 
 
 def test_trt_build_with_fake_tensorrt_checks_the_engine(reuse_export, tmp_path, monkeypatch, capsys):

@@ -71,6 +71,17 @@ class CheckResult:
             and self.min_mask_iou >= t.mask_iou
         )
 
+    @property
+    def only_masks_off(self) -> bool:
+        """Failed on the mask IoU alone: every detection paired, scores and boxes within the tolerances."""
+        t = self.tolerance
+        return (
+            not self.ok
+            and self.unmatched == 0
+            and self.score_error <= t.score
+            and self.box_error_px <= t.box_px
+        )
+
     def line(self) -> str:
         t = self.tolerance
         verdict = "ok" if self.ok else "FAILED"
@@ -80,6 +91,19 @@ class CheckResult:
             f"{self.min_mask_iou:.4f} (>= {t.mask_iou:g}), ties at the cut-off {self.cutoff_ties}, unmatched "
             f"{self.unmatched}: {verdict}"
         )
+
+
+def failure_hint(results: Sequence[CheckResult]) -> str | None:
+    """What to tell the user when the check failed on the mask IoU alone (``None`` otherwise)."""
+    failed = [r for r in results if not r.ok]
+    if not failed or not all(r.only_masks_off for r in failed):
+        return None
+    return (
+        "Only the mask IoU is off: every detection paired, and scores and boxes agree. Masks whose logits sit "
+        "near 0 over much of the image (random or barely trained weights) flip pixels when the float order "
+        "differs (another runtime, CPU or torch version), so this is expected for them; for trained weights, "
+        "check on your own images with --check-images DIR. The file was written either way."
+    )
 
 
 def synthetic_images(count: int, size: tuple[int, int] = (360, 480), seed: int = 0) -> list[np.ndarray]:

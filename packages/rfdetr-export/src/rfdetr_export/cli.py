@@ -109,7 +109,7 @@ def _print_check(results) -> bool:
 def _check_against_pytorch(exported, reference, card, batches, args, path) -> int:
     """Run the post-export check of ``exported`` against ``reference`` (PyTorch) on ``batches``; the exit
     code: 0, or :data:`EXIT_CHECK_FAILED` with a message naming ``path``."""
-    from rfdetr_export.check import run_check
+    from rfdetr_export.check import failure_hint, run_check
 
     results = run_check(
         exported,
@@ -123,6 +123,9 @@ def _check_against_pytorch(exported, reference, card, batches, args, path) -> in
     if _print_check(results):
         return 0
     print(f"rfdetr-export: {path} disagrees with PyTorch beyond the tolerances (see above).", file=sys.stderr)
+    hint = failure_hint(results)
+    if hint:
+        print(f"rfdetr-export: {hint}", file=sys.stderr)
     return EXIT_CHECK_FAILED
 
 
