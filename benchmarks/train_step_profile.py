@@ -180,11 +180,10 @@ def _probe(side: Side, images, targets, initial: dict, sync) -> dict:
     if side.before_ckpt:
         side.before_ckpt()
     out = side.outputs(images)
+    torch.manual_seed(1234)  # ours: the matcher's mask-cost points; upstream: all of its own draws
     if side.total_loss is not None:  # upstream: its own criterion and sampling
-        torch.manual_seed(1234)
         loss = side.loss_of(out, targets)
     else:
-        torch.manual_seed(1234)  # the matcher's mask-cost points
         matches = side.criterion.match(out, targets)
         sampler = side.criterion.point_sampler
         side.criterion.point_sampler = _SharedPoints()

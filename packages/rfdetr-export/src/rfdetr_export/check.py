@@ -62,25 +62,19 @@ class CheckResult:
     cutoff_ties: int = 0  # unpaired detections tied with the other side's K-th score (module docstring)
 
     @property
-    def ok(self) -> bool:
+    def _paired_within(self) -> bool:
+        """Every detection paired, scores and boxes within the tolerances (everything but the masks)."""
         t = self.tolerance
-        return (
-            self.unmatched == 0
-            and self.score_error <= t.score
-            and self.box_error_px <= t.box_px
-            and self.min_mask_iou >= t.mask_iou
-        )
+        return self.unmatched == 0 and self.score_error <= t.score and self.box_error_px <= t.box_px
+
+    @property
+    def ok(self) -> bool:
+        return self._paired_within and self.min_mask_iou >= self.tolerance.mask_iou
 
     @property
     def only_masks_off(self) -> bool:
         """Failed on the mask IoU alone: every detection paired, scores and boxes within the tolerances."""
-        t = self.tolerance
-        return (
-            not self.ok
-            and self.unmatched == 0
-            and self.score_error <= t.score
-            and self.box_error_px <= t.box_px
-        )
+        return self._paired_within and not self.ok
 
     def line(self) -> str:
         t = self.tolerance
