@@ -10,8 +10,11 @@ images and targets that live on the device already, so the data pipeline is out 
 For every (variant, batch) it warms each of our modes and upstream up (compiling where the mode compiles, the
 seconds and graph count reported), then times interleaved blocks of whole steps (forward, criterion, backward,
 clipping, the same fused AdamW and EMA for both sides) and prints the median images/s of each mode and its
-ratio to upstream. Peak memory of a side = its own persistent memory (weights, optimiser state, EMA copy,
-compiled graph pools) + the transient peak of its steps, so the models living side by side in one process do
+ratio to upstream. Peak memory of a side = its own persistent memory (weights, optimiser state, EMA copy) + the
+transient peak of its steps + for CUDA-graph modes the whole of the graph pools it made (a replay writes into
+its pool without asking the caching allocator, so ``max_memory_allocated`` sees only the pool's allocated
+blocks: the rest, ``reserved - allocated`` of those pools, is added; until 2026-12-04 it was not, and the
+compile-graphs peaks recorded before then are too low), so the models living side by side in one process do
 not count against each other. Modes: ``eager``; ``compile`` (``torch.compile`` of the model forward);
 ``compile-graphs`` (the same with CUDA graphs, ``mode="reduce-overhead"``); ``checkpointing`` (eager with
 backbone activation checkpointing); ``compile-graphs-checkpointing`` (CUDA graphs with checkpointing compiled
@@ -110,6 +113,7 @@ class Side:
         self.before_ckpt = None  # callables run around the step (checkpointing mode)
         self.after_ckpt = None
         self.persistent = 0  # bytes this side holds between steps
+        self.pools: set = set()  # ids of the CUDA-graph memory pools this side made
         self.times: list[float] = []
         self.peaks: list[float] = []
 
@@ -205,6 +209,19 @@ def _allocated(cuda: bool) -> int:
     return torch.cuda.memory_allocated() if cuda else 0
 
 
+def _pool_ids() -> set:
+    from rfdetr_core.cuda_graphs import graph_pools
+
+    return set(graph_pools())
+
+
+def _pool_unallocated(side: Side) -> int:
+    """Bytes of ``side``'s graph pools that the allocator counts as free (the replay uses them)."""
+    from rfdetr_core.cuda_graphs import graph_pools
+
+    return sum(reserved - allocated for pool, (reserved, allocated) in graph_pools().items() if pool in side.pools)
+
+
 def measure(variant_name: str, batch: int, args, device) -> dict:
     """All modes of ours and upstream for one (variant, batch); returns the result row."""
     from rfdetr_core.factory import build_model
@@ -288,35 +305,38 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
     row["probe"] = {"eager": _probe(reference, images, targets, initial, sync)}
     probe_s, probe_graphs = {}, {}
     for side in ours_sides:
-        t0, g0 = time.perf_counter(), _graph_count()
+        t0, g0, pools = time.perf_counter(), _graph_count(), _pool_ids()
         try:
             row["probe"][side.name] = _probe(side, images, targets, initial, sync)
         except Exception as exc:
             print(f"  {variant_name} b{batch} {side.name} probe: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+        side.pools |= _pool_ids() - pools
         probe_s[side.name] = time.perf_counter() - t0
         probe_graphs[side.name] = _graph_count() - g0
     model.load_state_dict(initial)
     for side in ours_sides:
         mode = side.name
         sync()
-        before, graphs_before, t0 = _allocated(cuda), _graph_count(), time.perf_counter()
+        before, graphs_before, t0, pools = _allocated(cuda), _graph_count(), time.perf_counter(), _pool_ids()
         try:
             for _ in range(args.warmup_steps):
                 side.step(images, targets)
             sync()
+            side.pools |= _pool_ids() - pools
         except Exception as exc:  # a mode that fails is reported, the others still run
             row["modes"][mode] = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(
                 f"  {variant_name} b{batch} {mode}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True
             )
             continue
-        held = _allocated(cuda) - before  # optimiser state on the first warm-up; graph pools on later ones
+        held = _allocated(cuda) - before  # optimiser state on the first warm-up; live graph outputs on later ones
         if opt_held is None:
             opt_held, held = held, 0
         side.persistent = ours_held + opt_held + held
         row["modes"][mode] = {
             "warmup_s": time.perf_counter() - t0 + probe_s.get(mode, 0.0),
             "graphs_compiled": _graph_count() - graphs_before + probe_graphs.get(mode, 0),
+            "graph_pool_unallocated_gib": _pool_unallocated(side) / 2**30,  # counted in its peak
         }
         sides.append(side)
 
@@ -359,7 +379,8 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
             sync()
             side.times.append((time.perf_counter() - t0) / per)
             if cuda:
-                side.peaks.append((side.persistent + torch.cuda.max_memory_allocated() - start) / 2**30)
+                peak = side.persistent + torch.cuda.max_memory_allocated() - start + _pool_unallocated(side)
+                side.peaks.append(peak / 2**30)
 
     row["graphs_compiled_while_timing"] = _graph_count() - graphs_before_timing  # recompiles: > 0 is a flaw
     up_ips = None
@@ -420,7 +441,10 @@ def _print_row(row: dict) -> None:
         peak = f", peak {m['peak_gib']:.2f} GiB{mem}" if m.get("peak_gib") is not None else ""
         print(
             f"  {head} {mode}: {m['images_per_s']:.1f} images/s{ratio}{peak}; warm-up {m['warmup_s']:.0f} s, "
-            f"{m['graphs_compiled']} graphs",
+            f"{m['graphs_compiled']} graphs" + (
+                f" (pools: {m['graph_pool_unallocated_gib']:.2f} GiB beyond the allocator's count, in the peak)"
+                if m.get("graph_pool_unallocated_gib") else ""
+            ),
             flush=True,
         )
     if row.get("graphs_compiled_while_timing"):

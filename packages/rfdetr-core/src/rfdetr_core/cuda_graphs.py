@@ -37,6 +37,29 @@ def compile_cache_dir() -> Path:
     return Path(os.environ[CACHE_ENV])
 
 
+def graph_pools(device: torch.device | int | None = None) -> dict[tuple[int, int], tuple[int, int]]:
+    """Bytes held by each CUDA-graph private memory pool of ``device``: ``{pool id: (reserved, allocated)}``.
+
+    A graph's replay writes its intermediates into its pool without asking the caching allocator, so
+    ``torch.cuda.max_memory_allocated`` misses the part of the pool the allocator counts as free
+    (``reserved - allocated``); a peak that includes graphs adds it. Empty without CUDA. Walks the
+    allocator's segments (``torch.cuda.memory_snapshot``): milliseconds, not for every step.
+    """
+    if not torch.cuda.is_available():
+        return {}
+    index = None if device is None else torch.device(device).index  # an int is a CUDA index
+    if index is None:
+        index = torch.cuda.current_device()
+    pools: dict[tuple[int, int], tuple[int, int]] = {}
+    for seg in torch.cuda.memory_snapshot():
+        pool = tuple(seg.get("segment_pool_id", (0, 0)))
+        if seg.get("device") != index or pool == (0, 0):  # (0, 0): the allocator's ordinary pool
+            continue
+        reserved, allocated = pools.get(pool, (0, 0))
+        pools[pool] = (reserved + int(seg["total_size"]), allocated + int(seg["allocated_size"]))
+    return pools
+
+
 def _clone(tree: Any, rows: int) -> Any:
     """First ``rows`` rows of every tensor in a tuple/list/dict of tensors, as fresh copies."""
     if isinstance(tree, torch.Tensor):
