@@ -52,6 +52,21 @@ def test_engine_flags_reach_the_train_section():
     assert (t.mixed_precision, t.log_every, t.metric, t.progress) == ("auto", 10, "segm/AP", True)
 
 
+def test_compile_options_reach_the_train_section_and_need_compile():
+    t = build_run_config(
+        _options(_parse("--compile", "--compile-mode", "reduce-overhead", "--activation-memory-budget", "0.5"))
+    ).train
+    assert (t.compile, t.compile_mode, t.activation_memory_budget) == (True, "reduce-overhead", 0.5)
+    t = build_run_config(_options(_parse())).train
+    assert (t.compile, t.compile_mode, t.activation_memory_budget) == (False, "default", None)
+    with pytest.raises(ConfigError, match="--compile"):
+        build_run_config(_options(_parse("--compile-mode", "reduce-overhead")))
+    with pytest.raises(ConfigError, match="--compile"):
+        build_run_config({"activation_memory_budget": 0.5})
+    with pytest.raises(ConfigError, match="activation_memory_budget"):
+        build_run_config({"compile": True, "activation_memory_budget": 1.5})
+
+
 @pytest.mark.parametrize("metric", ["segm", "segm/AP5", "mask/AP", "bbox/"])
 def test_unknown_metric_is_named(metric):
     with pytest.raises(ConfigError, match="segm/AP50"):

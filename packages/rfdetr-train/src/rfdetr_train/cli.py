@@ -210,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the training forward (CUDA; each new input shape compiles once)",
     )
     o.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        help="with --compile: reduce-overhead replays the compiled forward and backward as CUDA graphs (fastest "
+        "on CUDA; one graph per input shape)",
+    )
+    o.add_argument(
+        "--activation-memory-budget",
+        type=float,
+        metavar="X",
+        help="with --compile: share of activations kept for the backward, 0-1 (e.g. 0.5: the cheapest are "
+        "recomputed; less memory at little cost)",
+    )
+    o.add_argument(
         "--grad-checkpointing",
         action="store_const",
         const=True,

@@ -49,6 +49,12 @@ class TrainConfig(ConfigSection):
     seed: int = 42
     device: str | None = None  # cpu, cuda, cuda:1; None = what Accelerate picks
     compile: bool = False  # torch.compile the training forward (recompiles per input shape are logged)
+    # torch.compile mode: "reduce-overhead" / "max-autotune" replay the compiled forward and backward as CUDA
+    # graphs (one per input shape, CUDA only); "default" does not
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    # share of the activations the compiled graph keeps for the backward (torch's
+    # activation_memory_budget; None = torch's default, 1.0): lower recomputes the cheapest in the backward
+    activation_memory_budget: float | None = Field(default=None, gt=0.0, le=1.0)
     grad_checkpointing: bool = False  # recompute backbone blocks in backward: less memory, ~1 more forward
 
     # -- validation and early stopping ----------------------------------------------------------------
@@ -95,6 +101,15 @@ class TrainConfig(ConfigSection):
     def _length_exclusive(self):
         if self.epochs is not None and self.steps is not None:
             raise ValueError("give either `epochs` or `steps`, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _compile_options_need_compile(self):
+        if not self.compile and (self.compile_mode != "default" or self.activation_memory_budget is not None):
+            raise ValueError(
+                "`compile_mode` and `activation_memory_budget` apply to the compiled forward: set `compile` "
+                "too (--compile)"
+            )
         return self
 
     def parsed_resolution(self) -> tuple[int, int] | None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rfdetr_core.checkpoint import save_model
+from rfdetr_core.cuda_graphs import graph_pools
 from rfdetr_train.engine.early_stop import EarlyStopping
 from rfdetr_train.engine.ema import ModelEMA
 from rfdetr_train.engine.guard import NonFiniteGuard
@@ -126,7 +127,9 @@ class Trainer:
                 self.ema.set(model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # The compiled wrapper runs the training forward only; EMA, saving and validation use the module.
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.forward = self._compiled(cfg) if cfg.compile else self.model
+        # CUDA-graph replays reuse their output memory: each training forward starts a new step
+        self._mark_graph_step = cfg.compile and cfg.compile_mode != "default" and self.acc.device.type == "cuda"
         self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / cfg.grad_accum))
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
         self.val_every = cfg.steps_per_validation or self.steps_per_epoch
@@ -155,6 +158,18 @@ class Trainer:
         self._shown = (float("nan"), 0.0, {"images_per_s": 0.0, "data_frac": 0.0})  # progress-bar postfix
 
     # -- helpers -----------------------------------------------------------------------------------------
+    def _compiled(self, cfg):
+        """``torch.compile`` of the prepared model in ``cfg.compile_mode``, under ``cfg.activation_memory_budget``.
+
+        The budget is torch's process-wide min-cut partitioner setting (``torch._functorch.config``), read when
+        a graph compiles, so it is set here and applies to every recompile of this run.
+        """
+        if cfg.activation_memory_budget is not None:
+            import torch._functorch.config
+
+            torch._functorch.config.activation_memory_budget = cfg.activation_memory_budget
+        return torch.compile(self.model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+
     @property
     def raw_model(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.model)
@@ -285,6 +300,8 @@ class Trainer:
                         timer.data_ready()
                         batch = batch.to(device, non_blocking=True)
                         with acc.accumulate(self.model):
+                            if self._mark_graph_step:
+                                torch.compiler.cudagraph_mark_step_begin()
                             outputs = self.forward(batch.images)
                             losses = self.criterion(outputs, batch.targets)
                             loss = self.criterion.total_loss(losses)
@@ -385,7 +402,10 @@ class Trainer:
         memory = ""
         if self.acc.device.type == "cuda":
             # peak since the start of the run, this process's card (training steps and validations)
-            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
+            peak = torch.cuda.max_memory_allocated(self.acc.device)
+            if self._mark_graph_step:  # CUDA-graph replays use their pools unseen by the allocator's count
+                peak += sum(reserved - allocated for reserved, allocated in graph_pools(self.acc.device).values())
+            row["peak_mem_gib"] = peak / 2**30
             memory = f"  peak {row['peak_mem_gib']:.2f} GiB"
         self.trackers.log(row, self.step)
         skipped = " (skipped: non-finite)" if bad else ""
