@@ -59,6 +59,8 @@ _LAZY = {
     "draw_detections": "rfdetr_core.drawing",
     # deformable-attention backend (export traces the pure-PyTorch samplers)
     "use_backend": "rfdetr_core.ops",
+    # CUDA graphs (the trainer counts their private memory pools in its peak-memory log)
+    "graph_pools": "rfdetr_core.cuda_graphs",
     # errors, files, folders
     "CheckpointError": "rfdetr_core.errors",
     "ImageError": "rfdetr_core.errors",

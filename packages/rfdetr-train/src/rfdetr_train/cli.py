@@ -213,14 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-mode",
         choices=("default", "reduce-overhead", "max-autotune"),
         help="with --compile: reduce-overhead replays the compiled forward and backward as CUDA graphs (fastest "
-        "on CUDA; one graph per input shape)",
+        "on CUDA; one graph per input shape); default: default (no CUDA graphs)",
     )
     o.add_argument(
         "--activation-memory-budget",
         type=float,
         metavar="X",
         help="with --compile: share of activations kept for the backward, 0-1 (e.g. 0.5: the cheapest are "
-        "recomputed; less memory at little cost)",
+        "recomputed; less memory at little cost); default: torch's (1.0, keep all)",
     )
     o.add_argument(
         "--grad-checkpointing",
