@@ -331,21 +331,18 @@ def _time_variant(
 
 def _stages(model, imgs, threshold: float) -> dict:
     """Callables timing our fast path's stages alone: preprocessing, the graph replay, post-processing."""
-    from rfdetr_core.postprocess import finish_detections, select_detections
+    from rfdetr_core.postprocess import finish_detections
     from rfdetr_core.preprocess import preprocess
 
     x, sizes = preprocess(list(imgs), model.resolution, model.preprocess_config, device=model.device)
-    table = model._slot_category_on_device()
-    n_select = int(model.model.num_queries)
 
     def pre():
         return preprocess(list(imgs), model.resolution, model.preprocess_config, device=model.device)
 
     def net():
-        return model._graphed(x)
+        return model._graphed(x)  # the graph ends in the float32 selection: (scores, labels, boxes, masks)
 
-    out = {k: v.float() for k, v in net().items()}
-    picked = select_detections(out["pred_logits"], out["pred_boxes"], out.get("pred_masks"), table, n_select)
+    picked = net()
 
     def post():
         return finish_detections(*picked, sizes, threshold=threshold, mask_format="rle", host=True)

@@ -107,3 +107,32 @@ def test_graph_safe_selection_equals_todays_rule(q, s, k):
     tied = torch.randint(-3, 3, (3, q, s), generator=g).float()
     for got, want in zip(select_topk(tied, k), _stable_reference(tied, k), strict=True):
         assert torch.equal(got, want)
+
+
+def test_selection_dtype_selects_in_float32_after_a_bf16_network():
+    """``RFDETR.optimize``'s captured module: a bf16 network, then the selection on float32 casts of its raw
+    outputs, exactly as eager predict selected on the fast path before (``select_detections`` of ``.float()``)."""
+    loaded = _loaded("seg-tiny")
+    card = loaded.card
+    net = loaded.model.to(torch.bfloat16)
+    raw = DeployModel(net, card, postprocess=False)
+    fast = DeployModel(net, card, num_select=card.num_queries, selection_dtype=torch.float32)
+    x = torch.randn(2, 3, *card.resolution, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with torch.inference_mode():
+        logits, boxes, masks = (t.float() for t in raw(x))
+        want = select_detections(logits, boxes, masks, raw.slot_category, card.num_queries)
+        got = fast(x)
+    assert got[0].dtype == torch.float32 and got[3].dtype == torch.float32
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+def test_deploy_buffers_live_on_the_models_device():
+    # a CUDA graph cannot capture a host-to-device copy, so no buffer may start on the host (meta stands in
+    # for the GPU here)
+    loaded = _loaded("seg-tiny")
+    deploy = DeployModel(loaded.model.to("meta"), loaded.card)
+    assert {name: b.device.type for name, b in deploy.named_buffers() if "." not in name} == {
+        "pos_table": "meta",
+        "slot_category": "meta",
+    }

@@ -205,11 +205,11 @@ def test_graph_outputs_survive_the_next_call(models):
     _, fast = models
     x1 = torch.randn(1, 3, *fast.resolution, device="cuda")
     x2 = torch.randn(1, 3, *fast.resolution, device="cuda")
-    first = fast._graphed(x1)
-    keep = {k: v.clone() for k, v in first.items()}
+    first = fast._graphed(x1)  # (scores, labels, boxes, masks)
+    keep = [t.clone() for t in first]
     fast._graphed(x2)
-    for k in keep:
-        torch.testing.assert_close(first[k], keep[k], rtol=0, atol=0)
+    for got, kept in zip(first, keep, strict=True):
+        torch.testing.assert_close(got, kept, rtol=0, atol=0)
 
 
 def test_optimize_needs_cuda_device(checkpoint):

@@ -200,6 +200,31 @@ def test_every_cpu_dtype_is_finite_and_agrees_with_float32(checkpoint, float32_r
         assert err <= tol, (key, err)
 
 
+def test_fast_path_branch_returns_eager_detections(checkpoint):
+    """``predict`` after ``optimize()`` reads the captured module's tuple, selected in float32 in the graph.
+
+    The CUDA graph itself needs a GPU (tests/core/test_fast_path_gpu.py); here the module ``optimize`` captures,
+    a float32 ``DeployModel`` with ``selection_dtype=torch.float32``, stands in for it uncaptured, so the
+    branch's slicing and unpacking are checked against eager ``predict`` exactly."""
+    from rfdetr_core.deploy import DeployModel
+
+    model = RFDETR.from_checkpoint(checkpoint, device="cpu")
+    images = [_image(50, 70, seed=3), _image(40, 30, seed=4)]
+    want = model.predict(images, threshold=0.0, num_select=7)
+    k = model.card.num_queries
+    model._graphed = DeployModel(model.model, model.card, num_select=k, selection_dtype=torch.float32)
+    model._graphed_num_select = k
+    got = model.predict(images, threshold=0.0, num_select=7)
+    for g, w in zip(got, want, strict=True):
+        assert len(g) == len(w) > 0
+        np.testing.assert_array_equal(g.scores, w.scores)
+        np.testing.assert_array_equal(g.boxes, w.boxes)
+        np.testing.assert_array_equal(g.category_ids, w.category_ids)
+        np.testing.assert_array_equal(g.masks, w.masks)
+    with pytest.raises(ValueError, match=rf"optimize\(num_select={k + 1}\)"):
+        model.predict(images, num_select=k + 1)
+
+
 def test_random_init_warns_and_uses_coco_layout():
     with pytest.warns(UserWarning, match="untrained"):
         m = RFDETR(VARIANT, resolution=RES)

@@ -95,10 +95,20 @@ class DeployModel(nn.Module):
         card: the model card (resolution, class map for the label table, default ``num_select``).
         postprocess: end the graph in the graph-safe half of post-processing (default) or return raw outputs.
         num_select: ``K`` for ``postprocess=True`` (default ``card.default_num_select``; capped at ``Q*S``).
+        selection_dtype: with ``postprocess=True``, the dtype the selection runs in (sigmoid, top-K, boxes and
+            the picked mask logits are cast to it); ``None`` (default): the network's. The GPU fast path
+            (``RFDETR.optimize``) runs a bf16/fp16 network and selects in float32, as eager predict does, so
+            that low-precision scores do not reorder or threshold detections differently.
     """
 
     def __init__(
-        self, model: nn.Module, card: ModelCard, *, postprocess: bool = True, num_select: int | None = None
+        self,
+        model: nn.Module,
+        card: ModelCard,
+        *,
+        postprocess: bool = True,
+        num_select: int | None = None,
+        selection_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if int(model.num_slots) != card.num_slots or int(model.num_queries) != card.num_queries:
@@ -113,13 +123,19 @@ class DeployModel(nn.Module):
         if k < 1:
             raise ValueError(f"num_select must be >= 1, got {k}")
         self.num_select = min(k, card.num_queries * card.num_slots)
+        if selection_dtype is not None and not selection_dtype.is_floating_point:
+            raise ValueError(f"selection_dtype must be a floating dtype, got {selection_dtype}")
+        self.selection_dtype = selection_dtype
         self.net = _group0_view(model)
         patch = int(model.backbone.patch_size)
         grid = (card.resolution[0] // patch, card.resolution[1] // patch)
         with torch.no_grad():
             table = model.backbone.position_table(grid).detach().clone()  # [1, 1 + Hp*Wp, C]
         self.register_buffer("pos_table", table)
-        slot_category = torch.tensor(card.class_map.slot_to_category_table(), dtype=torch.int64)
+        # on the model's device like the position table: a CUDA graph cannot capture a host-to-device copy
+        slot_category = torch.tensor(
+            card.class_map.slot_to_category_table(), dtype=torch.int64, device=table.device
+        )
         self.register_buffer("slot_category", slot_category)  # [S], -1 = slot without class
         self.is_segmentation = bool(model.is_segmentation)
 
@@ -135,7 +151,12 @@ class DeployModel(nn.Module):
         logits, boxes, masks = self.net.forward_deploy(images, self.pos_table.to(images.dtype), check=False)
         if not self.postprocess:
             return (logits, boxes) if masks is None else (logits, boxes, masks)
+        if self.selection_dtype is not None:
+            # masks are cast after the gather (the same values; only K of the Q maps are copied)
+            logits, boxes = logits.to(self.selection_dtype), boxes.to(self.selection_dtype)
         scores, labels, picked, picked_masks = select_detections(
             logits, boxes, masks, self.slot_category, self.num_select
         )
+        if self.selection_dtype is not None and picked_masks is not None:
+            picked_masks = picked_masks.to(self.selection_dtype)
         return (scores, labels, picked) if picked_masks is None else (scores, labels, picked, picked_masks)

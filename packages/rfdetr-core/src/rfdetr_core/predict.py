@@ -38,7 +38,7 @@ import torch
 from rfdetr_core.detections import Detections
 from rfdetr_core.errors import ImageError
 from rfdetr_core.factory import LoadedModel, load_model
-from rfdetr_core.postprocess import finish_detections, select_detections
+from rfdetr_core.postprocess import finish_detections
 from rfdetr_core.preprocess import preprocess
 
 MASK_FORMATS = ("auto", "bool", "rle")
@@ -146,7 +146,8 @@ class RFDETR:
         self._slot_category = torch.tensor(table, dtype=torch.int64)  # [K], -1 = no class
         self._slot_valid = self._slot_category >= 0
         self._slot_names = [self.class_map.name(s) or "" for s in range(len(table))]
-        self._graphed = None  # set by optimize()
+        self._graphed = None  # set by optimize(), with _graphed_num_select
+        self._graphed_num_select = 0
 
     @torch.inference_mode()
     def optimize(
@@ -154,16 +155,27 @@ class RFDETR:
         batch_sizes: Sequence[int] = (1, 8),
         dtype: torch.dtype = torch.bfloat16,
         compile: bool = True,
+        num_select: int | None = None,
     ) -> dict[str, Any]:
         """Switch ``predict`` to the GPU fast path; returns its cold-start report.
 
-        A ``dtype`` copy of the model (bf16 or fp16) is captured as one CUDA graph per batch size (after
-        ``torch.compile`` when ``compile``; its cache lives in ``$RFDETR_HOME/compile``, so a second process
-        compiles faster); batches of other sizes run padded to the next captured size. The eager model stays
-        as it was (``self.model``). Outputs are compared in float32 as in eager mode.
+        A ``dtype`` copy of the model (bf16 or fp16) is wrapped in a :class:`~rfdetr_core.deploy.DeployModel`
+        that ends in the graph-safe selection run in float32 (sigmoid, top-K, boxes, the K picked mask
+        logits: the same float32 rule as eager predict), and the whole is captured as one CUDA graph per
+        batch size (after ``torch.compile`` when ``compile``; its cache lives in ``$RFDETR_HOME/compile``, so a
+        second process compiles faster); batches of other sizes run padded to the next captured size. The
+        eager model stays as it was (``self.model``).
+
+        Args:
+            batch_sizes: batch sizes to capture a graph for.
+            dtype: the network's dtype (``torch.bfloat16``, ``torch.float16`` or ``torch.float32``).
+            compile: ``torch.compile`` the module before capturing.
+            num_select: top (query, class) pairs the graph keeps per image (default: the model's query count,
+                ``predict``'s default); ``predict(num_select=N)`` on the fast path needs ``N <=`` this.
 
         Returns:
-            ``{"seconds": total, "capture_seconds": {batch: s}, "compiled": bool, "dtype": str}``.
+            ``{"seconds": total, "capture_seconds": {batch: s}, "compiled": bool, "dtype": str,
+            "num_select": K}``.
         """
         if self.model is None:
             raise ValueError(
@@ -177,16 +189,21 @@ class RFDETR:
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
         from rfdetr_core.cuda_graphs import GraphedModule
+        from rfdetr_core.deploy import DeployModel
 
+        k = int(self.card.num_queries if num_select is None else num_select)
         start = time.perf_counter()
-        module = copy.deepcopy(self.model).to(dtype=dtype).eval()
+        network = copy.deepcopy(self.model).to(dtype=dtype).eval()
+        module = DeployModel(network, self.card, num_select=k, selection_dtype=torch.float32)
         self._graphed = GraphedModule(module, self.resolution, batch_sizes, dtype=dtype, compile=compile)
+        self._graphed_num_select = module.num_select
         seconds = time.perf_counter() - start
         return {
             "seconds": seconds,
             "capture_seconds": dict(self._graphed.capture_seconds),
             "compiled": bool(compile),
             "dtype": str(dtype).removeprefix("torch."),
+            "num_select": module.num_select,
         }
 
     @classmethod
@@ -292,17 +309,13 @@ class RFDETR:
     ) -> list[Detections]:
         x, sizes = preprocess(items, self.resolution, self.preprocess_config, device=self.device)
         if self._graphed is not None:
-            outputs = self._graphed(x)  # [B, 3, H, W] float32, cast into the graph's input buffer
-            # scores, boxes and the mask threshold in float32: low-precision sigmoid/interpolation would shift
-            # detections across the threshold
-            outputs = {k: v.float() for k, v in outputs.items() if isinstance(v, torch.Tensor)}
-            picked = select_detections(
-                outputs["pred_logits"],
-                outputs["pred_boxes"],
-                outputs.get("pred_masks"),
-                self._slot_category_on_device(),
-                num_select,
-            )
+            if num_select > self._graphed_num_select:
+                raise ValueError(
+                    f"optimize() captured the top {self._graphed_num_select} pairs per image; predict(num_select="
+                    f"{num_select}) needs optimize(num_select={num_select})"
+                )
+            # (scores, labels, boxes[, masks]) selected in float32 inside the graph, sorted by score
+            picked = tuple(t[:, :num_select] for t in self._graphed(x))
         else:
             picked = self._runner_for(num_select)(x)  # (scores, labels, boxes[, masks]), K >= num_select
             picked = tuple(t[:, :num_select] for t in picked)  # K sorted by score: the first num_select
@@ -332,13 +345,6 @@ class RFDETR:
             )
         self._runners[num_select] = self.runner.with_num_select(num_select)
         return self._runners[num_select]
-
-    def _slot_category_on_device(self) -> torch.Tensor:
-        """``[S]`` category-id table on the model's device, copied once (not in every batch)."""
-        cached = getattr(self, "_slot_category_device", None)
-        if cached is None or cached.device != self.device:
-            cached = self._slot_category_device = self._slot_category.to(self.device)
-        return cached
 
     def _to_detections(self, res: dict[str, Any], size: tuple[int, int], item: Any) -> Detections:
         # the runner reports dataset category ids; slots are the class map's (ids are unique)

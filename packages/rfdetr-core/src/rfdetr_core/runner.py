@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from rfdetr_core.deploy import DeployModel, check_input
 from rfdetr_core.errors import CheckpointError, MissingDependencyError
 from rfdetr_core.model_card import ModelCard
-from rfdetr_core.postprocess import select_detections
 
 ENTRY_POINT_GROUP = "rfdetr_core.runners"
 # Where the runner of a suffix comes from, for the error when none is installed.
@@ -54,7 +53,8 @@ class TorchRunner:
         num_select: ``K`` (default ``card.default_num_select``).
 
     The network runs in the model's dtype; the graph-safe selection runs on float32 outputs (low-precision
-    sigmoid would reorder near-equal scores), the same function the exported graphs end in.
+    sigmoid would reorder near-equal scores: ``DeployModel(selection_dtype=torch.float32)``), the same function
+    the exported graphs end in.
     """
 
     backend = "pytorch"
@@ -62,7 +62,7 @@ class TorchRunner:
     def __init__(self, model: nn.Module, card: ModelCard, num_select: int | None = None) -> None:
         self.model = model
         self.card = card
-        self.deploy = DeployModel(model, card, postprocess=False, num_select=num_select)
+        self.deploy = DeployModel(model, card, num_select=num_select, selection_dtype=torch.float32)
         self.num_select = self.deploy.num_select
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -75,11 +75,7 @@ class TorchRunner:
     def __call__(self, images: Tensor) -> tuple[Tensor, ...]:
         """``images [B, 3, H, W]`` float normalised -> ``(scores, labels, boxes[, masks])`` (module docstring)."""
         check_input(images, self.card)
-        raw = self.deploy(images.to(device=self.device, dtype=self.dtype))
-        logits, boxes = raw[0].float(), raw[1].float()
-        masks = raw[2].float() if len(raw) > 2 else None
-        out = select_detections(logits, boxes, masks, self.deploy.slot_category, self.num_select)
-        return out if masks is not None else out[:3]
+        return self.deploy(images.to(device=self.device, dtype=self.dtype))
 
 
 def runner_from_file(
