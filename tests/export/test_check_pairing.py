@@ -133,3 +133,38 @@ def test_a_mask_only_failure_gets_the_hint_and_others_do_not():
     for other in (result(min_mask_iou=0.97, score_error=0.1), result(box_error_px=3.0), result(unmatched=2)):
         assert not other.only_masks_off
         assert failure_hint([masks_off, other]) is None
+
+
+INT8 = TOLERANCES["int8"]  # min_score: only the confident detections take part
+
+
+def test_min_score_compares_only_the_confident_detections():
+    # below the cut the two sides disagree completely (another label, box and order): ignored
+    one = _side([0.9, 0.6, 0.2, 0.1], [1, 2, 3, 1], [A, B, C, D])
+    other = _side([0.89, 0.62, 0.25, 0.05], [1, 2, 4, 2], [A, B, D, C])
+    r = compare_outputs(one, other, SIZES, INT8)
+    assert r.ok and r.compared == 2 and r.unmatched == 0, r.line()
+    assert "2 detections above score 0.3" in r.line()
+    assert r.score_error == pytest.approx(0.02, abs=1e-6)
+
+
+def test_min_score_pairs_a_detection_crossing_the_cut_and_fails_a_missing_one():
+    cut = INT8.min_score
+    one = _side([0.9, cut + 0.01], [1, 2], [A, B])
+    crossing = _side([0.9, cut - 0.01], [1, 2], [A, B])  # the same detection, just under the cut
+    r = compare_outputs(one, crossing, SIZES, INT8)
+    assert r.ok and r.unmatched == 0 and r.score_error == pytest.approx(0.02, abs=1e-6), r.line()
+    missing = _side([0.9, 0.05], [1, 2], [A, B])  # a confident detection far below on the other side
+    r = compare_outputs(one, missing, SIZES, INT8)
+    assert not r.ok and r.unmatched == 1, r.line()
+    # left over but not confident (under the cut on both sides' terms): a tie, not a failure
+    weak = _side([0.9, cut - 0.02], [1, 2], [A, B])
+    r = compare_outputs(weak, missing, SIZES, INT8)
+    assert r.ok and r.cutoff_ties == 1 and r.unmatched == 0, r.line()
+
+
+def test_min_score_with_nothing_confident_says_nothing_was_compared():
+    weak = _side([0.2, 0.1], [1, 2], [A, B])
+    r = compare_outputs(weak, weak, SIZES, INT8)
+    assert r.nothing_compared and r.compared == 0
+    assert "nothing was compared" in r.line() and "--check-images" in r.line()

@@ -2,7 +2,7 @@
 
 ::
 
-    rfdetr-export MODEL [--onnx] [--output F] [--dynamic-batch] [--batch N] [--half] [--raw] [--num-select K]
+    rfdetr-export MODEL [--onnx] [--output F] [--dynamic-batch] [--batch N] [--half | --int8] [--raw] [--num-select K]
                   [--opset 17] [--simplify] [--deform-attn gather|gridsample|trt-plugin]
                   [--check-images DIR] [--no-check]
     rfdetr-export MODEL --trt [--min-batch 1 --opt-batch 1 --max-batch 1] [--half] [--workspace-gb G]
@@ -45,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="PATH", help="output file (default: <model stem>.onnx / .engine here)")
     p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch axis (ONNX)")
     p.add_argument("--batch", type=int, default=1, help="batch size of a static graph (default 1)")
-    p.add_argument("--half", action="store_true", help="fp16 graph, float32 inputs/outputs")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--half", action="store_true", help="fp16 graph, float32 inputs/outputs")
+    precision.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 weights for the linear layers, activations quantized at run time (ONNX Runtime on CPUs; "
+        "float32 inputs/outputs; not for --trt)",
+    )
     p.add_argument(
         "--raw", action="store_true", help="outputs pred_logits/pred_boxes/pred_masks (no post-processing)"
     )
@@ -75,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _default_output(model: str, suffix: str, half: bool, raw: bool) -> Path:
+def _default_output(model: str, suffix: str, half: bool, raw: bool, int8: bool = False) -> Path:
     stem = Path(model).stem if Path(model).suffix else Path(model).name
-    return Path(f"{stem}{'_fp16' if half else ''}{'_raw' if raw else ''}{suffix}")
+    return Path(f"{stem}{'_fp16' if half else ''}{'_int8' if int8 else ''}{'_raw' if raw else ''}{suffix}")
 
 
 def _shape_text(names: Sequence[str], card, k: int, batch: str) -> str:
@@ -117,7 +124,7 @@ def _check_against_pytorch(exported, reference, card, batches, args, path) -> in
         resolution=card.resolution,
         preprocess_config=card.preprocess,
         batches=batches,
-        half=args.half,
+        precision=_precision(args),
         images_dir=args.check_images,
     )
     if _print_check(results):
@@ -129,12 +136,19 @@ def _check_against_pytorch(exported, reference, card, batches, args, path) -> in
     return EXIT_CHECK_FAILED
 
 
+def _precision(args) -> str:
+    """The check's tolerance key (:data:`rfdetr_export.check.TOLERANCES`)."""
+    return "float16" if args.half else "int8" if args.int8 else "float32"
+
+
 def run_onnx(args) -> int:
     from rfdetr_export.export_model import deploy_for, export_and_report
 
     loaded = _load(args)
     sampler = args.deform_attn or "gather"
-    output = Path(args.output) if args.output else _default_output(args.model, ".onnx", args.half, args.raw)
+    output = (
+        Path(args.output) if args.output else _default_output(args.model, ".onnx", args.half, args.raw, args.int8)
+    )
     module, deploy, card, names = deploy_for(loaded, raw=args.raw, num_select=args.num_select, half=args.half)
     result = export_and_report(
         module,
@@ -147,13 +161,14 @@ def run_onnx(args) -> int:
         half=args.half,
         sampler=sampler,
         simplify=args.simplify,
+        int8=args.int8,
     )
     batch = "B" if args.dynamic_batch else str(args.batch)
     k = deploy.num_select
     print(f"rfdetr-export: {loaded.variant.name} from {args.model} -> {result.path}")
     print(f"  inputs: images [{batch},3,{card.resolution[0]},{card.resolution[1]}] f32 (normalised)")
     print(f"  outputs: {_shape_text(result.output_names, card, k, batch)}")
-    precision = "float16" if args.half else "float32"
+    precision = _precision(args)
     print(
         f"  opset {result.opset}, {precision}, deform-attn {sampler}, {'dynamic' if args.dynamic_batch else 'static'} batch"
     )
@@ -164,6 +179,12 @@ def run_onnx(args) -> int:
     print(f"  size: {result.size_bytes / 2**20:.1f} MiB")
     if result.fp16_share is not None:
         print(f"  fp16 nodes: {result.fp16_share:.1%} of compute nodes")
+    if result.int8 is not None:
+        q = result.int8
+        print(
+            f"  int8: {q.quantized} of {q.matmuls} MatMuls (those with a constant weight); weights "
+            f"{q.float32_bytes / 2**20:.1f} -> {q.int8_bytes / 2**20:.1f} MiB"
+        )
     if args.no_check:
         print("  check: skipped (--no-check)")
         return 0
@@ -195,6 +216,11 @@ def run_trt(args) -> int:
         )
     if args.raw:
         raise RFDETRError("--trt builds the post-processed graph only; drop --raw.")
+    if args.int8:
+        raise RFDETRError(
+            "--int8 is for ONNX Runtime (dynamic quantization); TensorRT int8 needs calibration, which "
+            "rfdetr-export does not do. Use --trt --half, or --onnx --int8."
+        )
     opt = args.opt_batch or args.min_batch
     profile = BatchProfile(args.min_batch, opt, args.max_batch or opt)
     sampler = args.deform_attn or "gather"

@@ -95,6 +95,7 @@ def export_and_report(
     sampler: str,
     simplify: bool,
     for_tensorrt: bool = False,
+    int8: bool = False,
 ) -> OnnxExportResult:
     """Export ``module`` for ``card``; with ``for_tensorrt`` also refuse graphs TensorRT must not get."""
     result = export_onnx(
@@ -109,6 +110,7 @@ def export_and_report(
         half=half,
         sampler=sampler,
         simplify=simplify,
+        int8=int8,
     )
     if for_tensorrt:
         import onnx

@@ -20,11 +20,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from rfdetr_core.errors import RFDETRError
+
+if TYPE_CHECKING:
+    from rfdetr_export.int8 import QuantizeReport
 
 SAMPLERS = ("gather", "gridsample", "trt-plugin")
 INPUT_NAME = "images"
@@ -53,6 +57,7 @@ class OnnxExportResult:
     sampler: str
     output_names: tuple[str, ...]
     fp16_share: float | None = None  # share of compute nodes running in fp16 (``--half`` only)
+    int8: QuantizeReport | None = None  # what ``--int8`` quantized (``None`` without it)
     op_types: dict[str, int] = field(default_factory=dict)
 
 
@@ -192,6 +197,7 @@ def export_onnx(
     half: bool = False,
     sampler: str = "gather",
     simplify: bool = False,
+    int8: bool = False,
 ) -> OnnxExportResult:
     """Export ``module`` (``images [B, 3, H, W]`` float32 -> a tuple of ``output_names`` tensors) to ``path``.
 
@@ -208,6 +214,8 @@ def export_onnx(
             (:mod:`rfdetr_export.half`) and the fp16 share is reported.
         sampler: deformable-attention sampler, one of :data:`SAMPLERS`.
         simplify: run onnxslim on the graph (extra ``simplify``).
+        int8: quantize the linear layers' weights to int8 after everything else (:mod:`rfdetr_export.int8`;
+            a float32 ``module``).
 
     Returns:
         An :class:`OnnxExportResult`; the file is written atomically and passes ``onnx.checker`` (full check).
@@ -222,6 +230,10 @@ def export_onnx(
         )
     if batch < 1:
         raise ExportError(f"--batch must be >= 1, got {batch}")
+    if int8 and half:
+        raise ExportError("--int8 and --half exclude each other: choose one precision.")
+    if int8:
+        require("onnxruntime", "onnx", "rfdetr-export")  # its quantizer; fail before the slow trace
     sampler_backend(sampler)  # validates the name
     path = Path(path)
     _check_writable(path)
@@ -244,12 +256,18 @@ def export_onnx(
         nodes_before = len(model.graph.node)
         with contextlib.redirect_stdout(io.StringIO()):
             model = onnxslim.slim(model)
+    quantized = None
+    if int8:
+        from rfdetr_export.int8 import quantize_int8
+
+        model, quantized = quantize_int8(model)
     export_info = {
         **_versions(),
         "opset": opset,
         "dynamic_batch": dynamic_batch,
         "batch": None if dynamic_batch else batch,
         "half": half,
+        "int8": int8,
         "deform_attn": sampler,
         "input": INPUT_NAME,
         "outputs": list(output_names),
@@ -279,6 +297,7 @@ def export_onnx(
         sampler=sampler,
         output_names=tuple(output_names),
         fp16_share=count_fp16_share(model) if half else None,
+        int8=quantized,
         op_types=counts,
     )
 
