@@ -93,11 +93,14 @@ class OnnxRuntimeModel:
         options.log_severity_level = 3  # errors only: ORT's constant-folding notes about fp16 are noise here
         if threads is not None:
             options.intra_op_num_threads = int(threads)
-        # Worker threads block instead of spinning while they wait. Spinning kept a core busy for ~45 ms after
-        # every seg-nano run() (stealing it from the preprocessing and mask upsampling around the call) and
-        # made run() itself 1.3x slower on a shared 2-core VM (spinning threads hold the core the working one
-        # needs); measured 2026-12-03, upstream's ONNX sessions make the same choice.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Worker threads spin between the operators of one run() (no wake-up latency on each of its ~1,500
+        # nodes) and stop spinning when it returns (force_spinning_stop), so they do not hold a core after the
+        # call, when the preprocessing and mask upsampling around it need it (~45 ms of a core after every
+        # seg-nano call when left spinning). predict end to end, 2-core Xeon, 2026-12-07: seg-medium int8
+        # batch 1 396 -> 358 ms, batch 4 1796 -> 1675 ms, float32 batch 4 2799 -> 2719 ms; seg-nano int8
+        # batch 1 196 -> 184 ms (against never spinning, upstream's choice).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         providers: list = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
