@@ -23,12 +23,16 @@ with boxes in source pixels and **bool masks ``[N, 480, 640]`` at the source siz
   _decode_masks``: gather by query, bilinear upsampling to the source size, ``> 0``; upstream's ONNX helper
   ``_run_inference`` decodes no masks and takes one image path, so its pieces are called directly).
   Not included: building ``supervision.Detections`` (ours builds its ``Detections``).
+* **ours_onnx_int8**: the same as ours_onnx for ``rfdetr-export PTH --onnx --dynamic-batch --int8`` (the
+  linear layers' weights int8, activations quantized at run time; ``rfdetr_export.int8``). Not the same
+  arithmetic as the float32 paths: its accuracy on trained weights is in docs/benchmarks.md.
 * **ours_eager**: ``RFDETR.predict`` of the converted ``.pth`` (PyTorch eager, CPU, bool masks).
 
 Timing: ``torch.set_num_threads(T)`` and ``T`` intra-op threads for both ONNX Runtime sessions; after
 ``--warmup`` calls each, ``--repeats`` rounds run the three once each in a rotating order. Reported per
-configuration: median and p90 ms per call of each path, and the median of the per-round ratios
-``ours_onnx / upstream_onnx`` (goal <= 0.7) and ``ours_onnx / ours_eager`` (goal <= 0.6). A stage profile
+configuration: median and p90 ms per call of each path, and the medians of the per-round ratios
+``ours / upstream_onnx`` (goal <= 0.7) and ``ours / ours_eager`` (goal <= 0.6) for ours = ours_onnx and
+ours_onnx_int8. A stage profile
 (``--profile-repeats``; the same batch) splits each ONNX path into preprocess, ``session.run`` and host
 decode (ours: boxes/threshold, mask upsampling; plus RLE encoding for reference, which neither timed path
 does). JSON goes to ``--output`` (default ``$OUT`` or ``benchmarks/results/``), rewritten after every
@@ -70,14 +74,17 @@ from cpu_latency import build_pair, machine, source_image
 
 GOAL_VS_UPSTREAM = 0.7
 GOAL_VS_EAGER = 0.6
+OURS = ("ours_onnx", "ours_onnx_int8")  # the paths held to the goals
 
 
-def export_ours(pth: Path, variant: str, out: Path) -> Path:
-    """``rfdetr-export PTH --onnx --dynamic-batch`` (default opset 17, sampler, num_select) -> ``out``."""
+def export_ours(pth: Path, variant: str, out: Path, *flags: str) -> Path:
+    """``rfdetr-export PTH --onnx --dynamic-batch *flags`` (default opset 17, sampler, num_select) -> ``out``."""
     from rfdetr_export.cli import main
 
     with contextlib.redirect_stdout(io.StringIO()) as log:
-        code = main([str(pth), "--variant", variant, "--onnx", "--dynamic-batch", "--output", str(out), "--no-check"])
+        code = main(
+            [str(pth), "--variant", variant, "--onnx", "--dynamic-batch", *flags, "--output", str(out), "--no-check"]
+        )
     if code != 0:
         raise RuntimeError(f"our export failed:\n{log.getvalue()}")
     return out
@@ -237,14 +244,21 @@ def run_config(paths: dict, images: list[np.ndarray], repeats: int, warmup: int)
     def ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
-    vs_up, vs_eager = ratio("ours_onnx", "upstream_onnx"), ratio("ours_onnx", "ours_eager")
+    ratios = {}
+    for ours in (k for k in OURS if k in paths):
+        vs_up, vs_eager = ratio(ours, "upstream_onnx"), ratio(ours, "ours_eager")
+        ratios[ours] = {
+            "vs_upstream_onnx": vs_up,
+            "vs_ours_eager": vs_eager,
+            "goal_vs_upstream_met": vs_up <= GOAL_VS_UPSTREAM,
+            "goal_vs_eager_met": vs_eager <= GOAL_VS_EAGER,
+        }
     counts = _check_same_work(*(paths[k](images) for k in ("ours_onnx", "upstream_onnx", "ours_eager")), images)
+    if "ours_onnx_int8" in paths:
+        _check_same_work(*(paths[k](images) for k in ("ours_onnx_int8", "upstream_onnx", "ours_eager")), images)
     return {
         "ms": {k: _stats(v) for k, v in times.items()},
-        "ours_onnx_vs_upstream_onnx": vs_up,
-        "ours_onnx_vs_ours_eager": vs_eager,
-        "goal_vs_upstream_met": vs_up <= GOAL_VS_UPSTREAM,
-        "goal_vs_eager_met": vs_eager <= GOAL_VS_EAGER,
+        "ratios": ratios,
         "detections_per_image": counts,
         "ms_per_round": times,
     }
@@ -258,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile-repeats", type=int, default=5, help="calls per profiled stage (0: no profile)")
+    p.add_argument("--no-int8", action="store_true", help="leave out the --int8 export")
     p.add_argument("--output", default=os.environ.get("OUT", str(Path(__file__).parent / "results")))
     args = p.parse_args(argv)
 
@@ -287,8 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants:
             up, eager = build_pair(variant, work)
             t0 = time.perf_counter()
-            ours_path = export_ours(work / f"{variant}_upstream.pth", variant, work / f"{variant}_ours.onnx")
+            pth = work / f"{variant}_upstream.pth"
+            ours_path = export_ours(pth, variant, work / f"{variant}_ours.onnx")
             t_ours = time.perf_counter() - t0
+            int8_path = None
+            if not args.no_int8:
+                t0 = time.perf_counter()
+                int8_path = export_ours(pth, variant, work / f"{variant}_ours_int8.onnx", "--int8")
+                t_int8 = time.perf_counter() - t0
             t0 = time.perf_counter()
             up_path = export_upstream(up, work / f"{variant}_upstream")
             t_up = time.perf_counter() - t0
@@ -302,30 +323,45 @@ def main(argv: list[str] | None = None) -> int:
                     ims, threshold=0.0, batch_size=len(ims), mask_format="bool"
                 ),
             }
+            ours_int8 = None
+            if int8_path is not None:
+                ours_int8 = RFDETR.from_file(int8_path, threads=args.threads)
+                paths["ours_onnx_int8"] = lambda ims, m=ours_int8: m.predict(
+                    ims, threshold=0.0, batch_size=len(ims), mask_format="bool"
+                )
             for batch in args.batches:
                 images = [image.copy() for _ in range(batch)]
                 res = run_config(paths, images, args.repeats, args.warmup)
                 res["export_s"] = {"ours": t_ours, "upstream": t_up}
                 res["onnx_mb"] = {"ours": ours_path.stat().st_size / 2**20, "upstream": up_path.stat().st_size / 2**20}
+                if int8_path is not None:
+                    res["export_s"]["ours_int8"] = t_int8
+                    res["onnx_mb"]["ours_int8"] = int8_path.stat().st_size / 2**20
                 if args.profile_repeats > 0:
                     res["profile_ms"] = {
                         "ours_onnx": profile_ours(ours, images, args.profile_repeats),
+                        **(
+                            {"ours_onnx_int8": profile_ours(ours_int8, images, args.profile_repeats)}
+                            if ours_int8 is not None
+                            else {}
+                        ),
                         "upstream_onnx": profile_upstream(upstream, images, args.profile_repeats),
                     }
                 report["results"][f"{variant}/batch{batch}"] = res
                 info["load_average_end"] = os.getloadavg()
                 out.write_text(json.dumps(report, indent=2))
                 med = {k: f"{v['median']:.0f}/{v['p90']:.0f}" for k, v in res["ms"].items()}
-                print(
-                    f"{variant} bs{batch}: median/p90 ms {med}  ours/upstream-onnx "
-                    f"{res['ours_onnx_vs_upstream_onnx']:.3f} (goal {GOAL_VS_UPSTREAM})  ours-onnx/ours-eager "
-                    f"{res['ours_onnx_vs_ours_eager']:.3f} (goal {GOAL_VS_EAGER})",
-                    flush=True,
-                )
+                print(f"{variant} bs{batch}: median/p90 ms {med}", flush=True)
+                for name, r in res["ratios"].items():
+                    print(
+                        f"    {name:14s} / upstream-onnx {r['vs_upstream_onnx']:.3f} (goal {GOAL_VS_UPSTREAM})  "
+                        f"/ ours-eager {r['vs_ours_eager']:.3f} (goal {GOAL_VS_EAGER})",
+                        flush=True,
+                    )
                 if "profile_ms" in res:
                     for side, stages in res["profile_ms"].items():
                         print(f"    {side:14s} " + "  ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
-            del ours, upstream, eager
+            del ours, ours_int8, upstream, eager
     print(f"machine: {info['cpu']}, {args.threads} threads, load {info['load_average_start']} -> {info['load_average_end']}")
     print(f"written {out}")
     return 0
