@@ -60,6 +60,24 @@ def test_int8_graph_runs_at_every_batch_size_through_predict(export):
     assert len(dets) == 2 and all(d.masks.shape == (len(d), 360, 480) for d in dets)
 
 
+def test_int8_results_of_an_image_do_not_depend_on_its_batch(export):
+    """Activation ranges are per tensor, so one session.run over a batch couples its images; the runner runs a
+    dynamic int8 graph image by image, and an image gets the same detections in any batch."""
+    import numpy as np
+
+    done = export("seg-tiny", "--dynamic-batch", "--int8", "--no-check")
+    runner = OnnxRuntimeModel(done.path)
+    x = torch.randn(3, 3, *runner.card.resolution, generator=torch.Generator().manual_seed(5))
+    x[2] *= 3  # a batch-mate with a wider range
+    together = runner(x)
+    for i in range(3):
+        alone = runner(x[i : i + 1])
+        assert all(torch.equal(t[i], a[0]) for t, a in zip(together, alone, strict=True))
+    # what the runner avoids: the same graph run over the whole batch at once gives image 0 other numbers
+    batched = runner.session.run(["scores"], {"images": x.numpy()})[0]
+    assert not np.array_equal(batched[0], together[0][0].numpy())
+
+
 @pytest.fixture(scope="module")
 def moving_boxes(checkpoints, tmp_path_factory):
     """The session's seg-tiny checkpoint with the box head's zero-initialised last layer made random, so boxes

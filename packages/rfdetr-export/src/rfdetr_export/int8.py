@@ -14,11 +14,12 @@ time, which ONNX Runtime folds only when it loads the file: :func:`fold_weights`
 first (ONNX Runtime's own ``quant_pre_process`` would fold them too, but its optimiser also fuses a static
 batch's MatMul + Add into Gemm, which dynamic quantization leaves in float32).
 
-Two properties to know (both in the README): an image's activations share their quantization range with the
-other images of its batch, so results at batch 3 differ slightly from results one image at a time; and the
-precision loss depends on the weights, which is why the export's check compares only the detections the
-float32 model is confident about (:data:`rfdetr_export.check.TOLERANCES` ``"int8"``) and
-``rfdetr-train val --weights model_int8.onnx`` is the way to measure it on a dataset.
+Two properties to know (both in the README): activation ranges are per tensor, so in one run over a batch an
+image's result depends on the other images (the ONNX Runtime runner therefore runs a dynamic-batch int8 graph
+one image at a time, :mod:`rfdetr_export.runtime`); and the precision loss depends on the weights, which is why
+the export's check compares only the detections the float32 model is confident about
+(:data:`rfdetr_export.check.TOLERANCES` ``"int8"``) and ``rfdetr-train val --weights model_int8.onnx`` is the way
+to measure it on a dataset.
 """
 
 from __future__ import annotations
