@@ -54,6 +54,29 @@ def test_large_counts_use_several_character_groups():
     )
 
 
+def test_character_compression_of_extreme_counts_equals_the_numpy_encoder():
+    """Counts of every magnitude up to COCO's int32 limit, so deltas need all 7 five-bit groups, both signs."""
+    from rfdetr_core.mask_rle import compress_counts
+    from rfdetr_core.mask_rle_cuda import _compress
+
+    rng = np.random.default_rng(0)
+    per_mask = []
+    for n in (1, 2, 3, 4, 9, 40):
+        magnitude = 2 ** rng.integers(0, 31, size=n)
+        per_mask.append((rng.integers(0, magnitude) if n > 1 else magnitude - 1).tolist())
+    per_mask.append([0, 2**31 - 1, 0, 2**31 - 1, 1, 0])  # the widest deltas of both signs
+    lengths = torch.tensor([len(c) for c in per_mask])
+    counts = torch.tensor([v for c in per_mask for v in c], dtype=torch.int64)
+    ends = torch.cumsum(lengths, 0)
+    first = ends - lengths
+    owner = torch.repeat_interleave(torch.arange(len(per_mask)), lengths)
+    chars, length = _compress(counts, owner, first, ends, len(per_mask))
+    data = chars.numpy().tobytes()
+    offsets = [0, *np.cumsum(length.numpy()).tolist()]
+    want = compress_counts(per_mask, 1, 1)
+    assert [data[offsets[i] : offsets[i + 1]] for i in range(len(per_mask))] == [w["counts"] for w in want]
+
+
 def test_passes_bound_memory_without_changing_results(monkeypatch):
     from rfdetr_core import mask_rle_cuda
 
