@@ -208,6 +208,11 @@ def run_trt(args) -> int:
     from rfdetr_export.export_model import deploy_for, export_and_report
     from rfdetr_export.tensorrt_build import BatchProfile, build_engine, import_tensorrt
 
+    if args.int8:
+        raise RFDETRError(
+            "--int8 is for ONNX Runtime (dynamic quantization); TensorRT int8 needs calibration, which "
+            "rfdetr-export does not do. Use --trt --half, or --onnx --int8."
+        )
     import_tensorrt()  # fail fast, naming the extra, before the slow ONNX export
     if args.deform_attn == "gridsample":
         raise RFDETRError(
@@ -216,11 +221,6 @@ def run_trt(args) -> int:
         )
     if args.raw:
         raise RFDETRError("--trt builds the post-processed graph only; drop --raw.")
-    if args.int8:
-        raise RFDETRError(
-            "--int8 is for ONNX Runtime (dynamic quantization); TensorRT int8 needs calibration, which "
-            "rfdetr-export does not do. Use --trt --half, or --onnx --int8."
-        )
     opt = args.opt_batch or args.min_batch
     profile = BatchProfile(args.min_batch, opt, args.max_batch or opt)
     sampler = args.deform_attn or "gather"
