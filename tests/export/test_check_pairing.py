@@ -168,3 +168,15 @@ def test_min_score_with_nothing_confident_says_nothing_was_compared():
     r = compare_outputs(weak, weak, SIZES, INT8)
     assert r.nothing_compared and r.compared == 0
     assert "nothing was compared" in r.line() and "--check-images" in r.line()
+
+
+def test_a_failed_int8_check_gets_the_int8_hint():
+    from rfdetr_export.check import failure_hint
+
+    one = _side([0.9, 0.6], [1, 2], [A, B])
+    other = _side([0.9, 0.1], [1, 2], [A, B])  # a confident detection lost
+    r = compare_outputs(one, other, SIZES, INT8)
+    assert not r.ok
+    hint = failure_hint([r])
+    assert hint is not None and "int8" in hint and "rfdetr-train val" in hint and "--check-images" in hint
+    assert failure_hint([compare_outputs(one, one, SIZES, INT8)]) is None  # nothing failed

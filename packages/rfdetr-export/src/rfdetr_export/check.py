@@ -125,8 +125,16 @@ class CheckResult:
 
 
 def failure_hint(results: Sequence[CheckResult]) -> str | None:
-    """What to tell the user when the check failed on the mask IoU alone (``None`` otherwise)."""
+    """What to tell the user when an int8 check failed, or a check failed on the mask IoU alone (``None``
+    otherwise)."""
     failed = [r for r in results if not r.ok]
+    if failed and all(r.tolerance.min_score > 0 for r in failed):
+        return (
+            "int8 moves every score by up to a few hundredths; where the model's two-stage proposals score that "
+            "close to each other (random or barely trained weights) it picks other proposals, so detections "
+            "differ, not just drift. For trained weights, check on your own images with --check-images DIR and "
+            "measure the metrics with rfdetr-train val --weights FILE. The file was written either way."
+        )
     if not failed or not all(r.only_masks_off for r in failed):
         return None
     return (
