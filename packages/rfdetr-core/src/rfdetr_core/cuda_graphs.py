@@ -11,14 +11,17 @@ after the next call (the clone is a device-to-device copy of a few MB).
 
 ``torch.compile`` (``compile=True``) fuses the elementwise work inside the graph. Its artefacts go to the
 inductor cache (``TORCHINDUCTOR_CACHE_DIR``; :func:`compile_cache_dir` points it at
-``$RFDETR_HOME/compile`` unless already set), so a second process compiles from cache.
+``$RFDETR_HOME/compile`` unless already set), so a second process compiles from cache; :class:`CacheReport`
+records whether it did (a second process on an H200 was no faster, 2026-12-03, cause unknown).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,72 @@ def compile_cache_dir() -> Path:
     if not os.environ.get(CACHE_ENV):
         os.environ[CACHE_ENV] = str(rfdetr_home() / "compile")
     return Path(os.environ[CACHE_ENV])
+
+
+# torch's counters of its compile caches: FX graphs (inductor) and AOTAutograd
+_CACHE_COUNTERS = {
+    "fxgraph_cache_hit": ("inductor", "fxgraph_cache_hit"),
+    "fxgraph_cache_miss": ("inductor", "fxgraph_cache_miss"),
+    "fxgraph_cache_bypass": ("inductor", "fxgraph_cache_bypass"),
+    "autograd_cache_hit": ("aot_autograd", "autograd_cache_hit"),
+    "autograd_cache_miss": ("aot_autograd", "autograd_cache_miss"),
+    "autograd_cache_bypass": ("aot_autograd", "autograd_cache_bypass"),
+}
+
+
+def _cache_counts() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {name: int(counters[group][key]) for name, (group, key) in _CACHE_COUNTERS.items()}
+
+
+@dataclass
+class CacheReport:
+    """What torch's compile caches did while the block of :meth:`watch` ran: hits, misses and bypasses of the
+    inductor FX-graph cache and the AOTAutograd cache, and the reasons torch logged for each bypass.
+
+    A second process that compiles the same module should show hits and no misses; misses or bypasses there
+    explain a cold start that the cache did not shorten."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    bypass_reasons: list[str] = field(default_factory=list)
+
+    class _Reasons(logging.Handler):
+        def __init__(self, sink: list[str]) -> None:
+            super().__init__(logging.DEBUG)
+            self.sink = sink
+
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if "ypass" in message and message not in self.sink:  # "Bypassing FX Graph Cache because ..."
+                self.sink.append(message)
+
+    @classmethod
+    def watch(cls, fn: Callable[[], Any]) -> tuple[Any, CacheReport]:
+        """``(fn(), report)``: run ``fn`` and report the compile caches' activity during it."""
+        report = cls()
+        handler = cls._Reasons(report.bypass_reasons)
+        loggers = [
+            logging.getLogger(name)
+            for name in ("torch._inductor.codecache", "torch._functorch._aot_autograd.autograd_cache")
+        ]
+        levels = [lg.level for lg in loggers]
+        before = _cache_counts()
+        for lg in loggers:
+            lg.addHandler(handler)
+            lg.setLevel(min(lg.getEffectiveLevel(), logging.INFO))
+        try:
+            result = fn()
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.removeHandler(handler)
+                lg.setLevel(level)
+        after = _cache_counts()
+        report.counts = {k: after[k] - before[k] for k in after}
+        return result, report
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.counts, "bypass_reasons": list(self.bypass_reasons)}
 
 
 def graph_pools(device: torch.device | int | None = None) -> dict[tuple[int, int], tuple[int, int]]:
@@ -96,6 +165,7 @@ class GraphedModule:
 
     Attributes:
         capture_seconds: ``{batch: seconds}`` spent compiling, warming up and capturing each graph.
+        cache: with ``compile``, the compile caches' activity over all captures (:class:`CacheReport`).
     """
 
     def __init__(
@@ -127,12 +197,20 @@ class GraphedModule:
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
         self.capture_seconds: dict[int, float] = {}
-        # largest first: the shared pool is sized by the first capture, the smaller ones fit in it
-        for batch in reversed(sizes):
-            start = time.perf_counter()
-            self._graphs[batch] = self._capture(batch, warmup)
-            torch.cuda.synchronize(device)
-            self.capture_seconds[batch] = time.perf_counter() - start
+
+        def capture_all() -> None:
+            # largest first: the shared pool is sized by the first capture, the smaller ones fit in it
+            for batch in reversed(sizes):
+                start = time.perf_counter()
+                self._graphs[batch] = self._capture(batch, warmup)
+                torch.cuda.synchronize(device)
+                self.capture_seconds[batch] = time.perf_counter() - start
+
+        self.cache: CacheReport | None = None
+        if compile:
+            _, self.cache = CacheReport.watch(capture_all)
+        else:
+            capture_all()
         self.batch_sizes = tuple(sizes)
 
     @torch.inference_mode()

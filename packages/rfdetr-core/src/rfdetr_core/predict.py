@@ -175,7 +175,8 @@ class RFDETR:
 
         Returns:
             ``{"seconds": total, "capture_seconds": {batch: s}, "compiled": bool, "dtype": str,
-            "num_select": K}``.
+            "num_select": K, "compile_cache": hits, misses and bypass reasons of torch's compile caches (None
+            without compile; :class:`rfdetr_core.cuda_graphs.CacheReport`)}``.
         """
         if self.model is None:
             raise ValueError(
@@ -204,6 +205,7 @@ class RFDETR:
             "compiled": bool(compile),
             "dtype": str(dtype).removeprefix("torch."),
             "num_select": module.num_select,
+            "compile_cache": self._graphed.cache.to_dict() if self._graphed.cache is not None else None,
         }
 
     @classmethod
