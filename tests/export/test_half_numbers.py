@@ -39,7 +39,7 @@ def test_half_graph_within_fp16_tolerances_of_float32_given_the_same_proposals(
         k = min(selection.num_queries, memory.shape[1])
         cells = selection.scores(memory, shapes).topk(k, dim=1).indices  # [B, k] float32's choice, in order
         want = reference(x)
-    fp16_selection = module.raw.net.query_selection.module  # inside its float32 island
+    fp16_selection = module.deploy.net.query_selection.module  # inside its float32 island
     with fp16_selection.fixed_selection(cells):
         result = export_onnx(
             module, tmp_path / "half_fixed.onnx", resolution=card.resolution, output_names=names,

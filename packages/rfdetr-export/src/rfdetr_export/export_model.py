@@ -38,31 +38,21 @@ class Float32Island(nn.Module):
 class HalfDeploy(nn.Module):
     """fp16 network, float32 boundary: ``images [B,3,H,W]`` f32 -> the deploy tuple in float32.
 
-    ``raw`` is a ``DeployModel(postprocess=False)`` converted to fp16 (a copy; the caller's stays float32);
-    with ``num_select`` the float32 graph-safe post-processing follows (``select_detections``). The two-stage
-    query selection (proposal scores and their top-``Q``) runs in float32 too: in fp16 near-equal proposal
-    scores swap places and whole queries change (measured on seg-tiny: proposal boxes off by 0.3 of the image
-    in fp16, decoder outputs within 0.01 once fed the same proposals).
+    ``deploy`` is a copy of the caller's ``DeployModel`` converted to fp16 (the caller's stays float32); its
+    graph-safe post-processing, when it has one, runs in float32 (built with ``selection_dtype=torch.float32``).
+    The two-stage query selection (proposal scores and their top-``Q``) runs in float32 too: in fp16 near-equal
+    proposal scores swap places and whole queries change (measured on seg-tiny: proposal boxes off by 0.3 of
+    the image in fp16, decoder outputs within 0.01 once fed the same proposals).
     """
 
-    def __init__(self, raw_deploy: nn.Module, slot_category: torch.Tensor, num_select: int | None) -> None:
+    def __init__(self, deploy: nn.Module) -> None:
         super().__init__()
-        self.raw = copy.deepcopy(raw_deploy).half().eval()
-        net = self.raw.net
+        self.deploy = copy.deepcopy(deploy).half().eval()  # int64 buffers (the label table) stay int64
+        net = self.deploy.net
         net._modules["query_selection"] = Float32Island(net.query_selection)
-        self.register_buffer("slot_category", slot_category.clone())  # [S] int64 (untouched by .half())
-        self.num_select = num_select
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from rfdetr_core.postprocess import select_detections
-
-        outputs = tuple(o.float() for o in self.raw(images.half()))
-        if self.num_select is None:
-            return outputs
-        logits, boxes = outputs[0], outputs[1]
-        masks = outputs[2] if len(outputs) > 2 else None
-        picked = select_detections(logits, boxes, masks, self.slot_category, self.num_select)
-        return tuple(t for t in picked if t is not None)
+        return tuple(o.float() if o.is_floating_point() else o for o in self.deploy(images.half()))
 
 
 def deploy_for(loaded, *, raw: bool, num_select: int | None, half: bool = False):
@@ -77,8 +67,9 @@ def deploy_for(loaded, *, raw: bool, num_select: int | None, half: bool = False)
     names = reference.output_names
     if not half:
         return reference, reference, card, names
-    raw_deploy = DeployModel(loaded.model, card, postprocess=False)
-    module = HalfDeploy(raw_deploy, reference.slot_category, None if raw else reference.num_select).eval()
+    module = HalfDeploy(
+        DeployModel(loaded.model, card, postprocess=not raw, selection_dtype=torch.float32)
+    ).eval()
     return module, reference, card, names
 
 
