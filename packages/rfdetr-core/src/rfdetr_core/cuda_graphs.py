@@ -75,7 +75,8 @@ class CacheReport:
 
         def emit(self, record: logging.LogRecord) -> None:
             message = record.getMessage()
-            if "ypass" in message and message not in self.sink:  # "Bypassing FX Graph Cache because ..."
+            # "Bypassing FX Graph Cache because ...", "Bypassing autograd cache due to: ..."
+            if "bypass" in message.lower() and message not in self.sink:
                 self.sink.append(message)
 
     @classmethod

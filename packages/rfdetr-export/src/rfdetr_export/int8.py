@@ -81,7 +81,9 @@ def fold_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     if not cone:
         return model
     ir_model = ir.serde.deserialize_model(model)
-    onnxscript.optimizer.fold_constants(ir_model, should_fold=lambda node: True if node.name in cone else None)
+    onnxscript.optimizer.fold_constants(
+        ir_model, should_fold=lambda node: True if node.name in cone else None
+    )
     ir.passes.Sequential(
         passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         passes.RemoveUnusedNodesPass(),
@@ -106,11 +108,10 @@ def quantize_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, QuantizeRepo
     with tempfile.TemporaryDirectory(prefix="rfdetr-int8-") as tmp:
         folded, out = Path(tmp, "folded.onnx"), Path(tmp, "int8.onnx")
         onnx.save(folded_model, str(folded))
-        quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
         level = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs a pre-processing advice at WARNING
         try:
-            with quiet[0], quiet[1]:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 quantize_dynamic(
                     str(folded),
                     str(out),
