@@ -18,7 +18,7 @@ from rfdetr_core.preprocess import preprocess  # noqa: E402
 from rfdetr_export.check import TOLERANCES, Tolerance, compare_outputs, synthetic_images  # noqa: E402
 from rfdetr_export.cli import main  # noqa: E402
 from rfdetr_export.export_model import deploy_for  # noqa: E402
-from rfdetr_export.int8 import constant_weight_matmuls  # noqa: E402
+from rfdetr_export.int8 import constant_weight_matmuls, fuse_gelu  # noqa: E402
 from rfdetr_export.onnx_export import METADATA_CARD, METADATA_EXPORT, export_onnx  # noqa: E402
 from rfdetr_export.runtime import OnnxRuntimeModel  # noqa: E402
 
@@ -35,6 +35,10 @@ def test_int8_graph_quantizes_every_linear_layer_and_keeps_the_contract(export):
     assert constant_weight_matmuls(model) == []
     quantized = sum(1 for n in model.graph.node if n.op_type == "MatMulInteger")
     assert quantized > 40 and f"int8: {quantized} of " in done.stdout
+    # the backbone's exact GELUs are one ONNX Runtime node each, no Erf left
+    gelus = sum(1 for n in model.graph.node if n.op_type == "Gelu" and n.domain == "com.microsoft")
+    assert gelus > 0 and f"; {gelus} GELUs fused" in done.stdout
+    assert not any(n.op_type == "Erf" for n in model.graph.node)
     assert done.path.stat().st_size < 0.5 * float32.path.stat().st_size
     props = {p.key: p.value for p in model.metadata_props}
     reference = onnx.load(str(float32.path))
@@ -88,7 +92,9 @@ def moving_boxes(checkpoints, tmp_path_factory):
     last = loaded.model.bbox_embed.layers[-1]
     with torch.no_grad():
         last.weight.copy_(torch.randn(last.weight.shape, generator=torch.Generator().manual_seed(7)) * 0.02)
-    return save_model(tmp_path_factory.mktemp("int8") / "tiny_boxes.safetensors", loaded.model.state_dict(), loaded.card)
+    return save_model(
+        tmp_path_factory.mktemp("int8") / "tiny_boxes.safetensors", loaded.model.state_dict(), loaded.card
+    )
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -134,3 +140,56 @@ def test_trt_int8_is_refused_with_the_alternatives(checkpoints, capsys):
     code = main([str(checkpoints["seg-tiny"]), "--trt", "--int8"])
     err = capsys.readouterr().err
     assert code == 2 and "--int8 is for ONNX Runtime" in err and "--trt --half" in err
+
+
+def _gelu_graph(div_by: float, extra_use: bool = False):
+    """``y = x * (0.5 * (1 + erf(x / div_by)))`` as torch's exporter writes GELU; ``extra_use`` also outputs
+    the Erf's result (then the pattern must stay)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(np.array(v, dtype=np.float32), name)
+        for name, v in (("c_div", div_by), ("c_one", 1.0), ("c_half", 0.5))
+    ]
+    nodes = [
+        helper.make_node("Div", ["x", "c_div"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "c_one"], ["a"]),
+        helper.make_node("Mul", ["c_half", "a"], ["h"]),
+        helper.make_node("Mul", ["x", "h"], ["y"]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])]
+    if extra_use:
+        outputs.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 5]))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+        outputs,
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def test_fuse_gelu_replaces_the_exporters_pattern_with_the_same_function():
+    import numpy as np
+    import onnxruntime as ort
+
+    x = np.linspace(-4, 4, 10, dtype=np.float32).reshape(2, 5)
+    model, fused = fuse_gelu(_gelu_graph(2**0.5))
+    assert fused == 1 and [n.op_type for n in model.graph.node] == ["Gelu"]
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})[0]
+    expected = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("div_by, extra_use", [(2.0, False), (2**0.5, True)])
+def test_fuse_gelu_leaves_other_functions_alone(div_by, extra_use):
+    """Another constant is not GELU; an intermediate read elsewhere must keep its node."""
+    model, fused = fuse_gelu(_gelu_graph(div_by, extra_use))
+    assert fused == 0 and len(model.graph.node) == 5

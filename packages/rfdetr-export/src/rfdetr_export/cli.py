@@ -183,7 +183,7 @@ def run_onnx(args) -> int:
         q = result.int8
         print(
             f"  int8: {q.quantized} of {q.matmuls} MatMuls (those with a constant weight); weights "
-            f"{q.float32_bytes / 2**20:.1f} -> {q.int8_bytes / 2**20:.1f} MiB"
+            f"{q.float32_bytes / 2**20:.1f} -> {q.int8_bytes / 2**20:.1f} MiB; {q.gelus} GELUs fused"
         )
     if args.no_check:
         print("  check: skipped (--no-check)")

@@ -40,6 +40,7 @@ class QuantizeReport:
 
     quantized: int  # MatMul nodes given int8 weights
     matmuls: int  # MatMul nodes in the float32 graph after constant folding
+    gelus: int  # exact GELUs fused into one ONNX Runtime ``Gelu`` node each
     float32_bytes: int  # initializer bytes before
     int8_bytes: int  # initializer bytes after
 
@@ -122,13 +123,86 @@ def quantize_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, QuantizeRepo
                 )
         finally:
             logging.getLogger().setLevel(level)
-        quantized = onnx.load(str(out))
+        quantized, gelus = fuse_gelu(onnx.load(str(out)))
     report = QuantizeReport(
         quantized=sum(1 for n in quantized.graph.node if n.op_type == "MatMulInteger"),
         matmuls=sum(1 for n in folded_model.graph.node if n.op_type == "MatMul"),
         float32_bytes=_initializer_bytes(folded_model),
         int8_bytes=_initializer_bytes(quantized),
+        gelus=gelus,
     )
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(model.metadata_props)
     return quantized, report
+
+
+def _is_scalar(value, expected: float) -> bool:
+    return value is not None and value.size == 1 and abs(float(value.reshape(-1)[0]) - expected) < 1e-4
+
+
+def fuse_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``model`` with each exact GELU written as torch's exporter writes it,
+    ``x -> Div(sqrt 2) -> Erf -> Add(1) -> Mul(0.5) -> Mul(x)``, replaced by one ``com.microsoft.Gelu`` node;
+    returns the model and the number fused.
+
+    ONNX Runtime fuses the same function itself only where the ``0.5`` multiplies first or last (its
+    ``GeluFusion`` patterns), not in this order, so the five element-wise passes over the backbone's
+    ``[.., 4 * dim]`` MLP activations stayed: fused, seg-medium's int8 ``session.run`` went from 295 to 271 ms
+    (batch 1, 2-core Xeon, 2026-12-07). ``Gelu`` is an ONNX Runtime contrib operator; the int8 graph is meant
+    for ONNX Runtime anyway (its float32 export, the one for TensorRT, is left as it is).
+    """
+    from onnx import helper, numpy_helper
+
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+
+    def only_consumer(node: onnx.NodeProto, op_type: str) -> onnx.NodeProto | None:
+        users = consumers.get(node.output[0], [])
+        if len(users) != 1 or users[0].op_type != op_type or node.output[0] in graph_outputs:
+            return None
+        return users[0]
+
+    removed: set[int] = set()
+    replacement: dict[int, onnx.NodeProto] = {}
+    for erf in model.graph.node:
+        if erf.op_type != "Erf":
+            continue
+        div = producer.get(erf.input[0])
+        if div is None or div.op_type != "Div" or not _is_scalar(constants.get(div.input[1]), 2**0.5):
+            continue
+        x = div.input[0]
+        add = only_consumer(erf, "Add")
+        if add is None or not _is_scalar(
+            constants.get(next(i for i in add.input if i != erf.output[0])), 1.0
+        ):
+            continue
+        half = only_consumer(add, "Mul")
+        if half is None or not _is_scalar(
+            constants.get(next(i for i in half.input if i != add.output[0])), 0.5
+        ):
+            continue
+        times_x = only_consumer(half, "Mul")
+        if times_x is None or sorted(times_x.input) != sorted([x, half.output[0]]):
+            continue
+        if len(consumers.get(div.output[0], [])) != 1 or div.output[0] in graph_outputs:
+            continue
+        removed.update(id(n) for n in (div, erf, add, half))
+        replacement[id(times_x)] = helper.make_node(
+            "Gelu", [x], [times_x.output[0]], name=f"{times_x.name}_gelu", domain="com.microsoft"
+        )
+    if not replacement:
+        return model, 0
+    nodes = [replacement.get(id(n), n) for n in model.graph.node if id(n) not in removed]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model, len(replacement)
