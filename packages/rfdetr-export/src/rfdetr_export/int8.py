@@ -6,7 +6,8 @@ activations quantized to uint8 at run time, one scale per tensor (ONNX Runtime's
 ``onnxruntime.quantization.quantize_dynamic``; standard ``DynamicQuantizeLinear`` + ``MatMulInteger`` nodes,
 which ONNX Runtime fuses into one kernel with VNNI / AMX int8 instructions where the CPU has them). Matrix
 products of two activations (attention scores, the mask dot products), convolutions, LayerNorm and softmax
-stay in float32, and so do inputs and outputs: the graph contract is unchanged.
+stay in float32, and so do inputs and outputs: the graph contract is unchanged. Each exact GELU becomes one
+ONNX Runtime ``com.microsoft.Gelu`` node (:func:`fuse_gelu`), so the file is for ONNX Runtime.
 
 The weights must be initializers for the quantizer to see them, while the exported graph computes some
 (for example the folded LayerScale of the backbone's MLP, a ``Mul`` and ``Transpose`` of constants) at run
