@@ -9,7 +9,7 @@
 #    (--wait-for), so no timing runs beside the tests;
 # 3. runs the GPU test suite (pytest -m gpu; TESTS=paths for a part of it) and writes the done marker.
 #
-# Needs the wheels of .whl/README.txt (WHL=path) and $OUT. Writes under $OUT: gpu.txt (card, driver, clocks),
+# Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (WHL=path) and $OUT. Writes under $OUT: gpu.txt (card, driver, clocks),
 # gpu_tests.log, bench.log (the parent's merged table), gpu_inference.json, and results.tgz with the children's
 # logs, JSON and profiler tables (the device returns at most 8 files).
 set -uo pipefail

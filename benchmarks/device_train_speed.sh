@@ -4,7 +4,7 @@
 #   bash benchmarks/device_train_speed.sh step  [ARGS...]  # benchmarks/train_step_profile.py --upstream ARGS
 #   bash benchmarks/device_train_speed.sh loop  [ARGS...]  # the whole-loop mode on .data/coco128_seg
 #
-# Needs the wheels of .whl/README.txt (WHL=path), the dataset copy (DATA=path), $OUT for logs and JSON.
+# Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (WHL=path), the dataset copy (DATA=path), $OUT for logs and JSON.
 set -uo pipefail
 mode=${1:?step or loop}
 shift
