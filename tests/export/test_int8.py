@@ -193,3 +193,11 @@ def test_fuse_gelu_leaves_other_functions_alone(div_by, extra_use):
     """Another constant is not GELU; an intermediate read elsewhere must keep its node."""
     model, fused = fuse_gelu(_gelu_graph(div_by, extra_use))
     assert fused == 0 and len(model.graph.node) == 5
+
+
+def test_fuse_gelu_leaves_an_add_of_a_value_to_itself_alone():
+    model = _gelu_graph(2**0.5)
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    add.input[1] = add.input[0]  # erf(x) + erf(x): no constant operand to read
+    model, fused = fuse_gelu(model)
+    assert fused == 0 and len(model.graph.node) == 5

@@ -141,6 +141,11 @@ def _is_scalar(value, expected: float) -> bool:
     return value is not None and value.size == 1 and abs(float(value.reshape(-1)[0]) - expected) < 1e-4
 
 
+def _other_input(node: onnx.NodeProto, name: str) -> str | None:
+    """The input of a two-input ``node`` that is not ``name`` (``None`` when both are)."""
+    return next((i for i in node.input if i != name), None)
+
+
 def fuse_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """``model`` with each exact GELU written as torch's exporter writes it,
     ``x -> Div(sqrt 2) -> Erf -> Add(1) -> Mul(0.5) -> Mul(x)``, replaced by one ``com.microsoft.Gelu`` node;
@@ -182,12 +187,12 @@ def fuse_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         x = div.input[0]
         add = only_consumer(erf, "Add")
         if add is None or not _is_scalar(
-            constants.get(next(i for i in add.input if i != erf.output[0])), 1.0
+            constants.get(_other_input(add, erf.output[0])), 1.0
         ):
             continue
         half = only_consumer(add, "Mul")
         if half is None or not _is_scalar(
-            constants.get(next(i for i in half.input if i != add.output[0])), 0.5
+            constants.get(_other_input(half, add.output[0])), 0.5
         ):
             continue
         times_x = only_consumer(half, "Mul")
