@@ -157,12 +157,11 @@ def fuse_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     (batch 1, 2-core Xeon, 2026-12-07). ``Gelu`` is an ONNX Runtime contrib operator; the int8 graph is meant
     for ONNX Runtime anyway (its float32 export, the one for TensorRT, is left as it is).
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
-    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    from rfdetr_export.opset import graph_constants
+
+    constants = graph_constants(model)
     producer = {out: node for node in model.graph.node for out in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:

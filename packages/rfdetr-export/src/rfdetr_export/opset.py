@@ -51,7 +51,8 @@ class OpsetError(RFDETRError, ValueError):
     """The graph uses an operator form that has no equivalent in the requested opset."""
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def graph_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """``{name: value}`` of every initializer and ``Constant`` node output of ``model``'s graph."""
     found = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -94,7 +95,7 @@ def lower_to_opset17(model: onnx.ModelProto) -> onnx.ModelProto:
     if model.functions:
         raise OpsetError("the graph holds local functions; inline them before lowering the opset")
     model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    consts = _constants(model)
+    consts = graph_constants(model)
     extra_inits = []
     for node in model.graph.node:
         op = node.op_type
