@@ -253,9 +253,10 @@ def run_config(paths: dict, images: list[np.ndarray], repeats: int, warmup: int)
             "goal_vs_upstream_met": vs_up <= GOAL_VS_UPSTREAM,
             "goal_vs_eager_met": vs_eager <= GOAL_VS_EAGER,
         }
-    counts = _check_same_work(*(paths[k](images) for k in ("ours_onnx", "upstream_onnx", "ours_eager")), images)
-    if "ours_onnx_int8" in paths:
-        _check_same_work(*(paths[k](images) for k in ("ours_onnx_int8", "upstream_onnx", "ours_eager")), images)
+    # the references run once; each of our paths is checked against them
+    out_up, out_eager = paths["upstream_onnx"](images), paths["ours_eager"](images)
+    for ours in (k for k in OURS if k in paths):
+        counts = _check_same_work(paths[ours](images), out_up, out_eager, images)
     return {
         "ms": {k: _stats(v) for k, v in times.items()},
         "ratios": ratios,
