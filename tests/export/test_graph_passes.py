@@ -1,4 +1,5 @@
-"""Graph passes on small hand-made ONNX graphs: opset 18 -> 17, fp16 islands, TensorRT fitness (fast, no export)."""
+"""Graph passes on small hand-made ONNX graphs: opset 18 -> 17, fp16 islands, TensorRT fitness, the int8
+file's GELU fusion (fast, no export)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from rfdetr_export.half import keep_float32_islands  # noqa: E402
+from rfdetr_export.int8 import fuse_gelu  # noqa: E402
 from rfdetr_export.opset import OpsetError, lower_to_opset17  # noqa: E402
 from rfdetr_export.trt_graph import TRT_PARSER_OPS, trt_graph_problems  # noqa: E402
 
@@ -176,3 +178,51 @@ def test_trt_graph_problems_finds_gridsample_unknown_ops_and_scatter_shapes():
     clean = _node_graph("Relu", [x])
     assert trt_graph_problems(clean) == []
     assert {"GatherElements", "LayerNormalization", "TopK", "Floor", "MatMul"} <= TRT_PARSER_OPS
+
+
+def _gelu_graph(div_by: float, extra_use: bool = False):
+    """``y = x * (0.5 * (1 + erf(x / div_by)))`` as torch's exporter writes GELU; ``extra_use`` also outputs
+    the Erf's result (then the pattern must stay)."""
+    inits = [
+        numpy_helper.from_array(np.array(v, dtype=np.float32), name)
+        for name, v in (("c_div", div_by), ("c_one", 1.0), ("c_half", 0.5))
+    ]
+    nodes = [
+        helper.make_node("Div", ["x", "c_div"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "c_one"], ["a"]),
+        helper.make_node("Mul", ["c_half", "a"], ["h"]),
+        helper.make_node("Mul", ["x", "h"], ["y"]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])]
+    if extra_use:
+        outputs.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 5]))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])
+    return _model(nodes, [x], outputs, inits, opset=17)
+
+
+def test_fuse_gelu_replaces_the_exporters_pattern_with_the_same_function():
+    import torch
+
+    x = np.linspace(-4, 4, 10, dtype=np.float32).reshape(2, 5)
+    model, fused = fuse_gelu(_gelu_graph(2**0.5))
+    assert fused == 1 and [n.op_type for n in model.graph.node] == ["Gelu"]
+    onnx.checker.check_model(model)
+    got = _run(model, {"x": x})[0]
+    expected = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("div_by, extra_use", [(2.0, False), (2**0.5, True)])
+def test_fuse_gelu_leaves_other_functions_alone(div_by, extra_use):
+    """Another constant is not GELU; an intermediate read elsewhere must keep its node."""
+    model, fused = fuse_gelu(_gelu_graph(div_by, extra_use))
+    assert fused == 0 and len(model.graph.node) == 5
+
+
+def test_fuse_gelu_leaves_an_add_of_a_value_to_itself_alone():
+    model = _gelu_graph(2**0.5)
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    add.input[1] = add.input[0]  # erf(x) + erf(x): no constant operand to read
+    model, fused = fuse_gelu(model)
+    assert fused == 0 and len(model.graph.node) == 5

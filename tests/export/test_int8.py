@@ -18,7 +18,7 @@ from rfdetr_core.preprocess import preprocess  # noqa: E402
 from rfdetr_export.check import TOLERANCES, Tolerance, compare_outputs, synthetic_images  # noqa: E402
 from rfdetr_export.cli import main  # noqa: E402
 from rfdetr_export.export_model import deploy_for  # noqa: E402
-from rfdetr_export.int8 import constant_weight_matmuls, fuse_gelu  # noqa: E402
+from rfdetr_export.int8 import constant_weight_matmuls  # noqa: E402
 from rfdetr_export.onnx_export import METADATA_CARD, METADATA_EXPORT, export_onnx  # noqa: E402
 from rfdetr_export.runtime import OnnxRuntimeModel  # noqa: E402
 
@@ -141,63 +141,3 @@ def test_trt_int8_is_refused_with_the_alternatives(checkpoints, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--int8 is for ONNX Runtime" in err and "--trt --half" in err
 
-
-def _gelu_graph(div_by: float, extra_use: bool = False):
-    """``y = x * (0.5 * (1 + erf(x / div_by)))`` as torch's exporter writes GELU; ``extra_use`` also outputs
-    the Erf's result (then the pattern must stay)."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    inits = [
-        numpy_helper.from_array(np.array(v, dtype=np.float32), name)
-        for name, v in (("c_div", div_by), ("c_one", 1.0), ("c_half", 0.5))
-    ]
-    nodes = [
-        helper.make_node("Div", ["x", "c_div"], ["d"]),
-        helper.make_node("Erf", ["d"], ["e"]),
-        helper.make_node("Add", ["e", "c_one"], ["a"]),
-        helper.make_node("Mul", ["c_half", "a"], ["h"]),
-        helper.make_node("Mul", ["x", "h"], ["y"]),
-    ]
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])]
-    if extra_use:
-        outputs.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 5]))
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
-        outputs,
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    return model
-
-
-def test_fuse_gelu_replaces_the_exporters_pattern_with_the_same_function():
-    import numpy as np
-    import onnxruntime as ort
-
-    x = np.linspace(-4, 4, 10, dtype=np.float32).reshape(2, 5)
-    model, fused = fuse_gelu(_gelu_graph(2**0.5))
-    assert fused == 1 and [n.op_type for n in model.graph.node] == ["Gelu"]
-    onnx.checker.check_model(model)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"x": x})[0]
-    expected = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("div_by, extra_use", [(2.0, False), (2**0.5, True)])
-def test_fuse_gelu_leaves_other_functions_alone(div_by, extra_use):
-    """Another constant is not GELU; an intermediate read elsewhere must keep its node."""
-    model, fused = fuse_gelu(_gelu_graph(div_by, extra_use))
-    assert fused == 0 and len(model.graph.node) == 5
-
-
-def test_fuse_gelu_leaves_an_add_of_a_value_to_itself_alone():
-    model = _gelu_graph(2**0.5)
-    add = next(n for n in model.graph.node if n.op_type == "Add")
-    add.input[1] = add.input[0]  # erf(x) + erf(x): no constant operand to read
-    model, fused = fuse_gelu(model)
-    assert fused == 0 and len(model.graph.node) == 5
