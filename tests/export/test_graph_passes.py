@@ -1,5 +1,5 @@
 """Graph passes on small hand-made ONNX graphs: opset 18 -> 17, fp16 islands, TensorRT fitness, the int8
-file's GELU fusion (fast, no export)."""
+file's GELU and attention fusions (fast: no model export; the attention test exports one attention layer)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from rfdetr_export.half import keep_float32_islands  # noqa: E402
-from rfdetr_export.int8 import fuse_gelu  # noqa: E402
+from rfdetr_export.int8 import fuse_attention, fuse_gelu  # noqa: E402
 from rfdetr_export.opset import OpsetError, lower_to_opset17  # noqa: E402
 from rfdetr_export.trt_graph import TRT_PARSER_OPS, trt_graph_problems  # noqa: E402
 
@@ -226,3 +226,60 @@ def test_fuse_gelu_leaves_an_add_of_a_value_to_itself_alone():
     add.input[1] = add.input[0]  # erf(x) + erf(x): no constant operand to read
     model, fused = fuse_gelu(model)
     assert fused == 0 and len(model.graph.node) == 5
+
+
+def _attention_graph(tmp_path, dynamic: bool, masked: bool = False):
+    """core's ``ViTAttention`` (dim 16, 4 heads) exported as the model export writes it: ``x [N, 7, 16]``.
+    ``masked`` adds a constant bias to the scores, which the fusion must leave alone."""
+    import torch
+    import torch.nn.functional as F
+
+    from rfdetr_core.models.backbone import ViTAttention
+
+    class Masked(ViTAttention):
+        def forward(self, x):
+            n, t, c = x.shape
+            qkv = self.qkv(x).view(n, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=torch.ones(t, t))
+            return self.proj(out.transpose(1, 2).reshape(n, t, c))
+
+    torch.manual_seed(0)
+    module = (Masked if masked else ViTAttention)(16, 4).eval()
+    path = tmp_path / "attention.onnx"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.onnx.export(
+        module,
+        (torch.randn(2, 7, 16),),
+        str(path),
+        dynamo=True,
+        opset_version=18,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_shapes=({0: batch},) if dynamic else None,
+    )
+    return onnx.load(str(path)), module
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fuse_attention_replaces_the_exported_attention_with_the_same_function(tmp_path, dynamic):
+    import torch
+
+    model, module = _attention_graph(tmp_path, dynamic)
+    assert sum(n.op_type == "Softmax" for n in model.graph.node) == 1
+    fused_model, fused = fuse_attention(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert fused == 1
+    ops = [n.op_type for n in fused_model.graph.node]
+    assert "MultiHeadAttention" in ops and "Softmax" not in ops and "Transpose" not in ops
+    onnx.checker.check_model(fused_model)
+    for batch in (1, 2, 3) if dynamic else (2,):
+        x = np.random.default_rng(batch).standard_normal((batch, 7, 16)).astype(np.float32)
+        expected = module(torch.from_numpy(x)).detach().numpy()
+        np.testing.assert_allclose(_run(fused_model, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(_run(model, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_attention_leaves_masked_attention_alone(tmp_path):
+    model, _ = _attention_graph(tmp_path, dynamic=False, masked=True)
+    before = [n.op_type for n in model.graph.node]
+    model, fused = fuse_attention(model)
+    assert fused == 0 and [n.op_type for n in model.graph.node] == before

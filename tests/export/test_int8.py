@@ -15,6 +15,7 @@ pytest.importorskip("onnxruntime")
 from rfdetr_core import RFDETR  # noqa: E402
 from rfdetr_core.factory import load_model  # noqa: E402
 from rfdetr_core.preprocess import preprocess  # noqa: E402
+from rfdetr_core.variants import get_variant  # noqa: E402
 from rfdetr_export.check import TOLERANCES, Tolerance, compare_outputs, synthetic_images  # noqa: E402
 from rfdetr_export.cli import main  # noqa: E402
 from rfdetr_export.export_model import deploy_for  # noqa: E402
@@ -37,8 +38,11 @@ def test_int8_graph_quantizes_every_linear_layer_and_keeps_the_contract(export):
     assert quantized > 40 and f"int8: {quantized} of " in done.stdout
     # the backbone's exact GELUs are one ONNX Runtime node each, no Erf left
     gelus = sum(1 for n in model.graph.node if n.op_type == "Gelu" and n.domain == "com.microsoft")
-    assert gelus > 0 and f"; {gelus} GELUs fused" in done.stdout
+    attentions = sum(1 for n in model.graph.node if n.op_type == "MultiHeadAttention")
+    assert gelus > 0 and f"; {gelus} GELUs and {attentions} attentions fused" in done.stdout
     assert not any(n.op_type == "Erf" for n in model.graph.node)
+    # the backbone's self-attentions are one ONNX Runtime node each (one per encoder block)
+    assert attentions == get_variant("seg-tiny").encoder_depth
     assert done.path.stat().st_size < 0.5 * float32.path.stat().st_size
     props = {p.key: p.value for p in model.metadata_props}
     reference = onnx.load(str(float32.path))

@@ -183,7 +183,8 @@ def run_onnx(args) -> int:
         q = result.int8
         print(
             f"  int8: {q.quantized} of {q.matmuls} MatMuls (those with a constant weight); weights "
-            f"{q.float32_bytes / 2**20:.1f} -> {q.int8_bytes / 2**20:.1f} MiB; {q.gelus} GELUs fused"
+            f"{q.float32_bytes / 2**20:.1f} -> {q.int8_bytes / 2**20:.1f} MiB; {q.gelus} GELUs and "
+            f"{q.attentions} attentions fused"
         )
     if args.no_check:
         print("  check: skipped (--no-check)")
