@@ -11,8 +11,8 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from rfdetr_export.half import keep_float32_islands  # noqa: E402
-from rfdetr_export.int8 import fuse_attention, fuse_gelu  # noqa: E402
 from rfdetr_export.opset import OpsetError, lower_to_opset17  # noqa: E402
+from rfdetr_export.ort_fusions import fuse_attention, fuse_gelu  # noqa: E402
 from rfdetr_export.trt_graph import TRT_PARSER_OPS, trt_graph_problems  # noqa: E402
 
 

@@ -70,8 +70,9 @@ def test_the_readme_example_runs_without_rfdetr_on_the_pixels_predict_sees(expor
     diff = np.abs(out["x"].transpose(2, 0, 1) - x[0].numpy())
     print(f"README example vs preprocess: mean |dx| {diff.mean():.4f}, max {diff.max():.4f}")
     assert diff.mean() < 0.01 and diff.max() < 0.1  # measured: 0.0021, 0.0165
-    # and its outputs are the graph's, unpacked in the right order
+    # and its outputs are the graph's, unpacked in the right order (the runner runs the graph with ONNX
+    # Runtime's fused GELU and attention, plain onnxruntime the file's nodes: float order, ~1e-6)
     want = runner(torch.from_numpy(out["x"].transpose(2, 0, 1)[None].astype(np.float32)))
     for name, w in zip(("scores", "labels", "boxes", "masks"), want, strict=True):
-        np.testing.assert_allclose(out[name], w.numpy(), atol=1e-6, rtol=0, err_msg=name)
+        np.testing.assert_allclose(out[name], w.numpy(), atol=1e-4, rtol=0, err_msg=name)
     np.testing.assert_array_equal(out["keep"], out["scores"][0] > 0.5)
