@@ -160,13 +160,16 @@ def ms_deform_attn_gather(
     index = level_start + torch.minimum(torch.maximum(tap_y, torch.zeros_like(tap_y)), height - 1) * width
     index = index + torch.minimum(torch.maximum(tap_x, torch.zeros_like(tap_x)), width - 1)
 
-    # value [B, S, M, D] -> [B, M, S, D] -> [BM, S, D]
-    flat_value = value.transpose(1, 2).reshape(-1, positions, dim)
+    # value [B, S, M, D] -> [B, M, S, D] -> [BM * S, D]: each tap reads one row
+    rows_value = value.transpose(1, 2).reshape(-1, dim)
     taps = levels * points * 4
-    # [BM, Q, L, P, 4] -> [BM, Q*L*P*4, D] gather index
-    gather_index = index.reshape(-1, queries * taps, 1).expand(-1, -1, dim)
-    # [BM, Q*taps, D] -> [BM, Q, taps, D]
-    sampled = torch.gather(flat_value, 1, gather_index).reshape(-1, queries, taps, dim)
+    # row of each tap among all BM maps: [BM, Q, L, P, 4] + [BM, 1, 1, 1, 1] offsets
+    map_start = torch.arange(index.shape[0], device=device, dtype=torch.int64) * positions
+    rows = index + map_start.view(-1, 1, 1, 1, 1)
+    # [BM * Q * taps] rows -> [BM, Q, taps, D]. One row gather (ONNX Gather on axis 0) rather than gather
+    # with an index expanded over D, which an exported graph materialises (an int64 Expand of D times the
+    # taps): seg-medium's five layers' Expand + GatherElements took ~7 ms of ONNX Runtime's 2-core run.
+    sampled = rows_value.index_select(0, rows.reshape(-1)).reshape(-1, queries, taps, dim)
     # [BM, Q, 1, taps] @ [BM, Q, taps, D] -> [BM, Q, 1, D]
     out = torch.matmul(tap_weight.reshape(-1, queries, 1, taps), sampled.to(math_dtype))
     # [BM, Q, 1, D] -> [B, M, Q, D] -> [B, Q, M, D] -> [B, Q, M*D]
