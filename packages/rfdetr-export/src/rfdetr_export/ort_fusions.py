@@ -24,6 +24,22 @@ def fuse_for_onnxruntime(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, 
     return model, gelus, attentions
 
 
+def _links(model: onnx.ModelProto) -> tuple[dict, dict, set[str]]:
+    """``(producer, consumers, graph outputs)``: the node writing each value, the nodes reading it, and the
+    names of the graph's outputs."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return producer, consumers, {o.name for o in model.graph.output}
+
+
+def _attr(node: onnx.NodeProto, name: str):
+    """The value of ``node``'s attribute ``name`` (``None`` when it has none)."""
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
 def _is_scalar(value, expected: float) -> bool:
     return value is not None and value.size == 1 and abs(float(value.reshape(-1)[0]) - expected) < 1e-4
 
@@ -41,20 +57,15 @@ def fuse_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     ONNX Runtime fuses the same function itself only where the ``0.5`` multiplies first or last (its
     ``GeluFusion`` patterns), not in this order, so the five element-wise passes over the backbone's
     ``[.., 4 * dim]`` MLP activations stayed: fused, seg-medium's int8 ``session.run`` went from 295 to 271 ms
-    (batch 1, 2-core Xeon, 2026-12-07). ``Gelu`` is an ONNX Runtime contrib operator; the int8 graph is meant
-    for ONNX Runtime anyway (its float32 export, the one for TensorRT, is left as it is).
+    (batch 1, 2-core Xeon, 2026-12-07). ``Gelu`` is an ONNX Runtime contrib operator (module docstring: where
+    the rewritten graph is used).
     """
     from onnx import helper
 
     from rfdetr_export.opset import graph_constants
 
     constants = graph_constants(model)
-    producer = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    graph_outputs = {o.name for o in model.graph.output}
+    producer, consumers, graph_outputs = _links(model)
 
     def only_consumer(node: onnx.NodeProto, op_type: str) -> onnx.NodeProto | None:
         users = consumers.get(node.output[0], [])
@@ -112,8 +123,6 @@ def _scalar(constants: dict, producer: dict, name: str) -> float | None:
 def _qkv_split(node: onnx.NodeProto, producer: dict, constants: dict) -> tuple[str, int, int] | None:
     """``(qkv, heads, head_dim)`` when ``node`` is ``Transpose(perm [2, 0, 3, 1, 4])`` of ``qkv [N, T, 3C]``
     reshaped to ``[N, T, 3, heads, head_dim]`` (:class:`rfdetr_core.models.backbone.ViTAttention`), else ``None``."""
-    from rfdetr_export.opset import _attr
-
     if node.op_type != "Transpose" or list(_attr(node, "perm") or []) != [2, 0, 3, 1, 4]:
         return None
     reshape = producer.get(node.input[0])
@@ -150,18 +159,13 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """
     from onnx import helper, numpy_helper
 
-    from rfdetr_export.opset import _attr, graph_constants
+    from rfdetr_export.opset import graph_constants
 
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return model, 0  # subgraphs read outer names: the liveness pruning below does not follow them
     constants = graph_constants(model)
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    graph_outputs = {o.name for o in graph.output}
+    producer, consumers, graph_outputs = _links(model)
 
     def single_user(name: str, op_type: str) -> onnx.NodeProto | None:
         users = consumers.get(name, [])
@@ -197,7 +201,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     removed: set[int] = set()
     for softmax in graph.node:
-        if softmax.op_type != "Softmax" or (_attr(softmax, "axis") if _attr(softmax, "axis") is not None else -1) != -1:
+        if softmax.op_type != "Softmax" or _attr(softmax, "axis") not in (None, -1):  # over the last axis
             continue
         scores = producer.get(softmax.input[0])
         mix = single_user(softmax.output[0], "MatMul")
