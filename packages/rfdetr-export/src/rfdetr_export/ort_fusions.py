@@ -35,6 +35,21 @@ def _links(model: onnx.ModelProto) -> tuple[dict, dict, set[str]]:
     return producer, consumers, {o.name for o in model.graph.output}
 
 
+def _only_user(consumers: dict, graph_outputs: set[str], name: str, op_type: str) -> onnx.NodeProto | None:
+    """The one node reading ``name`` when it is an ``op_type`` and ``name`` is not a graph output, else ``None``
+    (a value read elsewhere too must keep the node that writes it)."""
+    users = consumers.get(name, [])
+    if len(users) != 1 or users[0].op_type != op_type or name in graph_outputs:
+        return None
+    return users[0]
+
+
+def _use_contrib_domain(model: onnx.ModelProto) -> None:
+    """Declare ONNX Runtime's ``com.microsoft`` operator domain in ``model`` (once)."""
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+
+
 def _attr(node: onnx.NodeProto, name: str):
     """The value of ``node``'s attribute ``name`` (``None`` when it has none)."""
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
@@ -68,10 +83,7 @@ def fuse_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     producer, consumers, graph_outputs = _links(model)
 
     def only_consumer(node: onnx.NodeProto, op_type: str) -> onnx.NodeProto | None:
-        users = consumers.get(node.output[0], [])
-        if len(users) != 1 or users[0].op_type != op_type or node.output[0] in graph_outputs:
-            return None
-        return users[0]
+        return _only_user(consumers, graph_outputs, node.output[0], op_type)
 
     removed: set[int] = set()
     replacement: dict[int, onnx.NodeProto] = {}
@@ -106,8 +118,7 @@ def fuse_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     nodes = [replacement.get(id(n), n) for n in model.graph.node if id(n) not in removed]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _use_contrib_domain(model)
     return model, len(replacement)
 
 
@@ -168,10 +179,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     producer, consumers, graph_outputs = _links(model)
 
     def single_user(name: str, op_type: str) -> onnx.NodeProto | None:
-        users = consumers.get(name, [])
-        if len(users) != 1 or users[0].op_type != op_type or name in graph_outputs:
-            return None
-        return users[0]
+        return _only_user(consumers, graph_outputs, name, op_type)
 
     def gathered(name: str) -> tuple[onnx.NodeProto, int] | None:
         """``(transpose, index)`` when ``name`` is ``Gather(transpose, index, axis=0)``."""
@@ -200,6 +208,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     removed: set[int] = set()
+    split_sizes: set[str] = set()
     for softmax in graph.node:
         if softmax.op_type != "Softmax" or _attr(softmax, "axis") not in (None, -1):  # over the last axis
             continue
@@ -229,11 +238,13 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         qkv, heads, head_dim = found
         width = heads * head_dim
         prefix = f"{merge.name}_mha"
-        sizes = numpy_helper.from_array(np.array([width] * 3, np.int64), f"{prefix}_sizes")
-        graph.initializer.append(sizes)
+        sizes = f"mha_qkv_split_{width}"  # one initializer per width, shared by the attentions of that width
+        if sizes not in split_sizes:
+            split_sizes.add(sizes)
+            graph.initializer.append(numpy_helper.from_array(np.array([width] * 3, np.int64), sizes))
         parts = [f"{prefix}_{p}" for p in "qkv"]
         new_nodes[id(merge)] = [
-            helper.make_node("Split", [qkv, sizes.name], parts, axis=-1, name=f"{prefix}_split"),
+            helper.make_node("Split", [qkv, sizes], parts, axis=-1, name=f"{prefix}_split"),
             helper.make_node(
                 "MultiHeadAttention",
                 parts,
@@ -252,8 +263,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         nodes.extend(new_nodes.get(id(node), [] if id(node) in removed else [node]))
     del graph.node[:]
     graph.node.extend(_live(nodes, graph_outputs))
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _use_contrib_domain(model)
     return model, len(new_nodes)
 
 
