@@ -173,3 +173,22 @@ def test_bf16_mask_maps_get_no_float32_copy_for_backward(batch_layers):
     copies = (c * h * w, b * c * h * w, layers * b * c * h * w)  # one image's map, a layer's, all layers'
     assert saved
     assert not [s for s in saved if s[0] == torch.float32 and s[1] in copies]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_matcher_mask_costs_in_chunks_of_layers_equal_all_at_once(dense):
+    # The matcher bounds its point-logit transients by taking a few layers at a time (they add to the step's
+    # peak memory, all activations being alive); the costs must not depend on the chunking.
+    from rfdetr_train.losses import TargetBatch
+
+    outputs, targets = _case((3, 0, 5), seed=11, dense=dense)
+    crit = build_criterion(K, GROUPS)
+    layers = [out for _, out in crit.layers(outputs)]
+    batch = TargetBatch.from_targets(targets, torch.device("cpu"), need_masks=True)
+    costs = {}
+    for chunk in (1 << 40, 1):  # all layers in one batch; one layer at a time
+        crit.matcher.mask_cost_chunk_bytes = chunk
+        torch.manual_seed(5)
+        costs[chunk] = crit.matcher.cost_matrices(layers, batch)
+    assert costs[1].shape == (len(layers), 3, *costs[1].shape[2:])
+    torch.testing.assert_close(costs[1], costs[1 << 40], rtol=1e-6, atol=1e-6)

@@ -60,6 +60,9 @@ class HungarianMatcher:
         self.focal_gamma = focal_gamma
         self.mask_point_sample_ratio = mask_point_sample_ratio
         self.match_point_sampler = match_point_sampler or UniformPointSampler()
+        # Bound of the [l*B, GQ, P] float32 point logits of one batch of layers (see _mask_costs); a seg-medium
+        # layer at batch 8 is 61 MB, so there the layers go one at a time.
+        self.mask_cost_chunk_bytes = 64 << 20
 
     # -- costs ------------------------------------------------------------------------------------------
 
@@ -74,26 +77,30 @@ class HungarianMatcher:
 
     def _mask_point_logits(self, pred_masks: Sequence[Any], points: Tensor) -> Tensor:
         """Prediction logits at each layer's shared points: ``L`` lazy entries or dense ``[B, GQ, h, w]`` and
-        ``[L, P, 2]`` points -> ``[L*B, GQ, P]`` (layer after layer)."""
+        ``[L, P, 2]`` points -> ``[L*B, GQ, P]`` float32 (layer after layer).
+
+        Each layer's map is sampled on its own, so at most one layer's float32 copy of its map exists at a time.
+        """
         batch = _mask_reference(pred_masks[0]).shape[0]
-        grid = points.repeat_interleave(batch, dim=0)  # [L, P, 2] -> [L*B, P, 2]
+        grids = points.unsqueeze(1).expand(-1, batch, -1, -1)  # [L, P, 2] -> [L, B, P, 2]
         if isinstance(pred_masks[0], Tensor):
-            return sample_points(torch.cat([m.float() for m in pred_masks]), grid)  # [L*B, GQ, P]
-        spatial = torch.cat([m["spatial_features"] for m in pred_masks]).float()  # [L*B, C, h, w]
+            return torch.cat([sample_points(m.float(), g) for m, g in zip(pred_masks, grids)])  # [L*B, GQ, P]
+        # Bilinear sampling is linear (and its weights sum to 1 with border padding), so sampling the features
+        # then projecting equals projecting then sampling, at C*P instead of GQ*h*w work.
+        feats = torch.cat(
+            [sample_points(m["spatial_features"].float(), g) for m, g in zip(pred_masks, grids)]
+        )  # [L*B, C, P]
         query = torch.cat([m["query_features"] for m in pred_masks]).float()  # [L*B, GQ, C]
-        bias = (
-            torch.stack([m["bias"] for m in pred_masks]).float().repeat_interleave(batch, dim=0)
-        )  # [L*B, 1]
-        # Bilinear sampling is linear, so sampling the features then projecting equals projecting then
-        # sampling, at C*P instead of GQ*h*w work.
-        feats = sample_points(spatial, grid)  # [L*B, C, P]
+        bias = torch.stack([m["bias"] for m in pred_masks]).float().repeat_interleave(batch, dim=0)  # [L*B, 1]
         return torch.bmm(query, feats) + bias.unsqueeze(2)  # [L*B, GQ, P]
 
     def _mask_costs(self, pred_masks: Sequence[Any], batch: TargetBatch) -> tuple[Tensor, Tensor]:
         """Pairwise mean BCE and Dice costs of ``L`` same-shaped layers on uniform points: -> two ``[L, B, GQ, Tmax]``.
 
-        Each layer draws its own points (one sampler call per layer, in layer order); the sampling and the
-        costs of all layers then run as one batch of ``L*B`` problems.
+        Each layer draws its own points (one sampler call per layer, in layer order); the costs then run as
+        batches of ``l*B`` problems, ``l`` layers at a time, with ``l`` as large as keeps the ``[l*B, GQ, P]``
+        float32 point logits within :attr:`mask_cost_chunk_bytes`: the matcher runs while the forward's
+        activations are all alive, so its transients add to the step's peak memory.
         """
         ref = _mask_reference(pred_masks[0])
         height, width = ref.shape[-2:]
@@ -106,27 +113,26 @@ class HungarianMatcher:
                 for _ in pred_masks
             ]
         )  # [L, P, 2]
-        num_layers = len(pred_masks)
-        x = self._mask_point_logits(pred_masks, points)  # [L*B, GQ, P]
-        bsz, num_points, tmax = ref.shape[0], x.shape[2], batch.padded_labels.shape[1]
-        objects = torch.arange(batch.total, device=x.device).repeat(num_layers)  # [L*T]
+        num_layers, num_points = len(pred_masks), points.shape[1]
+        bsz, tmax = ref.shape[0], batch.padded_labels.shape[1]
+        objects = torch.arange(batch.total, device=ref.device).repeat(num_layers)  # [L*T]
         coords = points.repeat_interleave(batch.total, dim=0)  # [L*T, P, 2]
-        gt = x.new_zeros(num_layers, bsz * tmax, num_points)  # padded objects keep all-zero rows
+        gt = points.new_zeros(num_layers, bsz * tmax, num_points)  # padded objects keep all-zero rows
         gt[:, batch.padded_slot] = batch.sample_masks(objects, coords).view(
             num_layers, batch.total, num_points
         )
         gt = gt.view(num_layers * bsz, tmax, num_points)  # [L, B*Tmax, P] -> [L*B, Tmax, P]
-        # Mean BCE over points of every (query, object) pair. BCE(x, 0) = softplus(x) and BCE(x, 1) = softplus(x) - x,
-        # so the sum over points is rowsum(softplus(x)) - x . t: one elementwise pass and one product.
-        bce = (
-            F.softplus(x).sum(-1).unsqueeze(2) - torch.bmm(x, gt.transpose(1, 2))
-        ) / num_points  # [L*B, GQ, Tmax]
-        prob = x.sigmoid()
-        overlap = 2 * torch.bmm(prob, gt.transpose(1, 2))  # [L*B, GQ, Tmax]
-        total = prob.sum(-1).unsqueeze(2) + gt.sum(-1).unsqueeze(1)
-        dice = 1 - (overlap + 1) / (total + 1)
-        shape = (num_layers, bsz, x.shape[1], tmax)  # [L*B, GQ, Tmax] -> [L, B, GQ, Tmax]
-        return bce.view(shape), dice.view(shape)
+        queries = _mask_query_count(pred_masks[0])
+        step = max(1, self.mask_cost_chunk_bytes // (bsz * queries * num_points * 4))
+        parts = [
+            _pairwise_mask_costs(
+                self._mask_point_logits(pred_masks[i : i + step], points[i : i + step]),
+                gt[i * bsz : (i + step) * bsz],
+            )
+            for i in range(0, num_layers, step)
+        ]
+        shape = (num_layers, bsz, queries, tmax)  # [L*B, GQ, Tmax] -> [L, B, GQ, Tmax]
+        return tuple(torch.cat([part[k] for part in parts]).view(shape) for k in (0, 1))
 
     @torch.no_grad()
     def cost_matrices(self, layers: Sequence[dict[str, Any]], batch: TargetBatch) -> Tensor:
@@ -271,6 +277,24 @@ class HungarianMatcher:
 def _mask_reference(pred_masks: Any) -> Tensor:
     """The tensor that fixes the batch size, mask size and device of a lazy or dense mask entry."""
     return pred_masks if isinstance(pred_masks, Tensor) else pred_masks["spatial_features"]
+
+
+def _mask_query_count(pred_masks: Any) -> int:
+    """``GQ`` of a lazy or dense mask entry."""
+    return pred_masks.shape[1] if isinstance(pred_masks, Tensor) else pred_masks["query_features"].shape[1]
+
+
+def _pairwise_mask_costs(x: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean point BCE and Dice of every (query, object) pair: ``[N, GQ, P]`` logits, ``[N, Tmax, P]`` 0/1 ground
+    truth -> two ``[N, GQ, Tmax]``."""
+    num_points = x.shape[2]
+    # BCE(x, 0) = softplus(x) and BCE(x, 1) = softplus(x) - x, so the sum over points is
+    # rowsum(softplus(x)) - x . t: one elementwise pass and one product.
+    bce = (F.softplus(x).sum(-1).unsqueeze(2) - torch.bmm(x, gt.transpose(1, 2))) / num_points
+    prob = x.sigmoid()
+    overlap = 2 * torch.bmm(prob, gt.transpose(1, 2))  # [N, GQ, Tmax]
+    total = prob.sum(-1).unsqueeze(2) + gt.sum(-1).unsqueeze(1)
+    return bce, 1 - (overlap + 1) / (total + 1)
 
 
 def _mask_signature(pred_masks: Any) -> tuple:
