@@ -140,9 +140,11 @@ def test_global_blocks_mix_windows():
             assert (not torch.allclose(top_left_a, top_left_b, atol=1e-6)) == mixes
 
 
-def test_training_outputs_are_grouped_and_lazy(tiny):
+@pytest.mark.parametrize("fold", [None, True])  # None: CPU default (projected maps); True: CUDA default
+def test_training_outputs_are_grouped_and_lazy(tiny, fold):
     model = build_model("seg-tiny").train()
     model.load_state_dict(tiny.state_dict())
+    model.mask_head.fold_in_training = fold
     m = model.spec.size_multiple
     images = _images(2, 8 * m, 10 * m, seed=4)
     out = model(images)
@@ -155,7 +157,7 @@ def test_training_outputs_are_grouped_and_lazy(tiny):
         assert set(masks) == {"spatial_features", "query_features", "bias"}
         assert masks["spatial_features"].shape == (2, c, 2 * m, 10 * m // 4)
         assert masks["query_features"].shape == (2, g * q, c)
-        assert masks["bias"].shape == (1,)
+        assert masks["bias"].shape == ((2, g * q) if fold else (1,))
         assert entry["pred_logits"].shape == (2, g * q, k)
     # Everything trains: a loss over all outputs reaches every parameter.
     loss = sum(
@@ -177,7 +179,8 @@ def test_training_outputs_are_grouped_and_lazy(tiny):
         eval_out = tiny(images)
     lazy = train_out["pred_masks"]
     dense = (
-        torch.einsum("bqc,bchw->bqhw", lazy["query_features"][:, :q], lazy["spatial_features"]) + lazy["bias"]
+        torch.einsum("bqc,bchw->bqhw", lazy["query_features"][:, :q], lazy["spatial_features"])
+        + lazy["bias"].expand(2, g * q)[:, :q, None, None]
     )
     torch.testing.assert_close(dense, eval_out["pred_masks"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(train_out["pred_logits"][:, :q], eval_out["pred_logits"], atol=1e-5, rtol=1e-5)

@@ -181,7 +181,8 @@ class RFDETRModel(nn.Module):
             Training mode: the same keys over all ``G*Q`` queries (group ``g`` = rows ``g*Q:(g+1)*Q``), plus
             ``aux_outputs`` (list over the earlier decoder layers, same keys) and ``enc_outputs`` (two-stage
             proposals, same keys). Every ``pred_masks`` entry is then a lazy dict
-            ``{"spatial_features": [B, C, H/4, W/4], "query_features": [B, G*Q, C], "bias": [1]}``.
+            ``{"spatial_features": [B, C, H/4, W/4], "query_features": [B, G*Q, C], "bias": [B, G*Q] or [1]}``
+            (:meth:`MaskHead.lazy`: logits ``query_features . spatial_features + bias``).
         """
         training = self.training
         if not training:

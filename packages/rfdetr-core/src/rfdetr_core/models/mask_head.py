@@ -42,11 +42,21 @@ class QueryMLP(nn.Module):
 
 
 class MaskHead(nn.Module):
-    """Per-query mask logits at ``1/downsample`` of the input size."""
+    """Per-query mask logits at ``1/downsample`` of the input size.
+
+    Attributes:
+        fold_in_training: whether :meth:`lazy` folds the 1x1 spatial projection into the queries
+            (:meth:`folded_queries`); ``None`` (default) = on CUDA, where it saves one projected ``[B, C, h, w]``
+            map per layer in the backward pass's memory (seg-medium, batch 8: 7 x 46 MiB in bf16) and its
+            convolutions; elsewhere the projected maps as upstream computes them, which keeps the float order
+            of 0.1.x so that a seeded CPU run (the demo) repeats the numbers of earlier releases. Inference
+            always folds.
+    """
 
     def __init__(self, dim: int, num_blocks: int, downsample: int = 4) -> None:
         super().__init__()
         self.downsample = downsample
+        self.fold_in_training: bool | None = None
         self.blocks = nn.ModuleList(DepthwiseConvBlock(dim) for _ in range(num_blocks))
         self.spatial_proj = nn.Conv2d(dim, dim, kernel_size=1)
         self.query_mlp = QueryMLP(dim)
@@ -60,6 +70,20 @@ class MaskHead(nn.Module):
     def query_embed(self, hs: Tensor) -> Tensor:
         """Decoder output ``[B, N, C]`` -> mask query embeddings ``[B, N, C]``."""
         return self.query_proj(self.query_mlp(hs))
+
+    def folded_queries(self, hs: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder output ``[B, N, C]`` -> queries folded through the 1x1 spatial projection.
+
+        The projection is linear, so ``q . (W x + b) + bias = (q W) . x + (q . b + bias)``: the logits need
+        ``Q*C*C`` multiply-adds for ``q W`` instead of ``h*w*C*C`` for ``W x`` (``h*w`` is 10-40x ``Q``), and in
+        training no projected ``[B, C, h, w]`` map is made or kept for the backward pass.
+
+        Returns:
+            ``q W`` ``[B, N, C]`` and the per-query bias ``q . b + bias`` ``[B, N]``.
+        """
+        q = self.query_embed(hs)
+        c = q.shape[-1]
+        return q @ self.spatial_proj.weight.view(c, c), q @ self.spatial_proj.bias + self.bias
 
     def forward(self, features: Tensor, hs: Tensor, image_size: tuple[int, int]) -> Tensor:
         """Dense masks of the last decoder layer (inference).
@@ -77,16 +101,11 @@ class MaskHead(nn.Module):
         for block in self.blocks:
             x = block(x)
         b, c, h, w = x.shape
-        q = self.query_embed(hs)
-        # The 1x1 projection is linear, so fold it into the queries: q.(W x + b) = (q W).x + q.b. That costs
-        # Q*C*C instead of h*w*C*C multiply-adds (h*w is 10-40x larger than Q).
-        weight = self.spatial_proj.weight.view(c, c)
-        q_folded = q @ weight  # [B, Q, C]
-        q_bias = q @ self.spatial_proj.bias + self.bias  # [B, Q]
+        q_folded, q_bias = self.folded_queries(hs)  # [B, Q, C], [B, Q]
         # [B, C, h, w] -> [B, h*w, C] (a view when x is channels-last)
         pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
         masks = torch.baddbmm(q_bias[..., None], q_folded, pixels.transpose(1, 2))
-        return masks.view(b, q.shape[1], h, w)
+        return masks.view(b, q_folded.shape[1], h, w)
 
     def lazy(
         self,
@@ -104,26 +123,29 @@ class MaskHead(nn.Module):
 
         Returns:
             One dict per decoder layer and one for the encoder output (or None), each
-            ``{"spatial_features": [B, C, H/4, W/4], "query_features": [B, N, C], "bias": [1]}``; logits of query
-            ``n`` in image ``b`` are ``einsum("c,chw->hw", query_features[b, n], spatial_features[b]) + bias``.
+            ``{"spatial_features": [B, C, H/4, W/4], "query_features": [B, N, C], "bias": [B, N] or [1]}``;
+            the logits of query ``n`` in image ``b`` are
+            ``einsum("c,chw->hw", query_features[b, n], spatial_features[b]) + bias[b, n]`` (a ``[1]`` bias is
+            one scalar for all). Folded (:attr:`fold_in_training`): the pixel embeddings before the 1x1
+            projection, the queries folded through it and a per-query bias ``[B, N]``; else the projected map,
+            the query embeddings and the head's scalar bias ``[1]``.
         """
         x = self._resize(features, image_size)
+        fold = x.is_cuda if self.fold_in_training is None else self.fold_in_training
+        entry = self._folded_entry if fold else self._projected_entry
         enc = None
         if enc_features is not None:
             # The encoder output pairs with the resized map before any block.
-            enc = {
-                "spatial_features": self.spatial_proj(x),
-                "query_features": self.query_embed(enc_features),
-                "bias": self.bias,
-            }
+            enc = entry(x, enc_features)
         layers = []
         for block, hs in zip(self.blocks, hs_layers, strict=True):
             x = block(x)
-            layers.append(
-                {
-                    "spatial_features": self.spatial_proj(x),
-                    "query_features": self.query_embed(hs),
-                    "bias": self.bias,
-                }
-            )
+            layers.append(entry(x, hs))
         return layers, enc
+
+    def _folded_entry(self, x: Tensor, hs: Tensor) -> dict[str, Tensor]:
+        q_folded, q_bias = self.folded_queries(hs)
+        return {"spatial_features": x, "query_features": q_folded, "bias": q_bias}
+
+    def _projected_entry(self, x: Tensor, hs: Tensor) -> dict[str, Tensor]:
+        return {"spatial_features": self.spatial_proj(x), "query_features": self.query_embed(hs), "bias": self.bias}

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rfdetr_train.losses import mask_entries
 from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, matched_generalized_box_iou
 from rfdetr_train.losses.coefficients import LossWeights, MatchCosts
 from rfdetr_train.losses.layer_batch import batched_layer_losses, can_batch_layers
@@ -115,8 +116,8 @@ class SetCriterion(nn.Module):
 
         Args:
             outputs: ``pred_logits [B, G*Q, K]``, ``pred_boxes [B, G*Q, 4]`` (normalised cxcywh), ``pred_masks``
-                (lazy ``{"spatial_features": [B, C, h, w], "query_features": [B, G*Q, C], "bias": [1]}`` or dense
-                ``[B, G*Q, h, w]`` logits), optional ``aux_outputs`` (list of such dicts, earlier decoder
+                (lazy ``{"spatial_features": [B, C, h, w], "query_features": [B, G*Q, C], "bias": [B, G*Q] or [1]}``
+                or dense ``[B, G*Q, h, w]`` logits; :mod:`~rfdetr_train.losses.mask_entries`), optional ``aux_outputs`` (list of such dicts, earlier decoder
                 layers first) and ``enc_outputs`` (one such dict).
             targets: per image ``labels [N]`` int64 slots, ``boxes [N, 4]`` normalised cxcywh, ``masks [N, h', w']``
                 bool (any resolution; sampled in normalised coordinates). N may be 0.
@@ -248,6 +249,7 @@ class SetCriterion(nn.Module):
             return pred_masks[matches.batch_idx, matches.query_idx].float()
         spatial = pred_masks["spatial_features"]  # [B, C, h, w]
         query = pred_masks["query_features"].to(spatial.dtype)  # [B, GQ, C]
+        bias = mask_entries.query_bias(pred_masks)[matches.batch_idx, matches.query_idx].float()  # [M]
         height, width = spatial.shape[-2:]
         parts, start = [], 0
         for b, n in enumerate(matches.counts):
@@ -255,7 +257,7 @@ class SetCriterion(nn.Module):
                 q = query[b, matches.query_idx[start : start + n]]  # [n, C]
                 parts.append((q @ spatial[b].flatten(1)).view(n, height, width))  # [n, h*w] -> [n, h, w]
             start += n
-        return torch.cat(parts).float() + pred_masks["bias"].float()
+        return torch.cat(parts).float() + bias[:, None, None]
 
     def _mask_losses(
         self, pred_masks: Any, batch: TargetBatch, matches: LayerMatches, num_boxes: Tensor

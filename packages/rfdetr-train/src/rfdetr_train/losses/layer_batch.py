@@ -19,22 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rfdetr_train.losses import mask_entries
 from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, matched_generalized_box_iou
 from rfdetr_train.losses.loss_terms import ia_bce_terms, point_mask_terms
 from rfdetr_train.losses.point_sampling import loss_num_points, sample_points
 from rfdetr_train.losses.targets import LayerMatches, TargetBatch
-
-_LAZY_KEYS = ("spatial_features", "query_features", "bias")
-
-
-def _signature(value: Any) -> Any:
-    # Shapes only: under autocast some layers come out in bf16 and others in float32, and every tensor is
-    # cast to float32 (logits, boxes) or to one dtype per product (mask features) before it is stacked.
-    if isinstance(value, Tensor):
-        return ("dense", tuple(value.shape))
-    if isinstance(value, dict):
-        return ("lazy",) + tuple(tuple(value[k].shape) for k in _LAZY_KEYS)
-    return None
 
 
 def can_batch_layers(layers: Sequence[dict[str, Any]], matches: Sequence[LayerMatches]) -> bool:
@@ -50,7 +39,7 @@ def can_batch_layers(layers: Sequence[dict[str, Any]], matches: Sequence[LayerMa
             return False
         if match.counts != matches[0].counts:
             return False
-        if _signature(out.get("pred_masks")) != _signature(first.get("pred_masks")):
+        if mask_entries.signature(out.get("pred_masks")) != mask_entries.signature(first.get("pred_masks")):
             return False
     return True
 
@@ -90,9 +79,10 @@ def _matched_mask_logits(
     for m, match in zip(masks, matches, strict=True):
         spatial = m["spatial_features"]  # [B, C, h, w]
         query = m["query_features"][match.batch_idx, match.query_idx].to(spatial.dtype)  # [M, C]
+        bias = mask_entries.query_bias(m)[match.batch_idx, match.query_idx].float()  # [M]
         q_pad = query.new_zeros(bsz * maxn, channels).index_copy(0, slots, query)
         padded = torch.bmm(q_pad.view(bsz, maxn, channels), spatial.flatten(2))  # [B, maxn, h*w]
-        out.append(padded.view(-1, height * width)[slots].float() + m["bias"].float())  # [M, h*w]
+        out.append(padded.view(-1, height * width)[slots].float() + bias[:, None])  # [M, h*w]
     return torch.cat(out).view(-1, height, width)
 
 

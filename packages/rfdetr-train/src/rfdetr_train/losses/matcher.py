@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rfdetr_train.losses import mask_entries
 from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, pairwise_generalized_box_iou
 from rfdetr_train.losses.coefficients import MatchCosts
 from rfdetr_train.losses.point_sampling import (
@@ -81,7 +82,7 @@ class HungarianMatcher:
 
         Each layer's map is sampled on its own, so at most one layer's float32 copy of its map exists at a time.
         """
-        batch = _mask_reference(pred_masks[0]).shape[0]
+        batch = mask_entries.reference(pred_masks[0]).shape[0]
         grids = points.unsqueeze(1).expand(-1, batch, -1, -1)  # [L, P, 2] -> [L, B, P, 2]
         if isinstance(pred_masks[0], Tensor):
             return torch.cat([sample_points(m.float(), g) for m, g in zip(pred_masks, grids)])  # [L*B, GQ, P]
@@ -91,7 +92,7 @@ class HungarianMatcher:
             [sample_points(m["spatial_features"].float(), g) for m, g in zip(pred_masks, grids)]
         )  # [L*B, C, P]
         query = torch.cat([m["query_features"] for m in pred_masks]).float()  # [L*B, GQ, C]
-        bias = torch.stack([m["bias"] for m in pred_masks]).float().repeat_interleave(batch, dim=0)  # [L*B, 1]
+        bias = torch.cat([mask_entries.query_bias(m) for m in pred_masks]).float()  # [L*B, GQ]
         return torch.bmm(query, feats) + bias.unsqueeze(2)  # [L*B, GQ, P]
 
     def _mask_costs(self, pred_masks: Sequence[Any], batch: TargetBatch) -> tuple[Tensor, Tensor]:
@@ -102,7 +103,7 @@ class HungarianMatcher:
         float32 point logits within :attr:`mask_cost_chunk_bytes`: the matcher runs while the forward's
         activations are all alive, so its transients add to the step's peak memory.
         """
-        ref = _mask_reference(pred_masks[0])
+        ref = mask_entries.reference(pred_masks[0])
         height, width = ref.shape[-2:]
         count = match_num_points(height, width, self.mask_point_sample_ratio)
         points = torch.stack(
@@ -122,7 +123,7 @@ class HungarianMatcher:
             num_layers, batch.total, num_points
         )
         gt = gt.view(num_layers * bsz, tmax, num_points)  # [L, B*Tmax, P] -> [L*B, Tmax, P]
-        queries = _mask_query_count(pred_masks[0])
+        queries = mask_entries.query_count(pred_masks[0])
         step = max(1, self.mask_cost_chunk_bytes // (bsz * queries * num_points * 4))
         parts = [
             _pairwise_mask_costs(
@@ -160,7 +161,7 @@ class HungarianMatcher:
             if any("pred_masks" not in out for out in layers):
                 raise TargetFormatError("segmentation matching needs 'pred_masks' in every output layer")
             masks = [out["pred_masks"] for out in layers]
-            if len({_mask_signature(m) for m in masks}) == 1:  # one batched pass
+            if len({mask_entries.signature(m) for m in masks}) == 1:  # one batched pass
                 cost_ce, cost_dice = self._mask_costs(masks, batch)
             else:
                 parts = [self._mask_costs([m], batch) for m in masks]
@@ -274,16 +275,6 @@ class HungarianMatcher:
         return self.match(layers, batch, group_detr)
 
 
-def _mask_reference(pred_masks: Any) -> Tensor:
-    """The tensor that fixes the batch size, mask size and device of a lazy or dense mask entry."""
-    return pred_masks if isinstance(pred_masks, Tensor) else pred_masks["spatial_features"]
-
-
-def _mask_query_count(pred_masks: Any) -> int:
-    """``GQ`` of a lazy or dense mask entry."""
-    return pred_masks.shape[1] if isinstance(pred_masks, Tensor) else pred_masks["query_features"].shape[1]
-
-
 def _pairwise_mask_costs(x: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
     """Mean point BCE and Dice of every (query, object) pair: ``[N, GQ, P]`` logits, ``[N, Tmax, P]`` 0/1 ground
     truth -> two ``[N, GQ, Tmax]``."""
@@ -295,12 +286,6 @@ def _pairwise_mask_costs(x: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
     overlap = 2 * torch.bmm(prob, gt.transpose(1, 2))  # [N, GQ, Tmax]
     total = prob.sum(-1).unsqueeze(2) + gt.sum(-1).unsqueeze(1)
     return bce, 1 - (overlap + 1) / (total + 1)
-
-
-def _mask_signature(pred_masks: Any) -> tuple:
-    if isinstance(pred_masks, Tensor):
-        return ("dense", tuple(pred_masks.shape))
-    return ("lazy",) + tuple(tuple(pred_masks[k].shape) for k in ("spatial_features", "query_features"))
 
 
 def _to_host(values: Tensor) -> Tensor:
