@@ -11,9 +11,12 @@ shift
 whl=${WHL:-.whl}
 out=${OUT:-out}
 mkdir -p "$out"
-if [ ! -d /tmp/site/rfdetr ]; then
+# Installed once per machine, again whenever the set of wheels changed (a warm machine kept the old set).
+stamp=$(ls "$whl" | sha1sum | cut -c1-12)
+if [ "$(cat /tmp/site/.wheels 2>/dev/null)" != "$stamp" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "$whl"/*.whl || exit 1
+    echo "$stamp" > /tmp/site/.wheels
 fi
 export PYTHONPATH=$PWD/packages/rfdetr-core/src:$PWD/packages/rfdetr-train/src:/tmp/site
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore

@@ -4,8 +4,8 @@
 #
 #   bash benchmarks/fetch_device_wheels.sh        # -> .whl/ (git-ignored through .git/info/exclude)
 #
-# The loop mode of device_train_speed.sh also needs upstream's `train` extra (faster-coco-eval, hotcoco, ...), not
-# fetched here.
+# The step mode of device_train_speed.sh needs torch-hungarian (upstream 1.11.2's matcher); the loop mode also needs
+# the rest of upstream's `train` extra (faster-coco-eval, hotcoco, ...), not fetched here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo /.whl/ >> .git/info/exclude; }
@@ -14,6 +14,7 @@ wheels=(
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
     pycocotools==2.0.11 albumentations==2.0.8 albucore==0.0.24 stringzilla==5.3.2 simsimd==6.5.16
     fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 python-multipart==0.0.34
+    torch-hungarian==0.1.0rc0  # torch_linear_assignment: upstream's matcher imports it on its training path
 )
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \

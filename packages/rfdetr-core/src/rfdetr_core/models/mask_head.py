@@ -145,7 +145,9 @@ class MaskHead(nn.Module):
 
     def _folded_entry(self, x: Tensor, hs: Tensor) -> dict[str, Tensor]:
         q_folded, q_bias = self.folded_queries(hs)
-        return {"spatial_features": x, "query_features": q_folded, "bias": q_bias}
+        # Under autocast the blocks' residual stream is float32 while the products (and the projected map this
+        # replaces) are bf16: hand over the map in the products' dtype, half the bytes to keep for backward.
+        return {"spatial_features": x.to(q_folded.dtype), "query_features": q_folded, "bias": q_bias}
 
     def _projected_entry(self, x: Tensor, hs: Tensor) -> dict[str, Tensor]:
         return {"spatial_features": self.spatial_proj(x), "query_features": self.query_embed(hs), "bias": self.bias}

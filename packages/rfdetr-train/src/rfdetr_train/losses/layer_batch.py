@@ -11,7 +11,7 @@ layer order, so it draws the same random numbers as the per-layer pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,10 +59,8 @@ def _pad_slots(counts: Sequence[int], device: torch.device) -> tuple[Tensor, int
     return host.to(device), maxn
 
 
-def _matched_mask_logits(
-    layers: Sequence[dict[str, Any]], matches: Sequence[LayerMatches], layer: Tensor, b: Tensor, q: Tensor
-) -> Tensor:
-    """Mask logits of every layer's matched queries: -> ``[L*M, h, w]`` float32 (layer after layer).
+def _layer_mask_logits(layers: Sequence[dict[str, Any]], matches: Sequence[LayerMatches]) -> Iterator[Tensor]:
+    """Mask logits of each layer's matched queries, one layer at a time: yields ``[M, h, w]`` float32.
 
     Lazy entries: each layer's products run in its spatial map's own dtype (bf16 under autocast, as upstream's
     criterion inside autocast) on the map itself, so no stacked or float32 copy of the ``[B, C, h, w]`` maps
@@ -70,20 +68,43 @@ def _matched_mask_logits(
     """
     masks = [out["pred_masks"] for out in layers]
     if isinstance(masks[0], Tensor):
-        return torch.stack([m.float() for m in masks])[layer, b, q]  # [L, B, GQ, h, w] -> [L*M, h, w]
+        for m, match in zip(masks, matches, strict=True):
+            yield m[match.batch_idx, match.query_idx].float()  # [B, GQ, h, w] -> [M, h, w]
+        return
     bsz, channels, height, width = masks[0]["spatial_features"].shape
     # Each pair's logits are its query's dot product with its own image's map: per layer one batched product
     # over the B maps, with each image's pairs padded to the largest image's count.
-    slots, maxn = _pad_slots(matches[0].counts, layer.device)  # [M] rows of the [B*maxn, ...] layout
-    out = []
+    slots, maxn = _pad_slots(matches[0].counts, masks[0]["spatial_features"].device)  # [M] rows of [B*maxn]
     for m, match in zip(masks, matches, strict=True):
         spatial = m["spatial_features"]  # [B, C, h, w]
         query = m["query_features"][match.batch_idx, match.query_idx].to(spatial.dtype)  # [M, C]
         bias = mask_entries.query_bias(m)[match.batch_idx, match.query_idx].float()  # [M]
         q_pad = query.new_zeros(bsz * maxn, channels).index_copy(0, slots, query)
         padded = torch.bmm(q_pad.view(bsz, maxn, channels), spatial.flatten(2))  # [B, maxn, h*w]
-        out.append(padded.view(-1, height * width)[slots].float() + bias[:, None])  # [M, h*w]
-    return torch.cat(out).view(-1, height, width)
+        yield (padded.view(-1, height * width)[slots].float() + bias[:, None]).view(-1, height, width)
+
+
+def _matched_point_logits(
+    criterion: Any, layers: Sequence[dict[str, Any]], batch: TargetBatch, matches: Sequence[LayerMatches]
+) -> tuple[Tensor, Tensor]:
+    """Every layer's matched mask logits and ground truth at that layer's loss points: -> two ``[L*M, P]``
+    float32 (layer after layer; the ground truth in {0, 1}).
+
+    One layer at a time: a layer's ``[M, h, w]`` float32 logits are sampled (and kept by the sampling for the
+    backward pass) before the next layer's are formed, so the step never holds them twice, as a list of all
+    layers' logits and its concatenation would at the moment every activation of the forward is alive; the
+    ground-truth lookup's index temporaries are one layer's too. The point sampler is called once per layer, in
+    layer order, as in the per-layer pass.
+    """
+    point_logits, labels = [], []
+    for logits, match in zip(_layer_mask_logits(layers, matches), matches, strict=True):
+        logits = logits.unsqueeze(1)  # [M, 1, h, w]
+        num_points = loss_num_points(logits.shape[-2], logits.shape[-1], criterion.mask_point_sample_ratio)
+        with torch.no_grad():
+            points = criterion.point_sampler(logits.detach(), num_points).to(logits.dtype)  # [M, P, 2]
+            labels.append(batch.sample_masks(match.flat_target_idx, points))  # [M, P]
+        point_logits.append(sample_points(logits, points)[:, 0])  # [M, P]
+    return torch.cat(point_logits), torch.cat(labels)
 
 
 def batched_layer_losses(
@@ -122,20 +143,7 @@ def batched_layer_losses(
         "loss_giou": (1 - matched_generalized_box_iou(src_xyxy, tgt_xyxy)).view(num_layers, -1).sum(1),
     }
     if criterion.segmentation:
-        mask_logits = _matched_mask_logits(layers, matches, layer, b, q).unsqueeze(1)  # [L*M, 1, h, w]
-        height, width = mask_logits.shape[-2:]
-        num_points = loss_num_points(height, width, criterion.mask_point_sample_ratio)
-        with torch.no_grad():
-            detached = mask_logits.detach()
-            points = torch.cat(
-                [
-                    criterion.point_sampler(detached[i * num_pairs : (i + 1) * num_pairs], num_points)
-                    for i in range(num_layers)
-                ]
-            ).to(mask_logits.dtype)  # [L*M, P, 2]
-        point_logits = sample_points(mask_logits, points)[:, 0]  # [L*M, P]
-        with torch.no_grad():
-            labels = batch.sample_masks(t, points)  # [L*M, P]
+        point_logits, labels = _matched_point_logits(criterion, layers, batch, matches)  # two [L*M, P]
         bce, dice = point_mask_terms(point_logits, labels)  # two [L*M]
         losses["loss_mask_ce"] = bce.view(num_layers, num_pairs).sum(1)
         losses["loss_mask_dice"] = dice.view(num_layers, num_pairs).sum(1)
