@@ -134,11 +134,12 @@ def batched_layer_losses(
     src_xyxy, tgt_xyxy = box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)
 
     cells = (layer, b, q, batch.labels[t])
+    # Summed right away: the [L, B, GQ, K] terms are not kept through the mask losses below.
     ce = ia_bce_terms(
-        logits, cells, src_xyxy.detach(), tgt_xyxy, criterion.focal_alpha, criterion.focal_gamma
-    )
+        logits, cells, src_xyxy.detach(), tgt_xyxy, criterion.focal_alpha, criterion.focal_gamma, recompute=True
+    ).flatten(1).sum(1)  # [L, B, GQ, K] -> [L]
     losses = {
-        "loss_ce": ce.flatten(1).sum(1),  # [L, B, GQ, K] -> [L]
+        "loss_ce": ce,
         "loss_bbox": F.l1_loss(src_boxes, tgt_boxes, reduction="none").view(num_layers, -1).sum(1),
         "loss_giou": (1 - matched_generalized_box_iou(src_xyxy, tgt_xyxy)).view(num_layers, -1).sum(1),
     }
