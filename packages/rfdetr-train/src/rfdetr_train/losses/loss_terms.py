@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from rfdetr_train.losses.box_ops import matched_box_iou
 
@@ -75,6 +76,7 @@ class _IaBceTerms(torch.autograd.Function):
         return _ia_bce(logits, prob, cells, t, gamma)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         logits, t, *cells = ctx.saved_tensors
         cells = tuple(cells)
