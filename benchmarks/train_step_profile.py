@@ -20,7 +20,9 @@ not count against each other. Modes: ``eager``; ``compile`` (``torch.compile`` o
 backbone activation checkpointing); ``compile-graphs-checkpointing`` (CUDA graphs with checkpointing compiled
 in; it must be the only mode of its call, since the flag is part of what the compiled graph assumes).
 ``--memory-budget B`` sets the compiled graphs' activation memory budget (recompute instead of save).
-``--phases`` adds the per-phase milliseconds of the eager step.
+``--phases`` adds the per-phase milliseconds of the eager step. On CUDA every side also takes one step with
+the allocator's peak taken per phase (``phase_peak_gib``: forward, criterion, backward, optimizer, ema), which
+says where the step's peak is.
 
 Before any step, every mode (and upstream) takes one probe step from the same initial weights on the same
 batch and seed (forward, criterion, backward; no optimiser step): its total loss and gradient norm, and
@@ -132,8 +134,12 @@ class Side:
                 return self.total_loss(self.criterion(out, targets))
         return self.criterion.total_loss(self.criterion(out, targets, matches=matches))
 
-    def step(self, images, targets, laps=None, sync=None) -> None:
+    def step(self, images, targets, laps=None, sync=None, peaks=None) -> None:
+        """One training step; ``laps`` (with ``sync``) adds each phase's seconds, ``peaks`` (CUDA) records each
+        phase's allocator peak in bytes (the peak statistics are reset at every phase boundary)."""
         t = time.perf_counter()
+        if peaks is not None:
+            torch.cuda.reset_peak_memory_stats()
 
         def lap(name):
             nonlocal t
@@ -142,6 +148,9 @@ class Side:
                 now = time.perf_counter()
                 laps[name] = laps.get(name, 0.0) + now - t
                 t = now
+            if peaks is not None:
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
+                torch.cuda.reset_peak_memory_stats()
 
         if self.before_ckpt:
             self.before_ckpt()
@@ -383,6 +392,20 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
                 side.peaks.append(peak / 2**30)
 
     row["graphs_compiled_while_timing"] = _graph_count() - graphs_before_timing  # recompiles: > 0 is a flaw
+    if cuda:
+        # Where each side's peak is: one more step with the allocator's peak taken per phase, counted like the
+        # timed peaks (persistent memory + allocations beyond the step's start + the side's unallocated pools).
+        for side in sides:
+            sync()
+            peaks: dict = {}
+            start = _allocated(cuda)
+            side.step(images, targets, peaks=peaks)
+            sync()
+            extra = side.persistent - start + _pool_unallocated(side)
+            entry = row.setdefault("phase_peak_gib", {})
+            entry[side.name] = {k: (v + extra) / 2**30 for k, v in peaks.items()}
+            print(f"  {side.name} peak by phase (GiB): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in entry[side.name].items()), flush=True)
     up_ips = None
     for side in sides:
         t = sorted(side.times)[len(side.times) // 2]
