@@ -22,7 +22,7 @@ from torch import Tensor
 from rfdetr_train.losses import mask_entries
 from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, matched_generalized_box_iou
 from rfdetr_train.losses.loss_terms import ia_bce_terms, point_mask_terms
-from rfdetr_train.losses.point_sampling import loss_num_points, sample_points
+from rfdetr_train.losses.point_sampling import loss_num_points, sample_biased_products
 from rfdetr_train.losses.targets import LayerMatches, TargetBatch
 
 
@@ -59,8 +59,11 @@ def _pad_slots(counts: Sequence[int], device: torch.device) -> tuple[Tensor, int
     return host.to(device), maxn
 
 
-def _layer_mask_logits(layers: Sequence[dict[str, Any]], matches: Sequence[LayerMatches]) -> Iterator[Tensor]:
-    """Mask logits of each layer's matched queries, one layer at a time: yields ``[M, h, w]`` float32.
+def _layer_mask_products(
+    layers: Sequence[dict[str, Any]], matches: Sequence[LayerMatches]
+) -> Iterator[tuple[Tensor, Tensor, int, int]]:
+    """Mask logits of each layer's matched queries, one layer at a time: yields ``[M, h*w]`` products (the logits
+    before their bias, in the features' dtype), ``[M]`` float32 biases, ``h`` and ``w``.
 
     Lazy entries: each layer's products run in its spatial map's own dtype (bf16 under autocast, as upstream's
     criterion inside autocast) on the map itself, so no stacked or float32 copy of the ``[B, C, h, w]`` maps
@@ -68,8 +71,10 @@ def _layer_mask_logits(layers: Sequence[dict[str, Any]], matches: Sequence[Layer
     """
     masks = [out["pred_masks"] for out in layers]
     if isinstance(masks[0], Tensor):
+        height, width = masks[0].shape[-2:]
         for m, match in zip(masks, matches, strict=True):
-            yield m[match.batch_idx, match.query_idx].float()  # [B, GQ, h, w] -> [M, h, w]
+            products = m[match.batch_idx, match.query_idx].flatten(1)  # [B, GQ, h, w] -> [M, h*w]
+            yield products, products.new_zeros(products.shape[0], dtype=torch.float32), height, width
         return
     bsz, channels, height, width = masks[0]["spatial_features"].shape
     # Each pair's logits are its query's dot product with its own image's map: per layer one batched product
@@ -81,7 +86,7 @@ def _layer_mask_logits(layers: Sequence[dict[str, Any]], matches: Sequence[Layer
         bias = mask_entries.query_bias(m)[match.batch_idx, match.query_idx].float()  # [M]
         q_pad = query.new_zeros(bsz * maxn, channels).index_copy(0, slots, query)
         padded = torch.bmm(q_pad.view(bsz, maxn, channels), spatial.flatten(2))  # [B, maxn, h*w]
-        yield (padded.view(-1, height * width)[slots].float() + bias[:, None]).view(-1, height, width)
+        yield padded.view(-1, height * width)[slots], bias, height, width
 
 
 def _matched_point_logits(
@@ -90,20 +95,22 @@ def _matched_point_logits(
     """Every layer's matched mask logits and ground truth at that layer's loss points: -> two ``[L*M, P]``
     float32 (layer after layer; the ground truth in {0, 1}).
 
-    One layer at a time: a layer's ``[M, h, w]`` float32 logits are sampled (and kept by the sampling for the
-    backward pass) before the next layer's are formed, so the step never holds them twice, as a list of all
-    layers' logits and its concatenation would at the moment every activation of the forward is alive; the
-    ground-truth lookup's index temporaries are one layer's too. The point sampler is called once per layer, in
-    layer order, as in the per-layer pass.
+    One layer at a time: a layer's ``[M, h, w]`` float32 logits exist only while its points are drawn and
+    sampled, and the sampling keeps the layer's products (bf16 under autocast) for the backward pass instead of
+    the float32 logits (:func:`~rfdetr_train.losses.point_sampling.sample_biased_products`); the ground-truth
+    lookup's index temporaries are one layer's too. All this runs while every activation of the forward is
+    alive, when the step's memory peaks. The point sampler is called once per layer, in layer order, as in the
+    per-layer pass.
     """
     point_logits, labels = [], []
-    for logits, match in zip(_layer_mask_logits(layers, matches), matches, strict=True):
-        logits = logits.unsqueeze(1)  # [M, 1, h, w]
-        num_points = loss_num_points(logits.shape[-2], logits.shape[-1], criterion.mask_point_sample_ratio)
+    for (products, bias, height, width), match in zip(_layer_mask_products(layers, matches), matches, strict=True):
+        num_points = loss_num_points(height, width, criterion.mask_point_sample_ratio)
         with torch.no_grad():
-            points = criterion.point_sampler(logits.detach(), num_points).to(logits.dtype)  # [M, P, 2]
+            logits = (products.float() + bias[:, None]).view(-1, 1, height, width)
+            points = criterion.point_sampler(logits, num_points).float()  # [M, P, 2]
+            del logits
             labels.append(batch.sample_masks(match.flat_target_idx, points))  # [M, P]
-        point_logits.append(sample_points(logits, points)[:, 0])  # [M, P]
+        point_logits.append(sample_biased_products(products, bias, points, height, width))  # [M, P]
     return torch.cat(point_logits), torch.cat(labels)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 PointSampler = Callable[[Tensor, int], Tensor]
 MatchPointSampler = Callable[[int, torch.device], Tensor]
@@ -37,6 +38,50 @@ def sample_points(maps: Tensor, coords: Tensor) -> Tensor:
     grid = (2.0 * coords - 1.0).unsqueeze(2)  # [N, P, 1, 2] in grid_sample's [-1, 1]
     sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return sampled.squeeze(3)  # [N, C, P, 1] -> [N, C, P]
+
+
+def sample_biased_products(products: Tensor, bias: Tensor, coords: Tensor, height: int, width: int) -> Tensor:
+    """:func:`sample_points` of the float32 maps ``products + bias``, keeping the products for the backward pass
+    in their own dtype rather than the float32 maps.
+
+    ``F.grid_sample`` keeps its float32 input for the backward pass; under bf16 autocast the products are bf16,
+    so keeping them instead and rebuilding the maps in the backward pass halves what the mask loss holds while
+    the step's memory peaks (seg-medium, batch 8: 6 layers x 38 MiB of float32 maps). Same values and gradients
+    (the same kernels run on the same maps).
+
+    Args:
+        products: ``[M, h*w]`` mask logits before their bias (any float dtype).
+        bias: ``[M]`` float32 per-mask bias.
+        coords: ``[M, P, 2]`` float32 points as in :func:`sample_points`.
+
+    Returns:
+        ``[M, P]`` float32.
+    """
+    return _SampleBiasedProducts.apply(products, bias, coords, height, width)
+
+
+class _SampleBiasedProducts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, products, bias, coords, height, width):  # type: ignore[override]
+        ctx.save_for_backward(products, bias, coords)
+        ctx.size = (height, width)
+        maps = (products.float() + bias[:, None]).view(-1, 1, height, width)
+        return sample_points(maps, coords)[:, 0]  # [M, P]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        products, bias, coords = ctx.saved_tensors
+        height, width = ctx.size
+        maps = (products.float() + bias[:, None]).view(-1, 1, height, width)
+        grid = (2.0 * coords - 1.0).unsqueeze(2)  # as sample_points: bilinear, border padding, align_corners False
+        grad_maps, _ = torch.ops.aten.grid_sampler_2d_backward(
+            grad[:, None, :, None], maps, grid, 0, 1, False, [True, False]
+        )
+        grad_maps = grad_maps.view(-1, height * width)
+        grad_products = grad_maps.to(products.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_maps.sum(1) if ctx.needs_input_grad[1] else None
+        return grad_products, grad_bias, None, None, None
 
 
 class ImportancePointSampler:
