@@ -81,9 +81,12 @@ class _IaBceTerms(torch.autograd.Function):
         logits, t, *cells = ctx.saved_tensors
         cells = tuple(cells)
         prob = logits.sigmoid()
-        # In place where possible: this runs inside the backward pass, next to its own peak.
-        slope = F.softplus(logits).mul_(1 - prob).mul_(ctx.gamma).add_(prob).mul_(prob.pow(ctx.gamma))
-        slope.index_put_(cells, prob[cells] - t)
+        matched = prob[cells] - t  # [M]
+        # Two tensors of the logits' size and in-place arithmetic: this runs at the start of the backward pass,
+        # when the step's memory peaks. slope = softplus(x) (1 - p) g + p, then times p^g.
+        slope = F.softplus(logits)
+        slope.addcmul_(slope, prob, value=-1.0).mul_(ctx.gamma).add_(prob).mul_(prob.pow_(ctx.gamma))
+        slope.index_put_(cells, matched)
         return slope.mul_(grad), None, None, None, None, None
 
 

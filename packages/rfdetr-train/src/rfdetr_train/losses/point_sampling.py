@@ -78,6 +78,7 @@ class _SampleBiasedProducts(torch.autograd.Function):
         grad_maps, _ = torch.ops.aten.grid_sampler_2d_backward(
             grad[:, None, :, None], maps, grid, 0, 1, False, [True, False]
         )
+        del maps  # rebuilt for the kernel only; the gradients below need it no more
         grad_maps = grad_maps.view(-1, height * width)
         grad_products = grad_maps.to(products.dtype) if ctx.needs_input_grad[0] else None
         grad_bias = grad_maps.sum(1) if ctx.needs_input_grad[1] else None
