@@ -56,3 +56,20 @@ def test_folded_and_projected_entries_give_the_same_losses_and_gradients(batch_l
     assert folded_grads.keys() == projected_grads.keys()
     for name, grad in projected_grads.items():
         torch.testing.assert_close(folded_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_folded_entries_hand_over_the_maps_in_the_autocast_dtype():
+    # On CUDA the blocks' residual stream stays float32 under autocast (float32 projector features, LayerNorm
+    # autocast to float32); handing it over as is doubled the maps the criterion keeps for backward and raised the
+    # GPU step's peak (docs/benchmarks.md, issue 18, call 4b). Float32 features give that stream on the CPU too.
+    torch.manual_seed(0)
+    head = build_model("seg-tiny").mask_head
+    head.fold_in_training = True
+    c = head.spatial_proj.in_channels
+    features = torch.randn(2, c, 6, 6)  # float32 [B, C, h, w]
+    hs_layers = [torch.randn(2, 5, c) for _ in head.blocks]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layers, enc = head.lazy(features, hs_layers, torch.randn(2, 5, c), (24, 24))
+    for masks in (*layers, enc):
+        assert masks["spatial_features"].shape == (2, c, 6, 6)
+        assert masks["spatial_features"].dtype == masks["query_features"].dtype == torch.bfloat16
