@@ -21,7 +21,8 @@ def test_biased_products_sample_like_sample_points(dtype):
     for lean in (False, True):
         x, b = products.clone().requires_grad_(True), bias.clone().requires_grad_(True)
         if lean:
-            out = sample_biased_products(x, b, coords, h, w)
+            maps = (x.detach().to(b.dtype) + b.detach()[:, None]).view(m, 1, h, w)
+            out = sample_biased_products(x, b, maps, coords)
         else:
             out = sample_points((x.to(b.dtype) + b[:, None]).view(m, 1, h, w), coords)[:, 0]
         (out * weights).sum().backward()

@@ -108,9 +108,9 @@ def _matched_point_logits(
         with torch.no_grad():
             logits = (products.float() + bias[:, None]).view(-1, 1, height, width)
             points = criterion.point_sampler(logits, num_points).float()  # [M, P, 2]
-            del logits
             labels.append(batch.sample_masks(match.flat_target_idx, points))  # [M, P]
-        point_logits.append(sample_biased_products(products, bias, points, height, width))  # [M, P]
+        point_logits.append(sample_biased_products(products, bias, logits, points))  # [M, P]
+        del logits
     return torch.cat(point_logits), torch.cat(labels)
 
 

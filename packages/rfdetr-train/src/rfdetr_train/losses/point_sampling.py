@@ -40,7 +40,7 @@ def sample_points(maps: Tensor, coords: Tensor) -> Tensor:
     return sampled.squeeze(3)  # [N, C, P, 1] -> [N, C, P]
 
 
-def sample_biased_products(products: Tensor, bias: Tensor, coords: Tensor, height: int, width: int) -> Tensor:
+def sample_biased_products(products: Tensor, bias: Tensor, maps: Tensor, coords: Tensor) -> Tensor:
     """:func:`sample_points` of the float32 maps ``products + bias``, keeping the products for the backward pass
     in their own dtype rather than the float32 maps.
 
@@ -52,20 +52,21 @@ def sample_biased_products(products: Tensor, bias: Tensor, coords: Tensor, heigh
     Args:
         products: ``[M, h*w]`` mask logits before their bias (any float dtype).
         bias: ``[M]`` float32 per-mask bias.
+        maps: ``[M, 1, h, w]`` float32 ``products + bias``, as the caller already built them (without grad) to
+            draw its points: sampled here, not kept.
         coords: ``[M, P, 2]`` float32 points as in :func:`sample_points`.
 
     Returns:
         ``[M, P]`` float32.
     """
-    return _SampleBiasedProducts.apply(products, bias, coords, height, width)
+    return _SampleBiasedProducts.apply(products, bias, maps.detach(), coords)
 
 
 class _SampleBiasedProducts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, products, bias, coords, height, width):  # type: ignore[override]
+    def forward(ctx, products, bias, maps, coords):  # type: ignore[override]
         ctx.save_for_backward(products, bias, coords)
-        ctx.size = (height, width)
-        maps = (products.float() + bias[:, None]).view(-1, 1, height, width)
+        ctx.size = maps.shape[-2:]
         return sample_points(maps, coords)[:, 0]  # [M, P]
 
     @staticmethod
@@ -82,7 +83,7 @@ class _SampleBiasedProducts(torch.autograd.Function):
         grad_maps = grad_maps.view(-1, height * width)
         grad_products = grad_maps.to(products.dtype) if ctx.needs_input_grad[0] else None
         grad_bias = grad_maps.sum(1) if ctx.needs_input_grad[1] else None
-        return grad_products, grad_bias, None, None, None
+        return grad_products, grad_bias, None, None
 
 
 class ImportancePointSampler:
