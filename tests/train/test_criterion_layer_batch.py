@@ -84,14 +84,19 @@ def test_layers_of_different_shapes_or_no_objects_take_the_per_layer_pass():
     assert all(float(v) == 0.0 for k, v in losses.items() if k.startswith("loss_bbox"))
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_matcher_mask_costs_of_all_layers_at_once_equal_layer_by_layer(dense):
+def _matcher_case(seed, dense):
+    """A criterion, its output layers and the packed targets of a 3-image case (one image without objects)."""
     from rfdetr_train.losses import TargetBatch
 
-    outputs, targets = _case((3, 0, 5), seed=7, dense=dense)
+    outputs, targets = _case((3, 0, 5), seed=seed, dense=dense)
     crit = build_criterion(K, GROUPS)
     layers = [out for _, out in crit.layers(outputs)]
-    batch = TargetBatch.from_targets(targets, torch.device("cpu"), need_masks=True)
+    return crit, layers, TargetBatch.from_targets(targets, torch.device("cpu"), need_masks=True)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_matcher_mask_costs_of_all_layers_at_once_equal_layer_by_layer(dense):
+    crit, layers, batch = _matcher_case(seed=7, dense=dense)
     torch.manual_seed(5)
     together = crit.matcher.cost_matrices(layers, batch)  # [L, B, GQ, Tmax]
     torch.manual_seed(5)  # the same points: one sampler call per layer, in layer order
@@ -179,12 +184,7 @@ def test_bf16_mask_maps_get_no_float32_copy_for_backward(batch_layers):
 def test_matcher_mask_costs_in_chunks_of_layers_equal_all_at_once(dense):
     # The matcher bounds its point-logit transients by taking a few layers at a time (they add to the step's
     # peak memory, all activations being alive); the costs must not depend on the chunking.
-    from rfdetr_train.losses import TargetBatch
-
-    outputs, targets = _case((3, 0, 5), seed=11, dense=dense)
-    crit = build_criterion(K, GROUPS)
-    layers = [out for _, out in crit.layers(outputs)]
-    batch = TargetBatch.from_targets(targets, torch.device("cpu"), need_masks=True)
+    crit, layers, batch = _matcher_case(seed=11, dense=dense)
     costs = {}
     for chunk in (1 << 40, 1):  # all layers in one batch; one layer at a time
         crit.matcher.mask_cost_chunk_bytes = chunk
