@@ -46,6 +46,17 @@ def test_ties_keep_lower_flat_index_first():
     assert slots[0].tolist() == [0, 1, 0, 1, 0, 1]
 
 
+@pytest.mark.parametrize("num_select", [1, 7, 40, 119, 120])
+def test_selection_equals_stable_descending_argsort(num_select):
+    # few distinct values: ties everywhere, also across the num_select-th place
+    logits = torch.randint(-2, 3, (3, 8, 15), generator=torch.Generator().manual_seed(1)).float()
+    scores, slots, queries = select_topk(logits, num_select)
+    probs = logits.sigmoid().flatten(1)
+    order = probs.argsort(dim=1, descending=True, stable=True)[:, :num_select]
+    assert torch.equal(queries * 15 + slots, order)
+    assert torch.equal(scores, probs.gather(1, order))
+
+
 def test_boxes_in_source_pixels_and_clamped():
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.95, 0.1, 0.3, 0.4]]])
     queries = torch.tensor([[1, 0]])
