@@ -26,7 +26,9 @@ says where the step's peak is.
 
 Before any step, every mode (and upstream) takes one probe step from the same initial weights on the same
 batch and seed (forward, criterion, backward; no optimiser step): its total loss and gradient norm, and
-their relative difference to our eager step's, are printed and kept (``probe`` in the JSON).
+their relative difference to our eager step's, are printed and kept (``probe`` in the JSON). Under ``--amp`` an
+``eager-fp32`` probe (the same step without autocast) is added, and every probe's difference to it is printed
+too: the scale of the mixed-precision rounding itself.
 
 Loop mode (``--loop``, see ``benchmarks/train_loop.py``) trains through each side's own trainer on a real
 dataset and reports images/s over the run and the time of one validation:
@@ -312,6 +314,11 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
     # Probe steps: same weights, batch and seed for every mode (the compiled modes compile here).
     reference = Side("eager", model, criterion, None, model, opt, ema, amp, clip)
     row["probe"] = {"eager": _probe(reference, images, targets, initial, sync)}
+    if dtype is not None:
+        # the same step in float32: how far eager's own bf16/fp16 rounding moves the loss, the scale against
+        # which the compiled modes' differences to eager are read
+        full = Side("eager-fp32", model, criterion, None, model, opt, ema, contextlib.nullcontext, clip)
+        row["probe"]["eager-fp32"] = _probe(full, images, targets, initial, sync)
     probe_s, probe_graphs = {}, {}
     for side in ours_sides:
         t0, g0, pools = time.perf_counter(), _graph_count(), _pool_ids()
@@ -473,15 +480,20 @@ def _print_row(row: dict) -> None:
     if row.get("graphs_compiled_while_timing"):
         print(f"  WARNING: {row['graphs_compiled_while_timing']} graphs compiled during the timed blocks")
     probe = row.get("probe", {})
-    ref = probe.get("eager")
+    ref, full = probe.get("eager"), probe.get("eager-fp32")
     for name, p in probe.items():
-        if ref and name not in ("eager", "upstream"):  # upstream: other weights and random draws
+        if full and name not in ("eager-fp32", "upstream"):
+            p["loss_rel_diff_fp32"] = abs(p["loss"] - full["loss"]) / abs(full["loss"])
+        to_fp32 = f", to eager float32 {p['loss_rel_diff_fp32']:.1e}" if "loss_rel_diff_fp32" in p else ""
+        if ref and name not in ("eager", "eager-fp32", "upstream"):  # upstream: other weights and random draws
             p["loss_rel_diff"] = abs(p["loss"] - ref["loss"]) / abs(ref["loss"])
             p["grad_norm_rel_diff"] = abs(p["grad_norm"] - ref["grad_norm"]) / abs(ref["grad_norm"])
             print(
-                f"  probe {name}: loss {p['loss']:.6f} (rel. diff to eager {p['loss_rel_diff']:.1e}), grad norm "
-                f"{p['grad_norm']:.4f} ({p['grad_norm_rel_diff']:.1e})"
+                f"  probe {name}: loss {p['loss']:.6f} (rel. diff to eager {p['loss_rel_diff']:.1e}{to_fp32}), "
+                f"grad norm {p['grad_norm']:.4f} ({p['grad_norm_rel_diff']:.1e})"
             )
+        elif to_fp32:
+            print(f"  probe {name}: loss {p['loss']:.6f} ({to_fp32[2:]}), grad norm {p['grad_norm']:.4f}")
         else:
             print(f"  probe {name}: loss {p['loss']:.6f}, grad norm {p['grad_norm']:.4f}")
     if "phases_ms" in row:
