@@ -187,6 +187,19 @@ def test_fp16_fast_path_matches_eager_float32_with_a_smaller_margin(models, fast
     _check_against_eager(eager, fast_fp16, batch, MARGIN[torch.float16])
 
 
+def test_compiled_fast_path_matches_eager_float32(models, checkpoint):
+    """``optimize(compile=True)``: the network through inductor, the selection eager, one captured graph
+    (inductor failed to compile the selection on CUDA, torch 2.11, 2026-12-07: this is that path)."""
+    from rfdetr_core import RFDETR
+
+    eager, _ = models
+    fast = RFDETR.from_checkpoint(checkpoint, variant=VARIANT, device="cuda")
+    report = fast.optimize(batch_sizes=(1, 3), dtype=torch.bfloat16, compile=True)
+    assert report["compiled"] and set(report["capture_seconds"]) == {1, 3}
+    for batch in (1, 3):
+        _check_against_eager(eager, fast, batch, MARGIN[torch.bfloat16])
+
+
 def test_rle_on_the_gpu_equals_pycocotools():
     mask_api = pytest.importorskip("pycocotools.mask")
     from rfdetr_core.mask_rle import encode_masks

@@ -163,6 +163,9 @@ class GraphedModule:
         dtype: input dtype of the module (inputs are cast into the static buffer on copy).
         compile: wrap the module in ``torch.compile`` (static shapes, one compile per batch size) first.
         warmup: eager (or compiling) runs before each capture.
+        then: run on the module's outputs (unpacked when a tuple) inside the same graph, never compiled:
+            ``RFDETR.optimize`` passes the graph-safe selection here, which inductor (torch 2.11) failed to
+            compile on CUDA and which gains nothing from it once captured.
 
     Attributes:
         capture_seconds: ``{batch: seconds}`` spent compiling, warming up and capturing each graph.
@@ -177,11 +180,13 @@ class GraphedModule:
         dtype: torch.dtype = torch.bfloat16,
         compile: bool = False,
         warmup: int = 3,
+        then: Callable[..., Any] | None = None,
     ) -> None:
         sizes = sorted({int(b) for b in batch_sizes})
         if not sizes or sizes[0] < 1:
             raise ValueError(f"batch_sizes must be positive integers, got {tuple(batch_sizes)}")
-        params = next(iter(module.parameters()), None) if isinstance(module, torch.nn.Module) else None
+        owner = getattr(module, "__self__", module)  # a bound method's module
+        params = next(iter(owner.parameters()), None) if isinstance(owner, torch.nn.Module) else None
         device = params.device if params is not None else torch.device("cuda")
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the module on a CUDA device, it is on {device}")
@@ -194,6 +199,13 @@ class GraphedModule:
             fn = torch.compile(module, dynamic=False)
         else:
             fn = module
+        if then is not None:
+            stage = fn
+
+            def fn(images: torch.Tensor) -> Any:
+                out = stage(images)
+                return then(*out) if isinstance(out, tuple) else then(out)
+
         self._fn = fn
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}

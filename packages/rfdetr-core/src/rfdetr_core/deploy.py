@@ -148,9 +148,18 @@ class DeployModel(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         """``images [B, 3, H, W]`` normalised, ``(H, W) = card.resolution`` (not checked here: see
         :func:`check_input`) -> the tuple named by :attr:`output_names` (shapes in the module docstring)."""
+        raw = self.network_outputs(images)
+        return self.select(*raw) if self.postprocess else raw
+
+    def network_outputs(self, images: Tensor) -> tuple[Tensor, ...]:
+        """The network alone: ``images [B, 3, H, W]`` -> ``(pred_logits [B, Q, S], pred_boxes [B, Q, 4])`` and,
+        for segmentation, ``pred_masks [B, Q, h, w]``, in the network's dtype."""
         logits, boxes, masks = self.net.forward_deploy(images, self.pos_table.to(images.dtype), check=False)
-        if not self.postprocess:
-            return (logits, boxes) if masks is None else (logits, boxes, masks)
+        return (logits, boxes) if masks is None else (logits, boxes, masks)
+
+    def select(self, logits: Tensor, boxes: Tensor, masks: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The graph-safe selection of :meth:`network_outputs`' tensors in ``selection_dtype`` -> ``(scores,
+        labels, boxes, masks)`` (``masks`` only for segmentation; shapes in the module docstring)."""
         if self.selection_dtype is not None:
             # masks are cast after the gather (the same values; only K of the Q maps are copied)
             logits, boxes = logits.to(self.selection_dtype), boxes.to(self.selection_dtype)

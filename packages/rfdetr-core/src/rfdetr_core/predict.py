@@ -162,8 +162,8 @@ class RFDETR:
         A ``dtype`` copy of the model (bf16 or fp16) is wrapped in a :class:`~rfdetr_core.deploy.DeployModel`
         that ends in the graph-safe selection run in float32 (sigmoid, top-K, boxes, the K picked mask
         logits: the same float32 rule as eager predict), and the whole is captured as one CUDA graph per
-        batch size (after ``torch.compile`` when ``compile``; its cache lives in ``$RFDETR_HOME/compile``, so a
-        second process compiles faster); batches of other sizes run padded to the next captured size. The
+        batch size (the network after ``torch.compile`` when ``compile``, the selection eager; the compile cache
+        lives in ``$RFDETR_HOME/compile``, so a second process compiles faster); batches of other sizes run padded to the next captured size. The
         eager model stays as it was (``self.model``).
 
         Args:
@@ -196,7 +196,10 @@ class RFDETR:
         start = time.perf_counter()
         network = copy.deepcopy(self.model).to(dtype=dtype).eval()
         module = DeployModel(network, self.card, num_select=k, selection_dtype=torch.float32)
-        self._graphed = GraphedModule(module, self.resolution, batch_sizes, dtype=dtype, compile=compile)
+        # the network is compiled, the selection runs eagerly in the same captured graph
+        self._graphed = GraphedModule(
+            module.network_outputs, self.resolution, batch_sizes, dtype=dtype, compile=compile, then=module.select
+        )
         self._graphed_num_select = module.num_select
         seconds = time.perf_counter() - start
         return {
