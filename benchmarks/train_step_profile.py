@@ -20,7 +20,9 @@ not count against each other. Modes: ``eager``; ``compile`` (``torch.compile`` o
 backbone activation checkpointing); ``compile-graphs-checkpointing`` (CUDA graphs with checkpointing compiled
 in; it must be the only mode of its call, since the flag is part of what the compiled graph assumes).
 ``--memory-budget B`` sets the compiled graphs' activation memory budget (recompute instead of save).
-``--phases`` adds the per-phase milliseconds of the eager step. On CUDA every side also takes one step with
+``--phases`` adds the per-phase milliseconds of each mode's step (a synchronisation at every phase boundary, so
+the phases of the CUDA-graph mode include the GPU time each waits for); ``--syncs`` (CUDA) counts the host
+synchronisations of one step per mode by source line. On CUDA every side also takes one step with
 the allocator's peak taken per phase (``phase_peak_gib``: forward, criterion, backward, optimizer, ema), which
 says where the step's peak is.
 
@@ -179,6 +181,36 @@ class _SharedPoints:
     def __call__(self, mask_logits, num_points):
         points = torch.rand(1, num_points, 2, device=mask_logits.device)
         return points.expand(mask_logits.shape[0], num_points, 2)
+
+
+def _sync_sites(side: Side, images, targets) -> dict[str, int]:
+    """Host synchronisations of one CUDA step of ``side``, counted by where they happen: ``{"file:line function":
+    count}`` at the innermost frame of our packages (else of any Python code), from
+    ``torch.cuda.set_sync_debug_mode("warn")``. A synchronisation stops the host from queueing work ahead of the
+    GPU: in the CUDA-graph mode the eager criterion then waits for the replayed forward instead of overlapping it."""
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        stack = traceback.extract_stack()[:-1]
+        ours = [f for f in stack if "rfdetr_" in f.filename] or stack
+        frame = ours[-1]
+        where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
+        sites[where] = sites.get(where, 0) + 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            side.step(images, targets)
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sites
 
 
 def _probe(side: Side, images, targets, initial: dict, sync) -> dict:
@@ -356,12 +388,15 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
         }
         sides.append(side)
 
-    if args.phases and "eager" in row["modes"] and "failed" not in row["modes"]["eager"]:
-        laps: dict = {}
-        eager = next(s for s in sides if s.name == "eager")
-        for _ in range(args.steps):
-            eager.step(images, targets, laps, sync)
-        row["phases_ms"] = {k: 1000 * s / args.steps for k, s in laps.items()}
+    if args.phases:  # every mode of ours that warmed up: where its step's time goes
+        row["phases_ms"] = {}
+        for side in sides:
+            laps: dict = {}
+            for _ in range(args.steps):
+                side.step(images, targets, laps, sync)
+            row["phases_ms"][side.name] = {k: 1000 * s / args.steps for k, s in laps.items()}
+    if args.syncs and cuda:
+        row["sync_sites"] = {side.name: _sync_sites(side, images, targets) for side in sides}
 
     if args.upstream:
         base = _allocated(cuda)
@@ -496,8 +531,12 @@ def _print_row(row: dict) -> None:
             print(f"  probe {name}: loss {p['loss']:.6f} ({to_fp32[2:]}), grad norm {p['grad_norm']:.4f}")
         else:
             print(f"  probe {name}: loss {p['loss']:.6f}, grad norm {p['grad_norm']:.4f}")
-    if "phases_ms" in row:
-        print("  eager phases (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in row["phases_ms"].items()))
+    for mode, phases in row.get("phases_ms", {}).items():
+        print(f"  {mode} phases (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    for mode, sites in row.get("sync_sites", {}).items():
+        print(f"  {mode}: {sum(sites.values())} host synchronisations in one step")
+        for where, n in sorted(sites.items(), key=lambda kv: -kv[1]):
+            print(f"    {n:4d}  {where}")
 
 
 def _loader_pass(args, device) -> None:
@@ -555,7 +594,10 @@ def main() -> None:
     )
     ap.add_argument("--workers", type=int, default=6)
     ap.add_argument("--profile", action="store_true", help="operator calls per step of every side")
-    ap.add_argument("--phases", action="store_true", help="per-phase milliseconds of the eager step")
+    ap.add_argument("--phases", action="store_true", help="per-phase milliseconds of each mode's step")
+    ap.add_argument(
+        "--syncs", action="store_true", help="CUDA: host synchronisations of one step per mode, by source line"
+    )
     ap.add_argument("--upstream", action="store_true", help="also time upstream rfdetr's model + criterion")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved blocks")
     ap.add_argument("--json", help="write the results here")
