@@ -6,7 +6,8 @@ For each (batch, queries x slots, K) of the seg variants (seg-nano 100 queries, 
 ``K = queries`` as ``RFDETR.optimize`` keeps) it times, eager and replayed as a CUDA graph (CUDA events, median
 of ``--iters``):
 
-- ``current``: ``select_topk`` as it is;
+- ``current``: ``select_topk`` as it is (on CUDA since 2026-12-07 evening: the stable sort);
+- ``partition``: its CPU/export path (``topk`` for the K-th score, a stable partition, a K x K rank);
 - ``topk_keys``: the rule before 2026-12-07 (chosen indexes ordered by a second ``topk`` over int64 keys and a
   ``sort``), kept here as the baseline;
 - ``stable_sort``: one ``argsort(stable=True)`` of all ``Q*S`` scores (what the rule equals; not exportable as a
@@ -23,7 +24,7 @@ import statistics
 
 import torch
 
-from rfdetr_core.postprocess import select_topk
+from rfdetr_core.postprocess import _top_pairs_in_order, select_topk
 
 
 def topk_keys(logits: torch.Tensor, n: int):
@@ -44,6 +45,13 @@ def topk_keys(logits: torch.Tensor, n: int):
     order = torch.empty_like(rank).scatter_(1, rank, torch.arange(n, device=probs.device).expand(batch, n))
     index = index.gather(1, order)
     return scores.gather(1, order), index % num_slots, index // num_slots
+
+
+def partition(logits: torch.Tensor, n: int):
+    batch, _, num_slots = logits.shape
+    probs = logits.sigmoid().reshape(batch, -1)
+    index = _top_pairs_in_order(probs, n)
+    return probs.gather(1, index), index % num_slots, index // num_slots
 
 
 def stable_sort(logits: torch.Tensor, n: int):
@@ -97,6 +105,7 @@ def main() -> None:
             row = {"batch": batch, "queries": queries, "slots": 91, "k": queries}
             for name, fn in (
                 ("current", select_topk),
+                ("partition", partition),
                 ("topk_keys", topk_keys),
                 ("stable_sort", stable_sort),
             ):
@@ -110,7 +119,7 @@ def main() -> None:
             print(
                 f"B={batch} Q={queries}: "
                 + ", ".join(
-                    f"{k} {row[k][0]:.3f} / {row[k][1]:.3f}" for k in ("current", "topk_keys", "stable_sort")
+                    f"{k} {row[k][0]:.3f} / {row[k][1]:.3f}" for k in ("current", "partition", "topk_keys", "stable_sort")
                 )
             )
     if args.json:

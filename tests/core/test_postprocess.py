@@ -57,6 +57,15 @@ def test_selection_equals_stable_descending_argsort(num_select):
     assert torch.equal(scores, probs.gather(1, order))
 
 
+@pytest.mark.parametrize("n", [1, 7, 40, 120])
+def test_cuda_sort_path_equals_the_partition_path(n):
+    # select_topk sorts on CUDA and partitions elsewhere (and when exporting): the same indexes
+    from rfdetr_core.postprocess import _stable_descending_order, _top_pairs_in_order
+
+    probs = torch.randint(-2, 3, (3, 120), generator=torch.Generator().manual_seed(2)).float().sigmoid()
+    assert torch.equal(_stable_descending_order(probs)[:, :n], _top_pairs_in_order(probs, n))
+
+
 def test_boxes_in_source_pixels_and_clamped():
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.95, 0.1, 0.3, 0.4]]])
     queries = torch.tensor([[1, 0]])
