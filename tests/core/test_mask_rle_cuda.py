@@ -77,6 +77,32 @@ def test_character_compression_of_extreme_counts_equals_the_numpy_encoder():
     assert [data[offsets[i] : offsets[i + 1]] for i in range(len(per_mask))] == [w["counts"] for w in want]
 
 
+def test_character_compression_at_every_group_boundary_equals_the_numpy_encoder():
+    """Deltas of +-(2**b - 1), +-2**b and +-(2**b + 1) for every bit length b: where a count needs one 5-bit
+    group more (the group count comes from the value's bit length)."""
+    from rfdetr_core.mask_rle import compress_counts
+    from rfdetr_core.mask_rle_cuda import _compress
+
+    per_mask = []
+    for b in range(0, 31):
+        for d in (2**b - 1, 2**b, 2**b + 1):
+            for sign in (1, -1):
+                base = 2**31 - 1 if sign < 0 else 0  # the 4th count is the 2nd plus the delta, within int32
+                count = base + sign * d
+                if 0 <= count <= 2**31 - 1:
+                    per_mask.append([d if d < 2**31 else 0, base, 7, count])
+    lengths = torch.tensor([len(c) for c in per_mask])
+    counts = torch.tensor([v for c in per_mask for v in c], dtype=torch.int64)
+    ends = torch.cumsum(lengths, 0)
+    first = ends - lengths
+    owner = torch.repeat_interleave(torch.arange(len(per_mask)), lengths)
+    chars, length = _compress(counts, owner, first, ends, len(per_mask))
+    data = chars.numpy().tobytes()
+    offsets = [0, *np.cumsum(length.numpy()).tolist()]
+    want = compress_counts(per_mask, 1, 1)
+    assert [data[offsets[i] : offsets[i + 1]] for i in range(len(per_mask))] == [w["counts"] for w in want]
+
+
 def test_passes_bound_memory_without_changing_results(monkeypatch):
     from rfdetr_core import mask_rle_cuda
 

@@ -17,8 +17,6 @@ import torch.nn.functional as F
 # Pixels (masks x height x width) handled per pass: bounds peak device memory (int8/bool buffers and the
 # edge indexes) to a few hundred MB whatever the batch holds.
 _PIXELS_PER_PASS = 1 << 28
-# 5-bit groups per count: counts are < 2**31, so deltas fit in 33 signed bits -> at most 7 groups.
-_MAX_GROUPS = 7
 
 
 def _column_major(masks: torch.Tensor) -> torch.Tensor:
@@ -63,19 +61,22 @@ def _compress(counts: torch.Tensor, owner: torch.Tensor, first: torch.Tensor, en
     local = torch.arange(counts.numel(), device=counts.device) - first[owner]  # index within its mask
     # from the 4th count of a mask on, the count two before it (same mask) is subtracted
     value = torch.where(local >= 3, counts - torch.roll(counts, 2), counts)
-    # all 7 groups at once (one kernel per step, not seven: on CUDA the loop was ~56 small launches per pass)
-    shifts = torch.arange(0, 5 * _MAX_GROUPS, 5, device=counts.device)  # [G]
-    group = (value[:, None] >> shifts) & 0x1F  # [M, G] (arithmetic shift: negative deltas keep their sign)
-    rest = value[:, None] >> (shifts + 5)  # [M, G] what is left after group k
-    # group k is followed by another while what is left is not the sign extension of group k's top bit
-    more = torch.where((group & 0x10) != 0, rest != -1, rest != 0)  # [M, G]
-    # group k is written while every group before it had more to follow
-    follows = torch.cat([torch.ones_like(more[:, :1]), more[:, :-1]], dim=1)  # [M, G]
-    written = torch.cumprod(follows.to(torch.uint8), dim=1).bool()  # [M, G]
-    more = more & written
-    groups = ((group | (more.to(torch.int64) << 5)) + 48).to(torch.uint8)  # [M, G]
-    chars = groups[written]  # row-major: each count's groups in order, counts in order
-    per_count = written.sum(1)  # [M]
+    # COCO writes the fewest 5-bit groups that hold the signed value: its bit length plus the sign bit, in
+    # groups of 5 (1 to 7: counts are < 2**31, deltas need at most 33 bits). Computing that count first and
+    # expanding only the groups written moves several times fewer bytes than all 7 groups of every count as an
+    # [M, 7] int64 layout (200 noise-like 480x640 masks on a 2-core CPU: 2.47 -> 1.47 s; blobs 253 -> 214 ms).
+    magnitude = torch.where(value >= 0, value, ~value)  # [M] >= 0: the bits besides the sign
+    bits = torch.frexp(magnitude.double()).exponent.long()  # [M] bit length (0 for 0; exact below 2**53)
+    per_count = (bits + 5) // 5  # [M] groups written per count
+    num_chars = int(per_count.sum())  # the pass's one synchronisation here: the output's size
+    count_of = torch.repeat_interleave(
+        torch.arange(value.numel(), device=value.device), per_count, output_size=num_chars
+    )  # [C] the count each character encodes
+    start = torch.cumsum(per_count, 0) - per_count  # [M] its first character
+    k = torch.arange(num_chars, device=value.device) - start[count_of]  # [C] group index within its count
+    group = (value[count_of] >> (5 * k)) & 0x1F  # [C] (arithmetic shift: negative deltas keep their sign)
+    more = k < per_count[count_of] - 1  # [C] another group of the same count follows
+    chars = ((group | (more.to(torch.int64) << 5)) + 48).to(torch.uint8)  # [C]
     # characters per mask: a segment sum over its counts (contiguous, from first to ends)
     total = F.pad(torch.cumsum(per_count, 0), (1, 0))  # [M + 1]
     length = total[ends] - total[first]
