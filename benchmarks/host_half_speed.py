@@ -51,7 +51,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_case(device, batch, masks, load, iters, warmup=5) -> dict:
+def _case(device, batch, masks, load):
+    """The host half of one case as a call: ``finish_detections`` as ``predict`` calls it."""
     scores, labels, boxes, logits = inputs(batch, masks, device)
     threshold = float(scores[:, 19].min()) - 1e-6 if load == "typical" else 0.0  # typical: 20 per image
 
@@ -60,6 +61,11 @@ def time_case(device, batch, masks, load, iters, warmup=5) -> dict:
             scores, labels, boxes, logits, [SOURCE] * batch, threshold=threshold, mask_format="rle", host=True
         )
 
+    return call
+
+
+def time_case(device, batch, masks, load, iters, warmup=5) -> dict:
+    call = _case(device, batch, masks, load)
     for _ in range(warmup):
         out = call()
     kept = sum(len(r["scores"]) for r in out)
@@ -85,12 +91,9 @@ def profile_case(device, batch, masks, load) -> dict:
     """Kernels and synchronising runtime calls of one call (CUDA)."""
     from torch.profiler import ProfilerActivity, profile
 
-    scores, labels, boxes, logits = inputs(batch, masks, device)
-    threshold = float(scores[:, 19].min()) - 1e-6 if load == "typical" else 0.0
+    call = _case(device, batch, masks, load)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        finish_detections(
-            scores, labels, boxes, logits, [SOURCE] * batch, threshold=threshold, mask_format="rle", host=True
-        )
+        call()
         _sync(device)
     events = prof.key_averages()
     count = lambda names: sum(e.count for e in events if e.key in names)  # noqa: E731

@@ -54,17 +54,11 @@ def test_large_counts_use_several_character_groups():
     )
 
 
-def test_character_compression_of_extreme_counts_equals_the_numpy_encoder():
-    """Counts of every magnitude up to COCO's int32 limit, so deltas need all 7 five-bit groups, both signs."""
+def _assert_compression_equals_the_numpy_encoder(per_mask: list[list[int]]) -> None:
+    """``_compress`` of the concatenated counts (one list per mask) gives the numpy encoder's characters."""
     from rfdetr_core.mask_rle import compress_counts
     from rfdetr_core.mask_rle_cuda import _compress
 
-    rng = np.random.default_rng(0)
-    per_mask = []
-    for n in (1, 2, 3, 4, 9, 40):
-        magnitude = 2 ** rng.integers(0, 31, size=n)
-        per_mask.append((rng.integers(0, magnitude) if n > 1 else magnitude - 1).tolist())
-    per_mask.append([0, 2**31 - 1, 0, 2**31 - 1, 1, 0])  # the widest deltas of both signs
     lengths = torch.tensor([len(c) for c in per_mask])
     counts = torch.tensor([v for c in per_mask for v in c], dtype=torch.int64)
     ends = torch.cumsum(lengths, 0)
@@ -77,12 +71,20 @@ def test_character_compression_of_extreme_counts_equals_the_numpy_encoder():
     assert [data[offsets[i] : offsets[i + 1]] for i in range(len(per_mask))] == [w["counts"] for w in want]
 
 
+def test_character_compression_of_extreme_counts_equals_the_numpy_encoder():
+    """Counts of every magnitude up to COCO's int32 limit, so deltas need all 7 five-bit groups, both signs."""
+    rng = np.random.default_rng(0)
+    per_mask = []
+    for n in (1, 2, 3, 4, 9, 40):
+        magnitude = 2 ** rng.integers(0, 31, size=n)
+        per_mask.append((rng.integers(0, magnitude) if n > 1 else magnitude - 1).tolist())
+    per_mask.append([0, 2**31 - 1, 0, 2**31 - 1, 1, 0])  # the widest deltas of both signs
+    _assert_compression_equals_the_numpy_encoder(per_mask)
+
+
 def test_character_compression_at_every_group_boundary_equals_the_numpy_encoder():
     """Deltas of +-(2**b - 1), +-2**b and +-(2**b + 1) for every bit length b: where a count needs one 5-bit
     group more (the group count comes from the value's bit length)."""
-    from rfdetr_core.mask_rle import compress_counts
-    from rfdetr_core.mask_rle_cuda import _compress
-
     per_mask = []
     for b in range(0, 31):
         for d in (2**b - 1, 2**b, 2**b + 1):
@@ -91,16 +93,7 @@ def test_character_compression_at_every_group_boundary_equals_the_numpy_encoder(
                 count = base + sign * d
                 if 0 <= count <= 2**31 - 1:
                     per_mask.append([d if d < 2**31 else 0, base, 7, count])
-    lengths = torch.tensor([len(c) for c in per_mask])
-    counts = torch.tensor([v for c in per_mask for v in c], dtype=torch.int64)
-    ends = torch.cumsum(lengths, 0)
-    first = ends - lengths
-    owner = torch.repeat_interleave(torch.arange(len(per_mask)), lengths)
-    chars, length = _compress(counts, owner, first, ends, len(per_mask))
-    data = chars.numpy().tobytes()
-    offsets = [0, *np.cumsum(length.numpy()).tolist()]
-    want = compress_counts(per_mask, 1, 1)
-    assert [data[offsets[i] : offsets[i + 1]] for i in range(len(per_mask))] == [w["counts"] for w in want]
+    _assert_compression_equals_the_numpy_encoder(per_mask)
 
 
 def test_passes_bound_memory_without_changing_results(monkeypatch):
