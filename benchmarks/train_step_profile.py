@@ -188,16 +188,24 @@ def _sync_sites(side: Side, images, targets) -> dict[str, int]:
     count}`` at the innermost frame of our packages (else of any Python code), from
     ``torch.cuda.set_sync_debug_mode("warn")``. A synchronisation stops the host from queueing work ahead of the
     GPU: in the CUDA-graph mode the eager criterion then waits for the replayed forward instead of overlapping it."""
+    import threading
     import traceback
     import warnings
 
     sites: dict[str, int] = {}
 
     def record(message, category, filename, lineno, file=None, line=None):
-        stack = traceback.extract_stack()[:-1]
-        ours = [f for f in stack if "rfdetr_" in f.filename] or stack
-        frame = ours[-1]
-        where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
+        # the warning machinery's own frames say nothing; a sync raised in the autograd engine's thread (a C++
+        # backward node) has no Python frame at all, so the thread is named
+        stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
+        ours = [f for f in stack if "rfdetr_" in f.filename]
+        if ours:
+            frame = ours[-1]
+            where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
+        elif stack:  # outside our packages: the three innermost frames
+            where = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in stack[::-1][:3])
+        else:
+            where = f"no Python frame (thread {threading.current_thread().name}, e.g. a C++ backward node)"
         sites[where] = sites.get(where, 0) + 1
 
     torch.cuda.synchronize()
