@@ -80,6 +80,14 @@ def test_keys_weights_and_total():
     }
     expected = sum(crit.weight_dict[re.sub(r"_(\d+|enc)$", "", k)] * v for k, v in losses.items())
     assert torch.allclose(crit.total_loss(losses), expected)
+    # the stacked reduction that total_loss uses off the CPU: same value and the same gradients (the weights)
+    leaves = {k: v.detach().requires_grad_() for k, v in losses.items()}
+    stacked = crit.weighted_sum(leaves)
+    assert torch.allclose(stacked, expected, rtol=1e-6)
+    stacked.backward()
+    for key, leaf in leaves.items():
+        assert leaf.grad.item() == crit.weight_for(key)
+    assert len(crit._weight_vectors) == 1 and torch.equal(crit.weighted_sum(losses), stacked.detach())
     assert crit.weight_for("loss_mask_dice_enc") == 5.0 and crit.weight_for("loss_giou_12") == 2.0
     with pytest.raises(KeyError):
         crit.weight_for("loss_unknown")
