@@ -490,9 +490,27 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
             with profile(activities=acts) as prof:
                 side.step(images, targets)
                 sync()
-            top = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+            events = prof.events()
+            top = [e for e in events if e.cpu_parent is None and e.name.startswith("aten::")]
             row.setdefault("operator_calls", {})[side.name] = len(top)
-            print(f"  {side.name}: {len(top)} top-level operator calls per step")
+            line = f"  {side.name}: {len(top)} top-level operator calls per step"
+            if cuda:
+                # how host-bound the step is: kernel launches from the host, and the GPU's busy time (the sum of
+                # its kernels' durations) against the step's wall time; the time in kernels is without overlap
+                launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC"))
+                graphs = sum(1 for e in events if e.name == "cudaGraphLaunch")
+                busy_ms = sum(
+                    e.time_range.elapsed_us() for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                ) / 1e3
+                wall_ms = (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) / 1e3
+                row.setdefault("gpu_profile", {})[side.name] = {
+                    "kernel_launches": launches, "graph_launches": graphs, "gpu_busy_ms": busy_ms, "wall_ms": wall_ms
+                }
+                line += (
+                    f", {launches} kernel launches + {graphs} graph launches, GPU busy {busy_ms:.1f} ms of"
+                    f" {wall_ms:.1f} ms (profiled)"
+                )
+            print(line)
     del sides, model, criterion, opt, ema
     gc.collect()
     if cuda:
