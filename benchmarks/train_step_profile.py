@@ -18,7 +18,9 @@ compile-graphs peaks recorded before then are too low), so the models living sid
 not count against each other. Modes: ``eager``; ``compile`` (``torch.compile`` of the model forward);
 ``compile-graphs`` (the same with CUDA graphs, ``mode="reduce-overhead"``); ``checkpointing`` (eager with
 backbone activation checkpointing); ``compile-graphs-checkpointing`` (CUDA graphs with checkpointing compiled
-in; it must be the only mode of its call, since the flag is part of what the compiled graph assumes).
+in; it must be the only mode of its call, since the flag is part of what the compiled graph assumes);
+``compile-graphs-losses`` (``compile-graphs`` with the criterion's batched loss pass compiled too,
+``SetCriterion(compile_losses=True)``; its own criterion, the same weights and matcher settings).
 ``--memory-budget B`` sets the compiled graphs' activation memory budget (recompute instead of save).
 ``--phases`` adds the per-phase milliseconds of each mode's step (a synchronisation at every phase boundary, so
 the phases of the CUDA-graph mode include the GPU time each waits for); ``--syncs`` (CUDA) counts the host
@@ -178,8 +180,14 @@ class _SharedPoints:
     """Probe loss points: the same uniform points for every mask, so the loss does not depend on the order of
     the matched pairs (``(mask_logits [M, 1, h, w], num_points) -> [M, num_points, 2]``)."""
 
+    # Drawn once on the host from a fixed seed, not inside the step: a compiled loss pass (compile-graphs-losses)
+    # draws its random numbers with inductor's generator, which would give it other points than eager's.
+    table = torch.rand(1, 4096, 2, generator=torch.Generator().manual_seed(4321))
+
     def __call__(self, mask_logits, num_points):
-        points = torch.rand(1, num_points, 2, device=mask_logits.device)
+        if num_points > self.table.shape[1]:
+            raise ValueError(f"the probe has {self.table.shape[1]} shared points, {num_points} were asked for")
+        points = self.table[:, :num_points].to(mask_logits.device)  # [1, P, 2]
         return points.expand(mask_logits.shape[0], num_points, 2)
 
 
@@ -334,7 +342,7 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ours_sides: list[Side] = []
     for mode in args.modes:
-        graphs = mode in ("compile-graphs", "compile-graphs-checkpointing")
+        graphs = mode in ("compile-graphs", "compile-graphs-checkpointing", "compile-graphs-losses")
         if mode == "compile":
             forward = torch.compile(model, dynamic=False)
         elif graphs:
@@ -343,10 +351,15 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
             forward = model
         else:
             raise SystemExit(
-                f"unknown mode {mode!r}; use eager, compile, compile-graphs, checkpointing or "
-                "compile-graphs-checkpointing"
+                f"unknown mode {mode!r}; use eager, compile, compile-graphs, compile-graphs-losses, checkpointing "
+                "or compile-graphs-checkpointing"
             )
-        side = Side(mode, model, criterion, None, forward, opt, ema, amp, clip, graphs=graphs)
+        side_criterion = criterion
+        if mode == "compile-graphs-losses":
+            side_criterion = build_criterion(
+                args.classes, v.group_detr, segmentation=v.is_segmentation, compile_losses=True
+            ).to(device)
+        side = Side(mode, model, side_criterion, None, forward, opt, ema, amp, clip, graphs=graphs)
         if mode == "checkpointing":
             side.before_ckpt = lambda m=model: m.set_grad_checkpointing(True)
             side.after_ckpt = lambda m=model: m.set_grad_checkpointing(False)
@@ -613,7 +626,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--amp", choices=("bf16", "fp16", "no"), default="bf16")
     ap.add_argument(
-        "--modes", type=_csv(str), default=["eager"], help="eager,compile,compile-graphs,checkpointing"
+        "--modes", type=_csv(str), default=["eager"], help="eager,compile,compile-graphs,compile-graphs-losses,checkpointing"
     )
     ap.add_argument(
         "--data", help="also time the training loader alone on this dataset (loop mode: the data)"

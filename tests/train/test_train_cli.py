@@ -59,6 +59,9 @@ def test_compile_options_reach_the_train_section_and_need_compile():
     assert (t.compile, t.compile_mode, t.activation_memory_budget) == (True, "reduce-overhead", 0.5)
     t = build_run_config(_options(_parse())).train
     assert (t.compile, t.compile_mode, t.activation_memory_budget) == (False, "default", None)
+    assert not t.compile_criterion
+    t = build_run_config(_options(_parse("--compile-criterion"))).train
+    assert t.compile_criterion and recipes.criterion_options(t)["compile_losses"] is True
     with pytest.raises(ConfigError, match="--compile"):
         build_run_config(_options(_parse("--compile-mode", "reduce-overhead")))
     with pytest.raises(ConfigError, match="--compile"):

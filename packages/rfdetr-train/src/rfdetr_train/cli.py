@@ -223,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         "recomputed; less memory at little cost); default: torch's (1.0, keep all)",
     )
     o.add_argument(
+        "--compile-criterion",
+        action="store_const",
+        const=True,
+        help="torch.compile the loss pass after matching (fuses its several hundred small GPU launches; one "
+        "graph for every batch; experimental, not yet timed on a GPU)",
+    )
+    o.add_argument(
         "--grad-checkpointing",
         action="store_const",
         const=True,

@@ -55,6 +55,9 @@ class TrainConfig(ConfigSection):
     # share of the activations the compiled graph keeps for the backward (torch's
     # activation_memory_budget; None = torch's default, 1.0): lower recomputes the cheapest in the backward
     activation_memory_budget: float | None = Field(default=None, gt=0.0, le=1.0)
+    # torch.compile the criterion's batched loss pass (dynamic shapes: one graph for every pair count); CUDA,
+    # independent of `compile`; not yet timed on a GPU
+    compile_criterion: bool = False
     grad_checkpointing: bool = False  # recompute backbone blocks in backward: less memory, ~1 more forward
 
     # -- validation and early stopping ----------------------------------------------------------------

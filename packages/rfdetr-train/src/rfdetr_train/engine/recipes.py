@@ -81,11 +81,12 @@ SCRATCH_MATCH_COSTS = replace(MatchCosts(), mask_ce=0.0, mask_dice=0.0)
 
 
 def criterion_options(config: TrainConfig) -> dict:
-    """Keyword arguments (``weights``, ``costs``) for ``build_criterion`` of a resolved config: upstream's
-    defaults for ``finetune``."""
+    """Keyword arguments (``weights``, ``costs``, ``compile_losses``) for ``build_criterion`` of a resolved
+    config: upstream's weights and costs for ``finetune``."""
+    compiled = {"compile_losses": config.compile_criterion}
     if config.recipe == "scratch":
-        return {"weights": SCRATCH_LOSS_WEIGHTS, "costs": SCRATCH_MATCH_COSTS}
-    return {"weights": LossWeights(), "costs": MatchCosts()}
+        return {"weights": SCRATCH_LOSS_WEIGHTS, "costs": SCRATCH_MATCH_COSTS, **compiled}
+    return {"weights": LossWeights(), "costs": MatchCosts(), **compiled}
 
 
 # Data settings of the scratch recipe, used where the run does not set them: one input size (the validation

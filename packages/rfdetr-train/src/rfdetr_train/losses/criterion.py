@@ -59,6 +59,12 @@ class SetCriterion(nn.Module):
             pass up to float32 summation order); False = always layer by layer; None (default) = batched on
             CUDA, where it saves kernel launches, and layer by layer elsewhere, which keeps the float order of
             0.1.x so that a seeded CPU run (the demo) repeats the numbers of earlier releases.
+        compile_losses: run the batched pass (after matching) through ``torch.compile`` with dynamic shapes,
+            which fuses its several hundred small operations: one graph whatever the pair count (no recompile
+            per step), the same losses up to float rounding. ``True`` = inductor, a string = that backend
+            (``"aot_eager"`` in the tests). Off by default: the eager criterion is what bounds a CUDA-graph
+            training step, but the compiled pass has not yet been timed on a GPU. The matcher stays eager
+            (its assignment runs on the host).
     """
 
     def __init__(
@@ -76,6 +82,7 @@ class SetCriterion(nn.Module):
         match_point_sampler: MatchPointSampler | None = None,
         matcher: HungarianMatcher | None = None,
         batch_layers: bool | None = None,
+        compile_losses: bool | str = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -89,6 +96,8 @@ class SetCriterion(nn.Module):
         self.focal_gamma = focal_gamma
         self.mask_point_sample_ratio = mask_point_sample_ratio
         self.batch_layers = batch_layers
+        self.compile_losses = compile_losses
+        self._compiled_losses: tuple[bool | str, Any] | None = None  # (setting, compiled batched_layer_losses)
         self.point_sampler = point_sampler or ImportancePointSampler()
         if matcher is None:
             costs = costs if costs is not None else MatchCosts()
@@ -143,7 +152,7 @@ class SetCriterion(nn.Module):
             self._check_classes(layers)
             batched = device.type == "cuda" if self.batch_layers is None else self.batch_layers
             if batched and can_batch_layers([out for _, out in layers], matches):
-                stacked = batched_layer_losses(self, [out for _, out in layers], batch, matches, num_boxes)
+                stacked = self._batched_losses()(self, [out for _, out in layers], batch, matches, num_boxes)
                 per_layer = {name: value.unbind(0) for name, value in stacked.items()}  # [L] -> L scalars
                 return {
                     name + suffix: per_layer[name][i]
@@ -162,6 +171,18 @@ class SetCriterion(nn.Module):
         device = layers[0][1]["pred_logits"].device
         batch = TargetBatch.from_targets(targets, device, need_masks=self.segmentation)
         return self.matcher.match([out for _, out in layers], batch, self.active_groups)
+
+    def _batched_losses(self):
+        """:func:`batched_layer_losses`, compiled once per :attr:`compile_losses` setting when it is set."""
+        if not self.compile_losses:
+            return batched_layer_losses
+        if self._compiled_losses is None or self._compiled_losses[0] != self.compile_losses:
+            backend = "inductor" if self.compile_losses is True else self.compile_losses
+            self._compiled_losses = (
+                self.compile_losses,
+                torch.compile(batched_layer_losses, dynamic=True, backend=backend),
+            )
+        return self._compiled_losses[1]
 
     @staticmethod
     def layers(outputs: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -317,6 +338,7 @@ def build_criterion(
     mask_point_sample_ratio: int = 16,
     point_sampler: PointSampler | None = None,
     match_point_sampler: MatchPointSampler | None = None,
+    compile_losses: bool | str = False,
 ) -> SetCriterion:
     """The criterion with its matcher; ``weights`` and ``costs`` default to upstream RF-DETR-Seg's values
     (:class:`LossWeights`, :class:`MatchCosts`)."""
@@ -330,4 +352,5 @@ def build_criterion(
         mask_point_sample_ratio=mask_point_sample_ratio,
         point_sampler=point_sampler,
         match_point_sampler=match_point_sampler,
+        compile_losses=compile_losses,
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -48,15 +47,17 @@ def _stack(layers: Sequence[dict[str, Any]], key: str) -> Tensor:
     return torch.stack([out[key].float() for out in layers])
 
 
-def _pad_slots(counts: Sequence[int], device: torch.device) -> tuple[Tensor, int]:
-    """Position ``b * maxn + j`` of the ``j``-th pair of image ``b`` in a ``[B, maxn]`` padded layout."""
+def _pad_slots(batch_idx: Tensor, counts: Sequence[int]) -> tuple[Tensor, int]:
+    """Position ``b * maxn + j`` of the ``j``-th pair of image ``b`` in a ``[B, maxn]`` padded layout.
+
+    ``batch_idx [M]`` is sorted (pairs image by image), so a pair's rank within its image is its index minus the
+    first index of its image (``searchsorted``): device ops only, no host copy, and traceable by
+    ``torch.compile`` with the pair count dynamic.
+    """
     maxn = max(counts)
-    host = torch.from_numpy(
-        np.concatenate([np.arange(n, dtype=np.int64) + b * maxn for b, n in enumerate(counts)])
-    )
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True), maxn
-    return host.to(device), maxn
+    position = torch.arange(batch_idx.shape[0], device=batch_idx.device)  # [M]
+    first = torch.searchsorted(batch_idx, batch_idx)  # [M] index of the first pair of the same image
+    return batch_idx * maxn + (position - first), maxn
 
 
 def _layer_mask_products(
@@ -79,7 +80,7 @@ def _layer_mask_products(
     bsz, channels, height, width = masks[0]["spatial_features"].shape
     # Each pair's logits are its query's dot product with its own image's map: per layer one batched product
     # over the B maps, with each image's pairs padded to the largest image's count.
-    slots, maxn = _pad_slots(matches[0].counts, masks[0]["spatial_features"].device)  # [M] rows of [B*maxn]
+    slots, maxn = _pad_slots(matches[0].batch_idx, matches[0].counts)  # [M] rows of [B*maxn]
     for m, match in zip(masks, matches, strict=True):
         spatial = m["spatial_features"]  # [B, C, h, w]
         query = m["query_features"][match.batch_idx, match.query_idx].to(spatial.dtype)  # [M, C]

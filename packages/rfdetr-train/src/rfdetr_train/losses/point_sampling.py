@@ -116,16 +116,23 @@ class ImportancePointSampler:
         num_masks = mask_logits.shape[0]
         device = mask_logits.device
         num_candidates = int(num_points * self.oversample_ratio)
-        candidates = torch.rand(num_masks, num_candidates, 2, device=device, generator=self.generator)
+        candidates = self._rand(num_masks, num_candidates, device)
         uncertainty = -sample_points(mask_logits, candidates)[:, 0].abs()  # [M, num_candidates]
         num_uncertain = int(self.importance_ratio * num_points)
         top = uncertainty.topk(num_uncertain, dim=1).indices  # [M, num_uncertain]
         points = candidates.gather(1, top.unsqueeze(-1).expand(-1, -1, 2))  # [M, num_uncertain, 2]
         num_random = num_points - num_uncertain
         if num_random > 0:
-            fresh = torch.rand(num_masks, num_random, 2, device=device, generator=self.generator)
+            fresh = self._rand(num_masks, num_random, device)
             points = torch.cat([points, fresh], dim=1)
         return points
+
+    def _rand(self, num_masks: int, count: int, device: torch.device) -> Tensor:
+        """``[num_masks, count, 2]`` uniform in [0, 1). ``generator=None`` is not passed on: torch.compile cannot
+        trace ``rand`` with a generator argument and symbolic sizes (the criterion's ``compile_losses``)."""
+        if self.generator is None:
+            return torch.rand(num_masks, count, 2, device=device)
+        return torch.rand(num_masks, count, 2, device=device, generator=self.generator)
 
 
 class UniformPointSampler:
