@@ -105,6 +105,10 @@ class Trainer:
         self.criterion = parts.criterion.to(self.acc.device).train()
         self.evaluator = parts.evaluator
         cfg = self.cfg
+        if cfg.compile_criterion and self.acc.device.type != "cuda":
+            # the criterion batches its layers (the pass that compiles) on CUDA only; elsewhere it keeps the
+            # per-layer pass and its float order (the seeded CPU demo)
+            log.warning("--compile-criterion has no effect on %s: it compiles the CUDA loss pass", self.acc.device)
         model = parts.model.to(self.acc.device).train()
         settings = OptimSettings(
             lr=cfg.lr,
