@@ -201,6 +201,7 @@ def test_compiled_batched_pass_equals_eager_without_recompiling():
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()  # other tests' graphs and breaks are counted in the same process
     for step, sizes in enumerate([(3, 1, 7), (2, 5, 4), (6, 6, 1)]):
         outputs, targets = _case(sizes, seed=20 + step)
         results = []
@@ -253,6 +254,7 @@ def test_compiled_batched_pass_on_cuda_equals_eager():
         return node.to(device)
 
     torch._dynamo.reset()
+    counters.clear()  # other tests' graphs and breaks are counted in the same process
     sampler = _TablePoints(device)
     for step, sizes in enumerate([(3, 1, 7), (2, 5, 4), (6, 6, 1)]):
         outputs, targets = _case(sizes, seed=30 + step)
