@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18's "same validation metrics as before the change" check on the lent GPU machine (no network there):
 #
-#   bash benchmarks/device_finetune_check.sh            # 3 arms x SEEDS runs side by side, then the GPU tests
+#   bash benchmarks/device_finetune_check.sh            # ARMS x SEEDS runs side by side, then the GPU tests
 #
 # Every run is the demo recipe (seg-tiny trained from scratch on the built-in synthetic dataset, scratch recipe,
 # validation every 400 steps with per-class tables) for STEPS steps, warm-up fixed at the recipe's 100 steps, on
@@ -9,7 +9,9 @@
 #   before  the code before issue 18's training changes (BEFORE, default e330c4f^: the per-layer criterion and
 #           matcher, no --compile), unpacked with `git archive` into .data/before (carry it);
 #   eager   this tree, eager (the layer-batched criterion and matcher on CUDA);
-#   graphs  this tree, --compile --compile-mode reduce-overhead --activation-memory-budget 0.5 (CUDA graphs).
+#   graphs  this tree, --compile --compile-mode reduce-overhead --activation-memory-budget 0.5 (CUDA graphs);
+#   losses  graphs with --compile-criterion (the loss pass compiled too); not in the default ARMS.
+# ARMS (default "before eager graphs") picks them; ARMS x SEEDS runs take 2 cores each, at most 6 of them.
 # Each run is pinned to 2 cores (1 loader worker); the GPU test suite runs meanwhile on the last 4 cores (the
 # runs are judged by their metrics, not timed). Runs still going after LIMIT seconds get SIGTERM (the trainer
 # saves and stops; results.csv keeps the validations made).
@@ -23,10 +25,13 @@ out=${OUT:-out}
 whl=${WHL:-.whl}
 steps=${STEPS:-1600}
 seeds=${SEEDS:-"0 1"}
+arms=${ARMS:-"before eager graphs"}
 limit=${LIMIT:-470}
 before=${BEFORE_TREE:-.data/before}
 mkdir -p "$out"
-[ -d "$before/packages" ] || { echo "no $before/packages: unpack the old code first (see the header)" >&2; exit 2; }
+count=$(( $(wc -w <<< "$arms") * $(wc -w <<< "$seeds") ))
+[ "$count" -le 6 ] || { echo "$count runs: at most 6 (2 cores each; cores 12-15 run the tests)" >&2; exit 2; }
+[[ " $arms " != *" before "* ]] || [ -d "$before/packages" ] || { echo "no $before/packages: unpack the old code first (see the header)" >&2; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$whl"/*.whl || exit 1
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore RFDETR_DEFORM_ATTN=cuda \
@@ -43,12 +48,14 @@ common=(--steps "$steps" --warmup-steps 100 --steps-per-validation 400 --device 
         --output "$runs")
 core=0
 for seed in $seeds; do
-    for arm in before eager graphs; do
+    for arm in $arms; do
         name=${arm}_s$seed
         extra=()
         path=$new_path
         [ "$arm" = before ] && path=$old_path
         [ "$arm" = graphs ] && extra=(--compile --compile-mode reduce-overhead --activation-memory-budget 0.5)
+        [ "$arm" = losses ] && extra=(--compile --compile-mode reduce-overhead --activation-memory-budget 0.5
+                                      --compile-criterion)
         PYTHONPATH=$path timeout "$limit" taskset -c "$core,$((core + 1))" \
             python3 -m rfdetr_train --seed "$seed" --name "$name" "${common[@]}" "${extra[@]}" \
             > "$runs/$name.log" 2>&1 &
