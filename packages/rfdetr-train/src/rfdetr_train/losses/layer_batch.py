@@ -91,16 +91,20 @@ def _layer_mask_products(
 
 
 def _matched_point_logits(
-    criterion: Any, layers: Sequence[dict[str, Any]], batch: TargetBatch, matches: Sequence[LayerMatches]
+    criterion: Any,
+    layers: Sequence[dict[str, Any]],
+    batch: TargetBatch,
+    matches: Sequence[LayerMatches],
+    objects: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Every layer's matched mask logits and ground truth at that layer's loss points: -> two ``[L*M, P]``
-    float32 (layer after layer; the ground truth in {0, 1}).
+    float32 (layer after layer; the ground truth in {0, 1}). ``objects [L*M]``: each pair's object in the
+    concatenated targets, layer after layer.
 
     One layer at a time: a layer's ``[M, h, w]`` float32 logits exist only while its points are drawn and
     sampled, and the sampling keeps the layer's products (bf16 under autocast) for the backward pass instead of
-    the float32 logits (:func:`~rfdetr_train.losses.point_sampling.sample_biased_products`); the ground-truth
-    lookup's index temporaries are one layer's too. All this runs while every activation of the forward is
-    alive, when the step's memory peaks. The point sampler is called once per layer, in layer order, as in the
+    the float32 logits (:func:`~rfdetr_train.losses.point_sampling.sample_biased_products`). All this runs
+    while every activation of the forward is alive, when the step's memory peaks. The point sampler is called once per layer, in layer order, as in the
     per-layer pass. The ground truth of all layers' points is looked up at once afterwards (one set of ~18
     launches instead of one per layer; the points kept until then are ``[L*M, P, 2]`` float32, 30 MB at
     seg-medium, batch 8).
@@ -114,7 +118,6 @@ def _matched_point_logits(
         point_logits.append(sample_biased_products(products, bias, logits, points[-1]))  # [M, P]
         del logits
     with torch.no_grad():
-        objects = torch.cat([match.flat_target_idx for match in matches])  # [L*M]
         labels = batch.sample_masks(objects, torch.cat(points))  # [L*M, P]
     return torch.cat(point_logits), labels
 
@@ -156,7 +159,7 @@ def batched_layer_losses(
         "loss_giou": (1 - matched_generalized_box_iou(src_xyxy, tgt_xyxy)).view(num_layers, -1).sum(1),
     }
     if criterion.segmentation:
-        point_logits, labels = _matched_point_logits(criterion, layers, batch, matches)  # two [L*M, P]
+        point_logits, labels = _matched_point_logits(criterion, layers, batch, matches, t)  # two [L*M, P]
         bce, dice = point_mask_terms(point_logits, labels)  # two [L*M]
         losses["loss_mask_ce"] = bce.view(num_layers, num_pairs).sum(1)
         losses["loss_mask_dice"] = dice.view(num_layers, num_pairs).sum(1)
