@@ -23,6 +23,7 @@ import json
 import statistics
 
 import torch
+from gpu_inference_vs_upstream import time_calls  # benchmarks/ is on the path when run as a script
 
 from rfdetr_core.postprocess import _top_pairs_in_order, select_topk
 
@@ -76,15 +77,7 @@ def _time(fn, iters: int) -> tuple[float, float]:
     with torch.cuda.graph(graph):
         fn()
     for name, call in (("eager", fn), ("graph", graph.replay)):
-        samples = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        times[name] = statistics.median(samples)
+        times[name] = statistics.median(time_calls(call, iters))
     return times["eager"], times["graph"]
 
 

@@ -103,3 +103,12 @@ def leaves(node):
             yield from leaves(value)
     else:
         yield node
+
+
+def to_device(node, device):
+    """A nested output dict / list (or a target dict) with every tensor moved to ``device``."""
+    if isinstance(node, dict):
+        return {k: to_device(v, device) for k, v in node.items()}
+    if isinstance(node, list):
+        return [to_device(v, device) for v in node]
+    return node.to(device)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from criterion_cases import criterion_case, leaves
+from criterion_cases import criterion_case, leaves, to_device
 
 from rfdetr_train.losses import LayerMatches, SetCriterion, TargetFormatError, build_criterion
 
@@ -269,19 +269,11 @@ def test_cuda_losses_equal_cpu_losses_and_take_one_host_sync():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     device = torch.device("cuda")
-
-    def move(node):
-        if isinstance(node, dict):
-            return {k: move(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [move(v) for v in node]
-        return node.to(device)
-
     out, targets = _case([2, 0, 3], seed=6)
     crit = _criterion()
     matches = crit.match(out, targets)
     on_cpu = crit(out, targets, matches=matches)
-    out_gpu, targets_gpu = move(out), [move(t) for t in targets]
+    out_gpu, targets_gpu = to_device(out, device), [to_device(t, device) for t in targets]
     for on_device, reference in zip(crit.match(out_gpu, targets_gpu), matches):  # same points: same matching
         assert torch.equal(on_device.query_idx.cpu(), reference.query_idx)
         assert torch.equal(on_device.target_idx.cpu(), reference.target_idx)

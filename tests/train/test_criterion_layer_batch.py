@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from criterion_cases import criterion_case, leaves
+from criterion_cases import criterion_case, leaves, to_device
 
 from rfdetr_train.losses import build_criterion
 from rfdetr_train.losses.layer_batch import can_batch_layers
@@ -194,19 +194,19 @@ def test_matcher_mask_costs_in_chunks_of_layers_equal_all_at_once(dense):
     torch.testing.assert_close(costs[1], costs[1 << 40], rtol=1e-6, atol=1e-6)
 
 
-def test_compiled_batched_pass_equals_eager_without_recompiling():
-    """``compile_losses`` traces the batched pass into one graph with the pair count dynamic: equal losses and
-    gradients, and a second batch with other object counts reuses the graph. (``aot_eager`` runs dynamo and
-    AOTAutograd as inductor would, without code generation; inductor itself runs in the GPU tests.)"""
+def _check_compiled_pass_equals_eager(backend, device, sampler=None, *, rtol, atol):
+    """``compile_losses=backend`` against eager on three batches of other object counts: equal losses and
+    gradients, one whole graph (no break) and no recompilation after the first batch."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()  # other tests' graphs and breaks are counted in the same process
     for step, sizes in enumerate([(3, 1, 7), (2, 5, 4), (6, 6, 1)]):
         outputs, targets = _case(sizes, seed=20 + step)
+        outputs, targets = to_device(outputs, device), [to_device(t, device) for t in targets]
         results = []
-        for compile_losses in (False, "aot_eager"):
-            crit = build_criterion(K, GROUPS, compile_losses=compile_losses)
+        for compile_losses in (False, backend):
+            crit = build_criterion(K, GROUPS, compile_losses=compile_losses, point_sampler=sampler)
             crit.batch_layers = True
             inputs = _clone_with_grad(outputs)
             torch.manual_seed(step)
@@ -216,13 +216,20 @@ def test_compiled_batched_pass_equals_eager_without_recompiling():
         (eager, eager_grads), (compiled, compiled_grads) = results
         assert list(compiled) == list(eager)
         for key in eager:
-            torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-6, msg=key)
+            torch.testing.assert_close(compiled[key], eager[key], rtol=rtol, atol=atol, msg=key)
         for got, want in zip(compiled_grads, eager_grads, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
         if step == 0:
             graphs = counters["stats"]["unique_graphs"]
             assert graphs == 1 and not counters["graph_break"], dict(counters["graph_break"])  # one whole graph
     assert counters["stats"]["unique_graphs"] == graphs  # the later batches compiled nothing new
+
+
+def test_compiled_batched_pass_equals_eager_without_recompiling():
+    """``compile_losses`` traces the batched pass into one graph with the pair count dynamic: equal losses and
+    gradients, and a second batch with other object counts reuses the graph. (``aot_eager`` runs dynamo and
+    AOTAutograd as inductor would, without code generation; inductor itself runs in the GPU tests.)"""
+    _check_compiled_pass_equals_eager("aot_eager", torch.device("cpu"), rtol=1e-5, atol=1e-6)
 
 
 class _TablePoints:
@@ -240,39 +247,7 @@ class _TablePoints:
 def test_compiled_batched_pass_on_cuda_equals_eager():
     """Inductor on CUDA (what ``compile_losses=True`` runs in training): equal losses and gradients with the same
     loss points, and no recompilation for batches of other object counts."""
-    from torch._dynamo.utils import counters
-
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     device = torch.device("cuda")
-
-    def move(node):
-        if isinstance(node, dict):
-            return {k: move(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [move(v) for v in node]
-        return node.to(device)
-
-    torch._dynamo.reset()
-    counters.clear()  # other tests' graphs and breaks are counted in the same process
-    sampler = _TablePoints(device)
-    for step, sizes in enumerate([(3, 1, 7), (2, 5, 4), (6, 6, 1)]):
-        outputs, targets = _case(sizes, seed=30 + step)
-        outputs, targets = move(outputs), [move(t) for t in targets]
-        results = []
-        for compile_losses in (False, True):
-            crit = build_criterion(K, GROUPS, compile_losses=compile_losses, point_sampler=sampler)
-            inputs = _clone_with_grad(outputs)
-            torch.manual_seed(step)
-            losses = crit(inputs, targets)  # batched: the default on CUDA
-            crit.total_loss(losses).backward()
-            results.append((losses, [leaf.grad for leaf in leaves(inputs)]))
-        (eager, eager_grads), (compiled, compiled_grads) = results
-        for key in eager:
-            torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=key)
-        for got, want in zip(compiled_grads, eager_grads, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-        if step == 0:
-            graphs = counters["stats"]["unique_graphs"]
-            assert graphs == 1 and not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == graphs
+    _check_compiled_pass_equals_eager(True, device, _TablePoints(device), rtol=1e-4, atol=1e-5)
