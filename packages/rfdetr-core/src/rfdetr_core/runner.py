@@ -10,9 +10,9 @@ same over any runner: the host half of post-processing (:func:`rfdetr_core.postp
 runs after it.
 
 Runners for exported files come from other packages through the entry-point group ``rfdetr_core.runners``:
-an entry named after a file suffix without the dot (``onnx``, ``engine``) pointing to a callable
-``(path, *, device=None, **options) -> Runner``. rfdetr-export registers ``onnx`` and ``engine``; core never
-imports it.
+an entry named after a file suffix without the dot (``onnx``, ``engine``, ``pt2``) pointing to a callable
+``(path, *, device=None, **options) -> Runner``. rfdetr-export registers ``onnx``, ``engine`` and ``pt2``
+(AOTInductor packages); core never imports it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from rfdetr_core.model_card import ModelCard
 
 ENTRY_POINT_GROUP = "rfdetr_core.runners"
 # Where the runner of a suffix comes from, for the error when none is installed.
-_PROVIDERS = {".onnx": "rfdetr-export[onnx]", ".engine": "rfdetr-export[trt]"}
+_PROVIDERS = {".onnx": "rfdetr-export[onnx]", ".engine": "rfdetr-export[trt]", ".pt2": "rfdetr-export"}
 
 
 @runtime_checkable

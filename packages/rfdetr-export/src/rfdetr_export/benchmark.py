@@ -26,12 +26,12 @@ import torch
 
 from rfdetr_core.errors import RFDETRError
 
-BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt", "aoti")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rfdetr-export benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", metavar="MODEL", help="checkpoint/official name (torch, compile), .onnx, .engine")
+    p.add_argument("model", metavar="MODEL", help="checkpoint/official name (torch, compile), .onnx, .engine, .pt2 (aoti)")
     p.add_argument("--backend", choices=BACKENDS, required=True)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -80,6 +80,10 @@ def make_runner(backend: str, model: str, device: str, threads: int | None, vari
         from rfdetr_export.runtime import OnnxRuntimeModel
 
         return OnnxRuntimeModel(model, device=dev, threads=threads)
+    if backend == "aoti":
+        from rfdetr_export.aoti import AotiModel
+
+        return AotiModel(model, device=dev)
     from rfdetr_export.runtime import TensorRTModel
 
     return TensorRTModel(model, device=dev if dev.type == "cuda" else None)

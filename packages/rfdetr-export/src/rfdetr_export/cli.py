@@ -1,4 +1,4 @@
-"""``rfdetr-export``: export a model to ONNX or a TensorRT engine, check it, or benchmark a backend.
+"""``rfdetr-export``: export a model to ONNX, a TensorRT engine or an AOTInductor package, check it, or benchmark.
 
 ::
 
@@ -6,7 +6,8 @@
                   [--opset 17] [--simplify] [--deform-attn gather|gridsample|trt-plugin]
                   [--check-images DIR] [--no-check]
     rfdetr-export MODEL --trt [--min-batch 1 --opt-batch 1 --max-batch 1] [--half] [--workspace-gb G]
-    rfdetr-export benchmark MODEL --backend torch|compile|onnxruntime|tensorrt [--batch-size N] ...
+    rfdetr-export MODEL --aoti [--output F] [--dynamic-batch] [--batch N] [--device cpu|cuda] [--num-select K]
+    rfdetr-export benchmark MODEL --backend torch|compile|onnxruntime|tensorrt|aoti [--batch-size N] ...
 
 MODEL is our checkpoint, an upstream ``.pth``/``.pt``/``.ckpt`` file or an official name (``seg-nano``).
 After every export the file is run against PyTorch on the same images (:mod:`rfdetr_export.check`); the
@@ -42,8 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument(
         "--trt", action="store_true", help="build a TensorRT engine (needs the trt extra and a GPU)"
     )
-    p.add_argument("--output", metavar="PATH", help="output file (default: <model stem>.onnx / .engine here)")
-    p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch axis (ONNX)")
+    fmt.add_argument(
+        "--aoti",
+        action="store_true",
+        help="compile an AOTInductor package (.pt2: loads in seconds, no tracing; runs on --device only)",
+    )
+    p.add_argument(
+        "--output", metavar="PATH", help="output file (default: <model stem>.onnx / .engine / .pt2 here)"
+    )
+    p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch axis (ONNX, --aoti)")
+    p.add_argument(
+        "--device", default="cpu", help="--aoti: device the package is compiled for, cpu or cuda (default cpu)"
+    )
     p.add_argument("--batch", type=int, default=1, help="batch size of a static graph (default 1)")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--half", action="store_true", help="fp16 graph, float32 inputs/outputs")
@@ -272,6 +283,53 @@ def run_trt(args) -> int:
     return _check_against_pytorch(runner, deploy.to(runner.device), card, batches, args, engine)
 
 
+def run_aoti(args) -> int:
+    from rfdetr_export.aoti import AotiModel, export_aoti
+    from rfdetr_export.export_model import deploy_for
+
+    for flag, why in (
+        ("half", "fp16 moves the two-stage proposals (README, Export); --aoti compiles float32"),
+        ("int8", "int8 is ONNX Runtime's dynamic quantization"),
+        ("raw", "the package ends in the post-processed outputs"),
+        ("simplify", "--simplify is an ONNX pass"),
+    ):
+        if getattr(args, flag):
+            raise RFDETRError(f"--aoti does not take --{flag}: {why}. Drop --{flag}.")
+    output = Path(args.output) if args.output else _default_output(args.model, ".pt2", False, False)
+    if output.suffix != ".pt2":
+        raise RFDETRError(f"--output {output}: an AOTInductor package must end in .pt2 (e.g. {output.stem}.pt2).")
+    loaded = _load(args)
+    module, deploy, card, names = deploy_for(loaded, raw=False, num_select=args.num_select)
+    sampler = args.deform_attn or "gather"
+    print(f"rfdetr-export: compiling {loaded.variant.name} for {args.device} (AOTInductor; minutes on a small CPU)")
+    result = export_aoti(
+        module,
+        output,
+        resolution=card.resolution,
+        card_metadata=card.to_metadata(),
+        device=args.device,
+        batch=args.batch,
+        dynamic_batch=args.dynamic_batch,
+        sampler=sampler,
+    )
+    batch = "B" if args.dynamic_batch else str(args.batch)
+    print(f"rfdetr-export: {loaded.variant.name} from {args.model} -> {result.path}")
+    print(f"  inputs: images [{batch},3,{card.resolution[0]},{card.resolution[1]}] f32 (normalised)")
+    print(f"  outputs: {_shape_text(names, card, deploy.num_select, batch)}")
+    print(
+        f"  AOTInductor, {result.device}, float32, deform-attn {sampler}, "
+        f"{'dynamic' if args.dynamic_batch else 'static'} batch; export {result.export_seconds:.1f} s, "
+        f"compile {result.compile_seconds:.1f} s"
+    )
+    print(f"  size: {result.size_bytes / 2**20:.1f} MiB")
+    if args.no_check:
+        print("  check: skipped (--no-check)")
+        return 0
+    runner = AotiModel(result.path, device=args.device)
+    batches = (1, 3) if args.dynamic_batch else (args.batch,)
+    return _check_against_pytorch(runner, deploy.to(runner.device), card, batches, args, result.path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "benchmark":
@@ -280,7 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return benchmark_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return run_trt(args) if args.trt else run_onnx(args)
+        if args.trt:
+            return run_trt(args)
+        return run_aoti(args) if args.aoti else run_onnx(args)
     except (RFDETRError, OSError) as exc:
         if args.debug:
             raise
