@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve an RF-DETR-Seg model over HTTP (POST /predict; docs at /docs, a demo page at /).",
     )
     p.add_argument("model", metavar="MODEL",
-                   help="an exported .onnx/.engine file, a checkpoint (ours or upstream's) or an official name")
+                   help="an exported .onnx/.engine/.pt2 file, a checkpoint (ours or upstream's) or an official name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")

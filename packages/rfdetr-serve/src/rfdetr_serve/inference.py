@@ -1,6 +1,6 @@
 """The served model: what ``MODEL`` names, loaded once, warmed up, and called on batches of uploads.
 
-``MODEL`` is an exported file (``.onnx``, ``.engine``: run through the runner that rfdetr-export registers
+``MODEL`` is an exported file (``.onnx``, ``.engine``, ``.pt2``: run through the runner that rfdetr-export registers
 with core), a weights file (ours or upstream's), or the name of official weights (``seg-nano``). All of them
 end up as one :class:`rfdetr_core.RFDETR`, whose ``predict`` is the only model path the server uses: the
 response equals ``RFDETR.predict`` on the same image by construction.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-EXPORTED_SUFFIXES = (".onnx", ".engine")
+EXPORTED_SUFFIXES = (".onnx", ".engine", ".pt2")
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """``rfdetr-train val``: validate a weights file or an exported model on a dataset split and write the reports.
 
 PyTorch weights (``.safetensors``, ``.pth``, ``.pt``, ``.ckpt``) are loaded with core's ``load_model``; any
-other file (``model.onnx``, ``model.engine``) is run as it is, through the runner registered for its suffix
-(``rfdetr_core.runner.runner_from_file``: rfdetr-export's ONNX Runtime and TensorRT runners), with the
+other file (``model.onnx``, ``model.engine``, ``model.pt2``) is run as it is, through the runner registered for its
+suffix (``rfdetr_core.runner.runner_from_file``: rfdetr-export's ONNX Runtime, TensorRT and AOTInductor runners), with the
 resolution, preprocessing and class map of the model card in its metadata. Both are scored by the same
 evaluator and host half of post-processing, so an exported model's numbers can be set beside its weights'.
 """
