@@ -208,6 +208,27 @@ def test_compiled_fast_path_matches_eager_float32(models, checkpoint):
         _check_against_eager(eager, fast, batch, MARGIN[torch.bfloat16])
 
 
+def test_aoti_fast_path_matches_eager_and_a_second_optimize_loads_the_package(models, checkpoint, tmp_path, monkeypatch):
+    """``optimize(compile="aoti")``: the network as an AOTInductor package in the compile cache, captured in the
+    CUDA graphs with the eager selection; a second model with the same weights loads the package (``hit``)
+    instead of compiling, as a second process would."""
+    from rfdetr_core import RFDETR
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile"))
+    eager, _ = models
+    first = RFDETR.from_checkpoint(checkpoint, variant=VARIANT, device="cuda")
+    report = first.optimize(batch_sizes=(1, 3), dtype=torch.bfloat16, compile="aoti")
+    print("aoti first:", report["package"], report["capture_seconds"])
+    assert report["compiled"] == "aoti" and not report["package"]["hit"]
+    for batch in (1, 3):
+        _check_against_eager(eager, first, batch, MARGIN[torch.bfloat16])
+    second = RFDETR.from_checkpoint(checkpoint, variant=VARIANT, device="cuda")
+    again = second.optimize(batch_sizes=(1, 3), dtype=torch.bfloat16, compile="aoti")
+    print("aoti second:", again["package"], again["seconds"])
+    assert again["package"]["hit"] and again["package"]["path"] == report["package"]["path"]
+    _check_against_eager(eager, second, 3, MARGIN[torch.bfloat16])
+
+
 def test_rle_on_the_gpu_equals_pycocotools():
     mask_api = pytest.importorskip("pycocotools.mask")
     from rfdetr_core.mask_rle import encode_masks

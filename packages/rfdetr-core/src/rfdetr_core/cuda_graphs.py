@@ -166,6 +166,8 @@ class GraphedModule:
         then: run on the module's outputs (unpacked when a tuple) inside the same graph, never compiled:
             ``RFDETR.optimize`` passes the graph-safe selection here, which inductor (torch 2.11) failed to
             compile on CUDA and which gains nothing from it once captured.
+        device: the CUDA device it runs on (default: that of ``module``'s parameters, else the current one);
+            for callables without parameters, such as a loaded AOTInductor package.
 
     Attributes:
         capture_seconds: ``{batch: seconds}`` spent compiling, warming up and capturing each graph.
@@ -181,13 +183,16 @@ class GraphedModule:
         compile: bool = False,
         warmup: int = 3,
         then: Callable[..., Any] | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         sizes = sorted({int(b) for b in batch_sizes})
         if not sizes or sizes[0] < 1:
             raise ValueError(f"batch_sizes must be positive integers, got {tuple(batch_sizes)}")
-        owner = getattr(module, "__self__", module)  # a bound method's module
-        params = next(iter(owner.parameters()), None) if isinstance(owner, torch.nn.Module) else None
-        device = params.device if params is not None else torch.device("cuda")
+        if device is None:
+            owner = getattr(module, "__self__", module)  # a bound method's module
+            params = next(iter(owner.parameters()), None) if isinstance(owner, torch.nn.Module) else None
+            device = params.device if params is not None else torch.device("cuda")
+        device = torch.device(device)
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the module on a CUDA device, it is on {device}")
         self.device = device

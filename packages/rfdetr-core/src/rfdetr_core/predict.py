@@ -154,7 +154,7 @@ class RFDETR:
         self,
         batch_sizes: Sequence[int] = (1, 8),
         dtype: torch.dtype = torch.bfloat16,
-        compile: bool = True,
+        compile: bool | str = True,
         num_select: int | None = None,
     ) -> dict[str, Any]:
         """Switch ``predict`` to the GPU fast path; returns its cold-start report.
@@ -169,14 +169,19 @@ class RFDETR:
         Args:
             batch_sizes: batch sizes to capture a graph for.
             dtype: the network's dtype (``torch.bfloat16``, ``torch.float16`` or ``torch.float32``).
-            compile: ``torch.compile`` the module before capturing.
+            compile: ``True``: ``torch.compile`` the network before capturing (Dynamo traces it in every process;
+                the inductor cache only spares code generation). ``"aoti"``: an AOTInductor package of the
+                network (:func:`rfdetr_core.aot_package.cached_package`, dynamic batch) compiled once into
+                ``$RFDETR_HOME/compile/aoti`` and loaded by later processes without tracing. ``False``: capture
+                the eager network.
             num_select: top (query, class) pairs the graph keeps per image (default: the model's query count,
                 ``predict``'s default); ``predict(num_select=N)`` on the fast path needs ``N <=`` this.
 
         Returns:
             ``{"seconds": total, "capture_seconds": {batch: s}, "compiled": bool, "dtype": str,
             "num_select": K, "compile_cache": hits, misses and bypass reasons of torch's compile caches (None
-            without compile; :class:`rfdetr_core.cuda_graphs.CacheReport`)}``.
+            without compile; :class:`rfdetr_core.cuda_graphs.CacheReport`), "package": with ``"aoti"``, the
+            package's path, whether it was found (``hit``) and its export / compile / load seconds}``.
         """
         if self.model is None:
             raise ValueError(
@@ -189,6 +194,8 @@ class RFDETR:
             )
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+        if compile not in (True, False, "aoti"):
+            raise ValueError(f"compile must be True, False or 'aoti', got {compile!r}")
         from rfdetr_core.cuda_graphs import GraphedModule
         from rfdetr_core.deploy import DeployModel
 
@@ -196,19 +203,43 @@ class RFDETR:
         start = time.perf_counter()
         network = copy.deepcopy(self.model).to(dtype=dtype).eval()
         module = DeployModel(network, self.card, num_select=k, selection_dtype=torch.float32)
+        network_fn, package = module.network_outputs, None
+        if compile == "aoti":
+            from rfdetr_core.aot_package import cached_package
+            from rfdetr_core.cuda_graphs import compile_cache_dir
+            from rfdetr_core.ops import use_backend
+
+            h, w = self.resolution
+            example = torch.randn(2, 3, h, w, device=self.device, dtype=dtype)  # 2: a dynamic batch axis
+            # traced with the pure-PyTorch gather sampler: inductor fuses it, and a package cannot call the
+            # JIT-built csrc kernel
+            with use_backend("gather"):
+                network_fn, package = cached_package(
+                    DeployModel(network, self.card, postprocess=False).eval(),  # forward = network_outputs
+                    example,
+                    compile_cache_dir() / "aoti",
+                    key={"card": self.card.to_metadata(), "dtype": str(dtype), "sampler": "gather"},
+                )
         # the network is compiled, the selection runs eagerly in the same captured graph
         self._graphed = GraphedModule(
-            module.network_outputs, self.resolution, batch_sizes, dtype=dtype, compile=compile, then=module.select
+            network_fn,
+            self.resolution,
+            batch_sizes,
+            dtype=dtype,
+            compile=compile is True,
+            then=module.select,
+            device=self.device,
         )
         self._graphed_num_select = module.num_select
         seconds = time.perf_counter() - start
         return {
             "seconds": seconds,
             "capture_seconds": dict(self._graphed.capture_seconds),
-            "compiled": bool(compile),
+            "compiled": compile if compile == "aoti" else bool(compile),
             "dtype": str(dtype).removeprefix("torch."),
             "num_select": module.num_select,
             "compile_cache": self._graphed.cache.to_dict() if self._graphed.cache is not None else None,
+            "package": package,
         }
 
     @classmethod

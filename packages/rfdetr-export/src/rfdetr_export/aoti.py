@@ -1,8 +1,8 @@
 """AOTInductor packages (``.pt2``): the deploy graph compiled ahead of time, loaded without tracing or compiling.
 
 ``torch.export`` traces core's :class:`~rfdetr_core.deploy.DeployModel` (dynamic or static batch) and
-``torch._inductor.aoti_compile_and_package`` compiles it into a zip holding a shared library, the weights and
-metadata (the model card under ``rfdetr_card``, how it was made under ``rfdetr_export``). Loading one is a
+``torch._inductor.aoti_compile_and_package`` compiles it (:mod:`rfdetr_core.aot_package`) into a zip holding a
+shared library, the weights and metadata (the model card under ``rfdetr_card``, how it was made under ``rfdetr_export``). Loading one is a
 ``dlopen`` plus the weights: no Dynamo, no code generation, so a second process starts in seconds where
 ``torch.compile`` traces and compiles again (see ``docs/benchmarks.md``). :class:`AotiModel` implements core's
 runner seam and is registered for ``.pt2`` files, so ``RFDETR.from_file("model.pt2")`` and ``rfdetr-serve
@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rfdetr_core.aot_package import DEVICE_KEY, compile_package, load_package
 from rfdetr_core.errors import RFDETRError
 from rfdetr_export.onnx_export import ExportError, sampler_backend
 from rfdetr_export.runtime import RuntimeLoadError, _card_from_metadata, _check_images, _chunks
 
 METADATA_CARD = "rfdetr_card"  # package metadata key: the model card JSON (ModelCard.to_metadata())
 METADATA_EXPORT = "rfdetr_export"  # package metadata key: versions and options, JSON
-_DEVICE_KEY = "AOTI_DEVICE_KEY"  # torch's own metadata key: the device type the package was compiled for
 MAX_DYNAMIC_BATCH = 4096
 
 
@@ -89,7 +88,6 @@ def export_aoti(
     h, w = resolution
     # a dynamic axis needs an example of size >= 2 (torch.export specialises sizes 0 and 1)
     example = torch.randn(max(2, batch) if dynamic_batch else batch, 3, h, w, device=device)
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},) if dynamic_batch else None
     from rfdetr_core import __version__ as core_version
     from rfdetr_export import __version__ as export_version
 
@@ -109,29 +107,15 @@ def export_aoti(
             warnings.simplefilter("ignore")
             quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
         try:
-            start = time.perf_counter()
-            with use_backend(sampler_backend(sampler)), torch.no_grad():
-                program = torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes)
-            traced = time.perf_counter()
-            from rfdetr_core.atomic_io import atomic_path
-
-            with atomic_path(path) as tmp:
-                staging = tmp.with_name(tmp.name + ".pt2")  # torch wants a name ending in .pt2
-                try:
-                    torch._inductor.aoti_compile_and_package(
-                        program,
-                        package_path=str(staging),
-                        inductor_configs={
-                            "aot_inductor.metadata": {
-                                METADATA_CARD: json.dumps(card_metadata),
-                                METADATA_EXPORT: json.dumps(info),
-                            }
-                        },
-                    )
-                    staging.replace(tmp)
-                finally:
-                    staging.unlink(missing_ok=True)
-            done = time.perf_counter()
+            with use_backend(sampler_backend(sampler)):
+                export_seconds, compile_seconds = compile_package(
+                    module,
+                    example,
+                    path,
+                    dynamic_batch=dynamic_batch,
+                    metadata={METADATA_CARD: json.dumps(card_metadata), METADATA_EXPORT: json.dumps(info)},
+                    max_batch=MAX_DYNAMIC_BATCH,
+                )
         except RFDETRError:
             raise
         except Exception as exc:
@@ -143,8 +127,8 @@ def export_aoti(
     return AotiExportResult(
         path=path,
         size_bytes=path.stat().st_size,
-        export_seconds=traced - start,
-        compile_seconds=done - traced,
+        export_seconds=export_seconds,
+        compile_seconds=compile_seconds,
         device=device.type,
         dynamic_batch=dynamic_batch,
         batch=batch,
@@ -173,11 +157,8 @@ class AotiModel:
         if wanted is not None and wanted.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeLoadError(f"{self.path.name}: device {wanted} asked for, but no CUDA device is available")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                index = wanted.index if wanted is not None and wanted.index is not None else -1
-                self.package = torch._inductor.aoti_load_package(str(self.path), device_index=index)
-            metadata = self.package.get_metadata()
+            index = wanted.index if wanted is not None and wanted.index is not None else -1
+            self.package, metadata = load_package(self.path, device_index=index)
         except Exception as exc:  # torch raises RuntimeError / zip errors / loader errors of its own
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeLoadError(
@@ -190,7 +171,7 @@ class AotiModel:
             )
         self.card = _card_from_metadata(json.loads(metadata[METADATA_CARD]), self.path)
         self.export_info = json.loads(metadata.get(METADATA_EXPORT, "{}"))
-        built_for = metadata.get(_DEVICE_KEY, "cpu")
+        built_for = metadata.get(DEVICE_KEY, "cpu")
         if wanted is not None and wanted.type != built_for:
             raise RuntimeLoadError(
                 f"{self.path.name} was compiled for {built_for} and cannot run on {wanted}; export it again "
