@@ -18,7 +18,9 @@ threshold for ours and upstream: same weights, same scores); ``all`` uses thresh
 Timing: CUDA events around each call (the end-to-end call returns host objects, so its events span the
 host work too), warm-up, ``--blocks`` interleaved blocks of ``--iters`` calls per method (>= 50 calls in
 all), median and p90 in ms. Cold start: ``optimize()``'s own report, and for seg-medium a second process
-that optimises the same weights with the compile cache left by the first.
+that optimises the same weights with the compile cache left by the first; with ``--aoti``, per variant
+``optimize(compile="aoti")`` (the network compiled into an AOTInductor package) and a second process that loads
+that package.
 
 Run on the GPU machine (upstream's wheels installed, see docs/benchmarks.md):
 
@@ -131,7 +133,7 @@ def upstream_checkpoint(up_model: torch.nn.Module, name: str, resolution: int, n
     torch.save(ckpt, path)
 
 
-def second_process_start(ckpt: Path, batch_sizes, compile: bool) -> dict:
+def second_process_start(ckpt: Path, batch_sizes, compile: bool | str) -> dict:
     """Optimise the same weights in a fresh process (compile cache warm) and return its report."""
     code = (
         "import json, sys, time, warnings, torch\n"
@@ -223,6 +225,13 @@ def bench_variant(variant: str, args, rows: list, report: dict) -> None:
         info["optimize_compiled"] = fast_compiled.optimize(batch_sizes=(1, 8), compile=True)
         if args.second_process and variant == "seg-medium":
             info["second_process_compiled"] = second_process_start(ckpt, (1, 8), True)
+    if args.aoti and gpu:
+        # the AOTInductor cold start: package compiled here (first process), loaded by a second process
+        aoti = RFDETR.from_checkpoint(ckpt, device=dev)
+        info["optimize_aoti"] = aoti.optimize(batch_sizes=(1, 8), compile="aoti")
+        del aoti
+        if args.second_process:
+            info["second_process_aoti"] = second_process_start(ckpt, (1, 8), "aoti")
     print(f"{variant}: our optimize() took {time.perf_counter() - start:.1f} s", flush=True)
 
     # upstream's best forward-only path, one compiled module per batch size (its API compiles for one size)
@@ -391,6 +400,9 @@ def main() -> None:
     parser.add_argument("--typical", type=int, default=20, help="detections per image of the typical load")
     parser.add_argument("--no-compile-ours", dest="compile_ours", action="store_false")
     parser.add_argument("--no-second-process", dest="second_process", action="store_false")
+    parser.add_argument(
+        "--aoti", action="store_true", help="also the cold start of optimize(compile='aoti'), first and second process"
+    )
     parser.add_argument("--batches", default="1,8", type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--parallel", action="store_true", help="one process per variant (see the docstring)")
