@@ -149,7 +149,7 @@ class AotiModel:
 
     backend = "aoti"
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device | None = None, **_ignored):
+    def __init__(self, path: str | os.PathLike, device: str | torch.device | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise RuntimeLoadError(f"AOTInductor package not found: {self.path}")

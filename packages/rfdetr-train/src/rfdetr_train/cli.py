@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         required=True,
         metavar="PATH",
-        help="weights to validate (.safetensors/.pth/.pt/.ckpt) or an exported model (.onnx, .engine: needs "
+        help="weights to validate (.safetensors/.pth/.pt/.ckpt) or an exported model (.onnx, .engine, .pt2: needs "
         "rfdetr-export)",
     )
     _add_data_flags(va)
