@@ -59,6 +59,10 @@ _LAZY = {
     "draw_detections": "rfdetr_core.drawing",
     # deformable-attention backend (export traces the pure-PyTorch samplers)
     "use_backend": "rfdetr_core.ops",
+    # AOTInductor packages (rfdetr-export --aoti; the fast path's optimize(compile="aoti"))
+    "compile_package": "rfdetr_core.aot_package",
+    "load_package": "rfdetr_core.aot_package",
+    "AOTI_DEVICE_KEY": "rfdetr_core.aot_package",
     # CUDA graphs (the trainer counts their private memory pools in its peak-memory log)
     "graph_pools": "rfdetr_core.cuda_graphs",
     # errors, files, folders

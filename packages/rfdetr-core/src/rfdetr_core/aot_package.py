@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-DEVICE_KEY = "AOTI_DEVICE_KEY"  # torch's metadata key: the device type the package was compiled for
+AOTI_DEVICE_KEY = "AOTI_DEVICE_KEY"  # torch's metadata key: the device type the package was compiled for
 
 
 def compile_package(

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rfdetr_core.aot_package import DEVICE_KEY, compile_package, load_package
+from rfdetr_core.aot_package import AOTI_DEVICE_KEY, compile_package, load_package
 from rfdetr_core.errors import RFDETRError
 from rfdetr_export.onnx_export import ExportError, sampler_backend
 from rfdetr_export.runtime import RuntimeLoadError, _card_from_metadata, _check_images, _chunks
@@ -171,7 +171,7 @@ class AotiModel:
             )
         self.card = _card_from_metadata(json.loads(metadata[METADATA_CARD]), self.path)
         self.export_info = json.loads(metadata.get(METADATA_EXPORT, "{}"))
-        built_for = metadata.get(DEVICE_KEY, "cpu")
+        built_for = metadata.get(AOTI_DEVICE_KEY, "cpu")
         if wanted is not None and wanted.type != built_for:
             raise RuntimeLoadError(
                 f"{self.path.name} was compiled for {built_for} and cannot run on {wanted}; export it again "
