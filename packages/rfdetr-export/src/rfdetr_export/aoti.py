@@ -28,7 +28,7 @@ from torch import nn
 from rfdetr_core.aot_package import AOTI_DEVICE_KEY, compile_package, load_package
 from rfdetr_core.errors import RFDETRError
 from rfdetr_export.onnx_export import ExportError, sampler_backend
-from rfdetr_export.runtime import RuntimeLoadError, _card_from_metadata, _check_images, _chunks
+from rfdetr_export.runtime import RuntimeLoadError, _card_from_metadata, _check_images, _run_chunked
 
 METADATA_CARD = "rfdetr_card"  # package metadata key: the model card JSON (ModelCard.to_metadata())
 METADATA_EXPORT = "rfdetr_export"  # package metadata key: versions and options, JSON
@@ -186,11 +186,5 @@ class AotiModel:
         """``images [B, 3, H, W]`` float32 normalised -> the deploy tuple on :attr:`device`."""
         _check_images(images, self.card.resolution, self.path)
         images = images.to(device=self.device, dtype=torch.float32).contiguous()
-        parts = []
         with torch.inference_mode():
-            for chunk, rows in _chunks(images, self.static_batch):
-                out = self.package(chunk.contiguous())
-                parts.append(tuple(o[:rows] for o in out))
-        if len(parts) == 1:
-            return parts[0]
-        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+            return _run_chunked(images, self.static_batch, self.package)

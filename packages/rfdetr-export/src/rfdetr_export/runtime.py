@@ -60,6 +60,15 @@ def _chunks(images: torch.Tensor, static_batch: int | None):
         yield chunk, rows
 
 
+def _run_chunked(images: torch.Tensor, static_batch: int | None, run) -> tuple[torch.Tensor, ...]:
+    """``run`` (a batch -> a sequence of output tensors) over the :func:`_chunks` of ``images``: the padding rows
+    dropped and the chunks' outputs concatenated, so the result holds ``B`` rows per output."""
+    parts = [[o[:rows] for o in run(chunk)] for chunk, rows in _chunks(images, static_batch)]
+    if len(parts) == 1:
+        return tuple(parts[0])
+    return tuple(torch.cat(list(group)) for group in zip(*parts, strict=True))
+
+
 def _check_images(images: torch.Tensor, resolution: tuple[int, int], path: Path) -> None:
     if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != tuple(resolution):
         raise ValueError(
@@ -177,13 +186,8 @@ class OnnxRuntimeModel:
     def run(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``images [B, 3, H, W]`` float32 -> the graph's outputs (any graph, ``--raw`` ones too)."""
         _check_images(images, self.resolution, self.path)
-        parts = []
-        for chunk, rows in _chunks(images.float(), self._run_rows):
-            outs = self._run_cuda(chunk) if self.device.type == "cuda" else self._run_cpu(chunk)
-            parts.append([o[:rows] for o in outs])
-        if len(parts) == 1:
-            return tuple(parts[0])
-        return tuple(torch.cat(list(group)) for group in zip(*parts, strict=True))
+        run = self._run_cuda if self.device.type == "cuda" else self._run_cpu
+        return _run_chunked(images.float(), self._run_rows, run)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The runner seam: the deploy tuple ``(scores, labels, boxes, masks)``."""
