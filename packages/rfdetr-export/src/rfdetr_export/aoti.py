@@ -27,12 +27,8 @@ from torch import nn
 
 from rfdetr_core.aot_package import AOTI_DEVICE_KEY, compile_package, load_package
 from rfdetr_core.errors import RFDETRError
-from rfdetr_export.onnx_export import ExportError, sampler_backend
+from rfdetr_export.onnx_export import METADATA_CARD, METADATA_EXPORT, ExportError, sampler_backend
 from rfdetr_export.runtime import RuntimeLoadError, _card_from_metadata, _check_images, _run_chunked
-
-METADATA_CARD = "rfdetr_card"  # package metadata key: the model card JSON (ModelCard.to_metadata())
-METADATA_EXPORT = "rfdetr_export"  # package metadata key: versions and options, JSON
-MAX_DYNAMIC_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -69,7 +65,8 @@ def export_aoti(
         card_metadata: ``ModelCard.to_metadata()``, stored in the package.
         device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``): the package runs on that device type only.
         batch: the batch of a static package (inputs of other sizes are cut and padded by :class:`AotiModel`).
-        dynamic_batch: a symbolic batch axis (1 .. :data:`MAX_DYNAMIC_BATCH`) instead of ``batch``.
+        dynamic_batch: a symbolic batch axis (1 .. 4096, :func:`~rfdetr_core.aot_package.compile_package`'s
+            bound) instead of ``batch``.
         sampler: deformable-attention sampler traced (``gather`` or ``gridsample``).
     """
     path = Path(path)
@@ -114,7 +111,6 @@ def export_aoti(
                     path,
                     dynamic_batch=dynamic_batch,
                     metadata={METADATA_CARD: json.dumps(card_metadata), METADATA_EXPORT: json.dumps(info)},
-                    max_batch=MAX_DYNAMIC_BATCH,
                 )
         except RFDETRError:
             raise
