@@ -121,3 +121,10 @@ def test_a_file_that_is_not_a_package_is_a_load_error(tmp_path):
 def test_cuda_device_without_cuda_is_a_clear_error(checkpoints, tmp_path):
     code, _, err = _cli(checkpoints["seg-tiny"], "--aoti", "--device", "cuda", "--output", tmp_path / "m.pt2")
     assert code == 2 and "no CUDA device here" in err
+
+
+def test_an_unwritable_output_fails_before_compiling(checkpoints, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = _cli(checkpoints["seg-tiny"], "--aoti", "--output", blocker / "model.pt2")
+    assert code == 2 and "is a file, not a folder" in err and "compiling seg-tiny" not in err

@@ -27,7 +27,13 @@ from torch import nn
 
 from rfdetr_core.aot_package import AOTI_DEVICE_KEY, compile_package, load_package
 from rfdetr_core.errors import RFDETRError
-from rfdetr_export.onnx_export import METADATA_CARD, METADATA_EXPORT, ExportError, sampler_backend
+from rfdetr_export.onnx_export import (
+    METADATA_CARD,
+    METADATA_EXPORT,
+    ExportError,
+    _check_writable,
+    sampler_backend,
+)
 from rfdetr_export.runtime import RuntimeLoadError, _card_from_metadata, _check_images, _run_chunked
 
 
@@ -79,6 +85,7 @@ def export_aoti(
         raise ExportError("--deform-attn trt-plugin is for TensorRT; use gather or gridsample with --aoti.")
     if batch < 1:
         raise ExportError(f"--batch must be at least 1, got {batch}")
+    _check_writable(path)  # before minutes of compiling, as the ONNX export does
     from rfdetr_core.ops import use_backend
 
     module = module.to(device).eval()
