@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rfdetr_core.deploy import MAX_DYNAMIC_BATCH
+
 AOTI_DEVICE_KEY = "AOTI_DEVICE_KEY"  # torch's metadata key: the device type the package was compiled for
 
 
@@ -34,7 +36,7 @@ def compile_package(
     *,
     dynamic_batch: bool,
     metadata: Mapping[str, str],
-    max_batch: int = 4096,
+    max_batch: int = MAX_DYNAMIC_BATCH,
 ) -> tuple[float, float]:
     """Export ``module`` on ``example`` (``[B, ...]``, on the module's device and in its input dtype) and compile
     it into the package ``path`` (written atomically). Returns ``(export_seconds, compile_seconds)``.

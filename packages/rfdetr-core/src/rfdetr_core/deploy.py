@@ -43,6 +43,10 @@ from rfdetr_core.postprocess import select_detections
 RAW_OUTPUTS = ("pred_logits", "pred_boxes", "pred_masks")
 DETECTION_OUTPUTS = ("scores", "labels", "boxes", "masks")
 
+# Upper bound of the symbolic batch axis of every graph exported with a dynamic batch (ONNX, AOTInductor):
+# torch.export's range analysis needs one, and the graph is valid for batches up to it.
+MAX_DYNAMIC_BATCH = 4096
+
 
 def _group0_view(model: nn.Module) -> nn.Module:
     """A shallow copy of ``model`` whose DETR group tables hold group 0 only; all other modules are shared.

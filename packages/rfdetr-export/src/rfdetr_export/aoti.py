@@ -71,8 +71,8 @@ def export_aoti(
         card_metadata: ``ModelCard.to_metadata()``, stored in the package.
         device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``): the package runs on that device type only.
         batch: the batch of a static package (inputs of other sizes are cut and padded by :class:`AotiModel`).
-        dynamic_batch: a symbolic batch axis (1 .. 4096, :func:`~rfdetr_core.aot_package.compile_package`'s
-            bound) instead of ``batch``.
+        dynamic_batch: a symbolic batch axis (1 .. :data:`rfdetr_core.deploy.MAX_DYNAMIC_BATCH`) instead of
+            ``batch``.
         sampler: deformable-attention sampler traced (``gather`` or ``gridsample``).
     """
     path = Path(path)

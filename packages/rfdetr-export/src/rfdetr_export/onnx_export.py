@@ -89,9 +89,10 @@ def _trace_to_onnx(module: nn.Module, example: torch.Tensor, dynamic_batch: bool
     onnxscript's full optimiser (its pattern rewriter) is not run: it took about 30 % of the export time and
     ONNX Runtime and TensorRT fuse the graph themselves at load; ``--simplify`` runs onnxslim on top.
     """
+    from rfdetr_core.deploy import MAX_DYNAMIC_BATCH
     from rfdetr_core.ops import use_backend
 
-    dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM, min=1, max=4096)},) if dynamic_batch else None
+    dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM, min=1, max=MAX_DYNAMIC_BATCH)},) if dynamic_batch else None
     table = None
     if sampler == "trt-plugin":
         from rfdetr_export.trt_plugin import translation_table
