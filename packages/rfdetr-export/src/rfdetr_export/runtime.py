@@ -44,26 +44,30 @@ def _card_from_metadata(card_metadata: dict, path: Path):
         ) from exc
 
 
-def _chunks(images: torch.Tensor, static_batch: int | None):
-    """Yield ``(chunk [N, 3, H, W], rows)``: chunks of ``N = static_batch`` rows (last one padded), or all
-    rows at once for ``None``."""
+def _chunks(images: torch.Tensor, size: int | None, min_rows: int | None = None):
+    """Yield ``(chunk [N, 3, H, W], rows)``: chunks of at most ``size`` rows (all rows at once for ``None``), a
+    chunk of fewer than ``min_rows`` rows padded up to ``min_rows`` by repeating its last image (``rows`` counts
+    the real ones). ``min_rows`` defaults to ``size``: a static-batch graph gets ``size`` rows every time."""
     total = images.shape[0]
-    if static_batch is None:
+    if size is None:
         yield images, total
         return
-    for start in range(0, total, static_batch):
-        chunk = images[start : start + static_batch]
+    min_rows = size if min_rows is None else min_rows
+    for start in range(0, total, size):
+        chunk = images[start : start + size]
         rows = chunk.shape[0]
-        if rows < static_batch:
-            pad = chunk[-1:].expand(static_batch - rows, -1, -1, -1)
+        if rows < min_rows:
+            pad = chunk[-1:].expand(min_rows - rows, -1, -1, -1)
             chunk = torch.cat([chunk, pad])
         yield chunk, rows
 
 
-def _run_chunked(images: torch.Tensor, static_batch: int | None, run) -> tuple[torch.Tensor, ...]:
+def _run_chunked(
+    images: torch.Tensor, size: int | None, run, min_rows: int | None = None
+) -> tuple[torch.Tensor, ...]:
     """``run`` (a batch -> a sequence of output tensors) over the :func:`_chunks` of ``images``: the padding rows
     dropped and the chunks' outputs concatenated, so the result holds ``B`` rows per output."""
-    parts = [[o[:rows] for o in run(chunk)] for chunk, rows in _chunks(images, static_batch)]
+    parts = [[o[:rows] for o in run(chunk)] for chunk, rows in _chunks(images, size, min_rows)]
     if len(parts) == 1:
         return tuple(parts[0])
     return tuple(torch.cat(list(group)) for group in zip(*parts, strict=True))
@@ -318,17 +322,10 @@ class TensorRTModel:
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The runner seam: ``images [B, 3, H, W]`` -> the deploy tuple ``(scores, labels, boxes, masks)``."""
         _check_images(images, self.resolution, self.path)
-        parts = []
-        for start in range(0, images.shape[0], self.max_batch):
-            chunk = images[start : start + self.max_batch].to(self.device, torch.float32).contiguous()
-            rows = chunk.shape[0]
-            if rows < self.min_batch:
-                chunk = torch.cat([chunk, chunk[-1:].expand(self.min_batch - rows, -1, -1, -1)])
-            outs = self._run_graph(chunk) if self.cuda_graph else self._run(chunk)
-            parts.append([o[:rows] for o in outs])
-        if len(parts) == 1:
-            return tuple(parts[0])
-        return tuple(torch.cat(list(group)) for group in zip(*parts, strict=True))
+        run = self._run_graph if self.cuda_graph else self._run
+        return _run_chunked(
+            images.to(self.device, torch.float32), self.max_batch, lambda c: run(c.contiguous()), self.min_batch
+        )
 
     def _bind(self, chunk: torch.Tensor) -> list[torch.Tensor]:
         """Set the input shape and every tensor address; returns freshly allocated outputs."""
