@@ -11,7 +11,8 @@ weights follow upstream RF-DETR 1.11.2 (see ``rfdetr-upstream.md`` section 3); t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -33,6 +34,13 @@ from rfdetr_train.losses.point_sampling import (
     sample_points,
 )
 from rfdetr_train.losses.targets import LayerMatches, TargetBatch, TargetFormatError
+
+
+@functools.cache
+def _compiled_layer_losses(backend: str | Callable):
+    """:func:`batched_layer_losses` through ``torch.compile`` with dynamic shapes: one wrapper per backend, shared
+    by every criterion (Dynamo keeps the compiled graphs per wrapper, so a new criterion does not compile again)."""
+    return torch.compile(batched_layer_losses, dynamic=True, backend=backend)
 
 
 class SetCriterion(nn.Module):
@@ -97,7 +105,6 @@ class SetCriterion(nn.Module):
         self.mask_point_sample_ratio = mask_point_sample_ratio
         self.batch_layers = batch_layers
         self.compile_losses = compile_losses
-        self._compiled_losses: tuple[bool | str, Any] | None = None  # (setting, compiled batched_layer_losses)
         self.point_sampler = point_sampler or ImportancePointSampler()
         if matcher is None:
             costs = costs if costs is not None else MatchCosts()
@@ -173,16 +180,10 @@ class SetCriterion(nn.Module):
         return self.matcher.match([out for _, out in layers], batch, self.active_groups)
 
     def _batched_losses(self):
-        """:func:`batched_layer_losses`, compiled once per :attr:`compile_losses` setting when it is set."""
+        """:func:`batched_layer_losses`, through ``torch.compile`` when :attr:`compile_losses` is set."""
         if not self.compile_losses:
             return batched_layer_losses
-        if self._compiled_losses is None or self._compiled_losses[0] != self.compile_losses:
-            backend = "inductor" if self.compile_losses is True else self.compile_losses
-            self._compiled_losses = (
-                self.compile_losses,
-                torch.compile(batched_layer_losses, dynamic=True, backend=backend),
-            )
-        return self._compiled_losses[1]
+        return _compiled_layer_losses("inductor" if self.compile_losses is True else self.compile_losses)
 
     @staticmethod
     def layers(outputs: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
