@@ -24,6 +24,7 @@ _LAZY = {
     "runner_from_file": "rfdetr_core.runner",
     "DeployModel": "rfdetr_core.deploy",
     "check_input": "rfdetr_core.deploy",
+    "MAX_DYNAMIC_BATCH": "rfdetr_core.deploy",
     # model building and weights
     "create_model": "rfdetr_core.factory",
     "load_model": "rfdetr_core.factory",
