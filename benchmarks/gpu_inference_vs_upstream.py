@@ -401,7 +401,8 @@ def main() -> None:
     parser.add_argument("--no-compile-ours", dest="compile_ours", action="store_false")
     parser.add_argument("--no-second-process", dest="second_process", action="store_false")
     parser.add_argument(
-        "--aoti", action="store_true", help="also the cold start of optimize(compile='aoti'), first and second process"
+        "--aoti", action="store_true", help="also the cold start of optimize(compile='aoti'), first and second process (needs RFDETR_AOTI_CUDA=1: "
+        "CUDA packages are opt-in since one crashed its process on torch 2.11)"
     )
     parser.add_argument("--batches", default="1,8", type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--json", type=Path, default=None)

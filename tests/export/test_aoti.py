@@ -128,3 +128,27 @@ def test_an_unwritable_output_fails_before_compiling(checkpoints, tmp_path):
     blocker.write_text("x")
     code, _, err = _cli(checkpoints["seg-tiny"], "--aoti", "--output", blocker / "model.pt2")
     assert code == 2 and "is a file, not a folder" in err and "compiling seg-tiny" not in err
+
+
+def test_a_cuda_package_is_a_clear_load_error_without_the_opt_in(package, tmp_path, monkeypatch):
+    """CUDA packages are refused until a GPU run shows them loading (one crashed the process on an H200): the
+    runner says so in one line, before torch's loader runs. The package here is the CPU one with its device
+    entry rewritten to cuda."""
+    import zipfile
+
+    from rfdetr_core import aot_package
+
+    monkeypatch.delenv(aot_package.CUDA_OPT_IN, raising=False)
+    path, _, _ = package
+    cuda_copy = tmp_path / "cuda.pt2"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(cuda_copy, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("wrapper_metadata.json"):
+                meta = json.loads(data)
+                meta[aot_package.AOTI_DEVICE_KEY] = "cuda"
+                data = json.dumps(meta).encode()
+            dst.writestr(item, data)
+    assert aot_package.package_device_type(path) == "cpu"
+    with pytest.raises(RuntimeLoadError, match="cuda.pt2: AOTInductor packages for CUDA are disabled"):
+        AotiModel(cuda_copy)

@@ -64,6 +64,8 @@ _LAZY = {
     "compile_package": "rfdetr_core.aot_package",
     "load_package": "rfdetr_core.aot_package",
     "AOTI_DEVICE_KEY": "rfdetr_core.aot_package",
+    "AotiDeviceError": "rfdetr_core.aot_package",
+    "check_device_type": "rfdetr_core.aot_package",
     # CUDA graphs (the trainer counts their private memory pools in its peak-memory log)
     "graph_pools": "rfdetr_core.cuda_graphs",
     # errors, files, folders

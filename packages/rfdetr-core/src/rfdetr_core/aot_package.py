@@ -8,6 +8,7 @@ cache (:func:`cached_package`), so a second process loads instead of compiling.
 
 A package runs on the device type it was compiled for (metadata ``AOTI_DEVICE_KEY``) and, on CPU, needs the
 instruction sets of the machine that built it (``AOTI_CPU_ISA``); it is tied to the torch version that made it.
+CUDA packages are refused unless ``RFDETR_AOTI_CUDA=1`` is set: see :func:`check_device_type`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,44 @@ import torch
 from torch import nn
 
 from rfdetr_core.deploy import MAX_DYNAMIC_BATCH
+from rfdetr_core.errors import RFDETRError
 
 AOTI_DEVICE_KEY = "AOTI_DEVICE_KEY"  # torch's metadata key: the device type the package was compiled for
+CUDA_OPT_IN = "RFDETR_AOTI_CUDA"  # =1: build and load CUDA packages anyway (see check_device_type)
+
+
+class AotiDeviceError(RFDETRError, RuntimeError):
+    """A package for a device type this library does not build or load yet (the message says why and what to do)."""
+
+
+def check_device_type(device_type: str) -> None:
+    """Refuse CUDA packages unless the environment sets ``RFDETR_AOTI_CUDA=1``.
+
+    In the one GPU run so far (an H200, torch 2.11.0+cu130, 2026-12-07) loading a CUDA package of a seg deploy
+    network right after compiling it ended the process with a segmentation fault inside torch's
+    ``aoti_load_package``: nothing can catch that, and a server would go down with it. Until a GPU run shows CUDA
+    packages loading, building or loading one needs the opt-in (which such a run sets). CPU packages are tested.
+    """
+    if device_type == "cuda" and os.environ.get(CUDA_OPT_IN) != "1":
+        raise AotiDeviceError(
+            "AOTInductor packages for CUDA are disabled: loading one crashed the process (segmentation fault in "
+            "torch 2.11's loader on an H200) and no GPU run has shown them working yet. Use "
+            "optimize(compile=True) or an ONNX/TensorRT export on the GPU, a CPU package (--device cpu), or set "
+            f"{CUDA_OPT_IN}=1 to try anyway."
+        )
+
+
+def package_device_type(path: str | os.PathLike) -> str | None:
+    """The device type (``"cpu"``, ``"cuda"``) a package was compiled for, read from its metadata file without
+    loading it; ``None`` if the file holds none (not a package, or another layout)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith("wrapper_metadata.json"):  # torch's layout: <model>/data/aotinductor/<name>/
+                    return json.loads(archive.read(name)).get(AOTI_DEVICE_KEY)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    return None
 
 
 def compile_package(
@@ -71,8 +109,11 @@ def load_package(path: str | os.PathLike, device_index: int = -1) -> tuple[Calla
     """``(callable, metadata)`` of the package ``path``; ``device_index`` picks the CUDA card (-1: current).
 
     The callable takes the exported inputs and returns the module's outputs (a tuple stays a tuple). Raises
-    whatever torch raises for a file that is not a loadable package (callers turn it into their own error).
+    :class:`AotiDeviceError` for a CUDA package without the opt-in (:func:`check_device_type`, read before
+    loading), and whatever torch raises for a file that is not a loadable package (callers turn it into their
+    own error).
     """
+    check_device_type(package_device_type(path) or "cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         package = torch._inductor.aoti_load_package(str(path), device_index=device_index)
@@ -104,6 +145,7 @@ def cached_package(
     bool, "export_seconds", "compile_seconds", "load_seconds"}`` (the first two 0 on a hit).
     """
     device = example.device
+    check_device_type(device.type)  # before minutes of compiling
     where = (
         f"cuda-{'.'.join(map(str, torch.cuda.get_device_capability(device)))}" if device.type == "cuda" else "cpu"
     )

@@ -10,6 +10,8 @@ model.pt2`` run it.
 
 A package is compiled for one device type (``cpu`` or ``cuda``) and, on CPU, for the instruction sets of the
 machine that built it (its metadata ``AOTI_CPU_ISA``): build it where it will run, with the same torch version.
+CUDA packages are refused for now unless ``RFDETR_AOTI_CUDA=1`` is set: loading one crashed the process on the
+one GPU run so far (:func:`rfdetr_core.aot_package.check_device_type`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rfdetr_core.aot_package import AOTI_DEVICE_KEY, compile_package, load_package
+from rfdetr_core.aot_package import (
+    AOTI_DEVICE_KEY,
+    AotiDeviceError,
+    check_device_type,
+    compile_package,
+    load_package,
+)
 from rfdetr_core.errors import RFDETRError
 from rfdetr_export.onnx_export import (
     METADATA_CARD,
@@ -81,6 +89,10 @@ def export_aoti(
         raise ExportError("--device cuda: no CUDA device here. Build the package on the machine that will run it.")
     if device.type not in ("cpu", "cuda"):
         raise ExportError(f"--device must be cpu or cuda, got {device}")
+    try:
+        check_device_type(device.type)
+    except AotiDeviceError as exc:
+        raise ExportError(f"--aoti --device {device.type}: {exc}") from exc
     if sampler == "trt-plugin":
         raise ExportError("--deform-attn trt-plugin is for TensorRT; use gather or gridsample with --aoti.")
     if batch < 1:
@@ -162,6 +174,8 @@ class AotiModel:
         try:
             index = wanted.index if wanted is not None and wanted.index is not None else -1
             self.package, metadata = load_package(self.path, device_index=index)
+        except AotiDeviceError as exc:
+            raise RuntimeLoadError(f"{self.path.name}: {exc}") from exc
         except Exception as exc:  # torch raises RuntimeError / zip errors / loader errors of its own
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeLoadError(
