@@ -251,3 +251,21 @@ def test_compiled_batched_pass_on_cuda_equals_eager():
         pytest.skip("needs CUDA")
     device = torch.device("cuda")
     _check_compiled_pass_equals_eager(True, device, _TablePoints(device), rtol=1e-4, atol=1e-5)
+
+
+def test_a_loss_pass_that_fails_to_compile_is_a_clear_error():
+    """An inductor failure inside the compiled pass (torch 2.11 on CUDA had one) becomes one error that names the
+    option to drop, instead of torch's multi-page BackendCompilerFailed."""
+    from rfdetr_train.losses.criterion import CriterionCompileError
+
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("Argument 'item' of Node 'clamp_5' does not belong to this Graph")
+
+    torch._dynamo.reset()
+    outputs, targets = _case((3, 1, 7), seed=20)
+    crit = build_criterion(K, GROUPS, compile_losses=broken_backend)
+    crit.batch_layers = True
+    with pytest.raises(CriterionCompileError, match="Train without --compile-criterion") as info:
+        crit(_clone_with_grad(outputs), targets)
+    assert "does not belong to this Graph" in str(info.value)
+    torch._dynamo.reset()

@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const=True,
         help="torch.compile the loss pass after matching (fuses its several hundred small GPU launches; one "
-        "graph for every batch; experimental, not yet timed on a GPU)",
+        "graph for every batch; experimental: inductor failed to compile it with torch 2.11 on an H200, a clear "
+        "error at the first step; not yet timed on a GPU)",
     )
     o.add_argument(
         "--grad-checkpointing",

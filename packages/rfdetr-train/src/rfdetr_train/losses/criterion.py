@@ -36,6 +36,17 @@ from rfdetr_train.losses.point_sampling import (
 from rfdetr_train.losses.targets import LayerMatches, TargetBatch, TargetFormatError
 
 
+class CriterionCompileError(RuntimeError):
+    """The compiled loss pass (``compile_losses``) failed to compile; the message says what to do instead."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of what torch's compile error says after its own prefix (the cause, not the traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith("backend=")]
+    return (useful or lines or [type(exc).__name__])[0][:200]
+
+
 @functools.cache
 def _compiled_layer_losses(backend: str | Callable):
     """:func:`batched_layer_losses` through ``torch.compile`` with dynamic shapes: one wrapper per backend, shared
@@ -159,7 +170,15 @@ class SetCriterion(nn.Module):
             self._check_classes(layers)
             batched = device.type == "cuda" if self.batch_layers is None else self.batch_layers
             if batched and can_batch_layers([out for _, out in layers], matches):
-                stacked = self._batched_losses()(self, [out for _, out in layers], batch, matches, num_boxes)
+                try:
+                    stacked = self._batched_losses()(self, [out for _, out in layers], batch, matches, num_boxes)
+                except torch._dynamo.exc.BackendCompilerFailed as exc:  # only a compiled pass raises this
+                    raise CriterionCompileError(
+                        f"compile_losses / --compile-criterion: torch {torch.__version__} could not compile the "
+                        f"loss pass ({_first_line(exc)}). Seen with torch 2.11 on CUDA (an H200, 2026-12-07: "
+                        "inductor's 'Argument item of Node clamp does not belong to this Graph'). Train without "
+                        "--compile-criterion; the model's --compile is not affected."
+                    ) from exc
                 per_layer = {name: value.unbind(0) for name, value in stacked.items()}  # [L] -> L scalars
                 return {
                     name + suffix: per_layer[name][i]
