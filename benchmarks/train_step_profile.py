@@ -203,6 +203,10 @@ def _sync_sites(side: Side, images, targets) -> dict[str, int]:
     sites: dict[str, int] = {}
 
     def record(message, category, filename, lineno, file=None, line=None):
+        # only torch's sync-debug warning ("called a synchronizing CUDA operation"): an H200 run counted a warning
+        # that set_sync_debug_mode itself raised as a second synchronisation of the step
+        if "synchronizing CUDA operation" not in str(message):
+            return
         # the warning machinery's own frames say nothing; a sync raised in the autograd engine's thread (a C++
         # backward node) has no Python frame at all, so the thread is named
         stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
