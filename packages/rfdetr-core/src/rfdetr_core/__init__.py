@@ -74,6 +74,7 @@ _LAZY = {
     "InvalidResolutionError": "rfdetr_core.errors",
     "MissingDependencyError": "rfdetr_core.errors",
     "require": "rfdetr_core.errors",
+    "first_line": "rfdetr_core.errors",
     "atomic_path": "rfdetr_core.atomic_io",
     "atomic_write_text": "rfdetr_core.atomic_io",
     "atomic_write_bytes": "rfdetr_core.atomic_io",

@@ -35,6 +35,12 @@ class MissingDependencyError(RFDETRError, ImportError):
     """An optional dependency is needed; the message names the extra to install."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``str(exc)``, stripped (``""`` when it says nothing): the cause of a library's
+    multi-line error, for a one-line message."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+
+
 def require(module: str, extra: str, package: str):
     """Import an optional dependency or raise an error naming the pip extra that provides it."""
     import importlib

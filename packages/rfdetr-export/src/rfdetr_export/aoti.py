@@ -34,7 +34,7 @@ from rfdetr_core.aot_package import (
     compile_package,
     load_package,
 )
-from rfdetr_core.errors import RFDETRError
+from rfdetr_core.errors import RFDETRError, first_line
 from rfdetr_export.onnx_export import (
     METADATA_CARD,
     METADATA_EXPORT,
@@ -134,9 +134,8 @@ def export_aoti(
         except RFDETRError:
             raise
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ExportError(
-                f"AOTInductor could not compile the model: {type(exc).__name__}: {first} "
+                f"AOTInductor could not compile the model: {type(exc).__name__}: {first_line(exc)} "
                 "(RFDETR_EXPORT_DEBUG=1 shows torch's output)"
             ) from exc
     return AotiExportResult(
@@ -177,9 +176,8 @@ class AotiModel:
         except AotiDeviceError as exc:
             raise RuntimeLoadError(f"{self.path.name}: {exc}") from exc
         except Exception as exc:  # torch raises RuntimeError / zip errors / loader errors of its own
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeLoadError(
-                f"{self.path} cannot be loaded as an AOTInductor package ({first}); it must be made by "
+                f"{self.path} cannot be loaded as an AOTInductor package ({first_line(exc) or type(exc).__name__}); it must be made by "
                 "'rfdetr-export MODEL --aoti' with this torch version, on a machine like this one."
             ) from exc
         if METADATA_CARD not in metadata:

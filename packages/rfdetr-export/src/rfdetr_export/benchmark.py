@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from rfdetr_core.errors import RFDETRError
+from rfdetr_core.errors import RFDETRError, first_line
 
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt", "aoti")
 
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RFDETRError, OSError, ValueError) as exc:
         if args.debug:
             raise
-        print(f"rfdetr-export benchmark: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"rfdetr-export benchmark: error: {first_line(exc) or type(exc).__name__}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)

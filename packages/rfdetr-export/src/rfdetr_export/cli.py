@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rfdetr_core.errors import RFDETRError
+from rfdetr_core.errors import RFDETRError, first_line
 
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
@@ -344,8 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RFDETRError, OSError) as exc:
         if args.debug:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"rfdetr-export: error: {message}", file=sys.stderr)
+        print(f"rfdetr-export: error: {first_line(exc) or type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE
 
 

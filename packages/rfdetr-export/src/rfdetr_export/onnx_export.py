@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from rfdetr_core.errors import RFDETRError
+from rfdetr_core.errors import RFDETRError, first_line
 
 if TYPE_CHECKING:
     from rfdetr_export.int8 import QuantizeReport
@@ -128,7 +128,7 @@ def _trace_to_onnx(module: nn.Module, example: torch.Tensor, dynamic_batch: bool
             print(out.getvalue(), err.getvalue())
         tail = (out.getvalue() + err.getvalue()).strip().splitlines()[-3:]
         raise ExportError(
-            f"torch's ONNX exporter failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            f"torch's ONNX exporter failed: {type(exc).__name__}: {first_line(exc)}"
             + (f" ({' | '.join(tail)})" if tail else "")
         ) from exc
     import onnx_ir

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rfdetr_core.errors import MissingDependencyError, RFDETRError
+from rfdetr_core.errors import MissingDependencyError, RFDETRError, first_line
 from rfdetr_export.onnx_export import INPUT_NAME, ExportError, read_metadata
 
 DEPLOY_OUTPUTS = ("scores", "labels", "boxes", "masks")
@@ -158,9 +158,8 @@ class OnnxRuntimeModel:
         try:
             self.session = ort.InferenceSession(_fused_for_onnxruntime(self.path), options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeLoadError(
-                f"{self.path} is not a loadable ONNX model ({first}). Export it again."
+                f"{self.path} is not a loadable ONNX model ({first_line(exc) or type(exc).__name__}). Export it again."
             ) from exc
         props = self.session.get_modelmeta().custom_metadata_map
         try:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rfdetr_core.errors import first_line
 from rfdetr_train.losses import mask_entries
 from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, matched_generalized_box_iou
 from rfdetr_train.losses.coefficients import LossWeights, MatchCosts
@@ -38,13 +39,6 @@ from rfdetr_train.losses.targets import LayerMatches, TargetBatch, TargetFormatE
 
 class CriterionCompileError(RuntimeError):
     """The compiled loss pass (``compile_losses``) failed to compile; the message says what to do instead."""
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of what torch's compile error says after its own prefix (the cause, not the traceback)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith("backend=")]
-    return (useful or lines or [type(exc).__name__])[0][:200]
 
 
 @functools.cache
@@ -173,9 +167,10 @@ class SetCriterion(nn.Module):
                 try:
                     stacked = self._batched_losses()(self, [out for _, out in layers], batch, matches, num_boxes)
                 except torch._dynamo.exc.BackendCompilerFailed as exc:  # only a compiled pass raises this
+                    cause = getattr(exc, "inner_exception", exc)  # what the backend raised, without torch's prefix
                     raise CriterionCompileError(
                         f"compile_losses / --compile-criterion: torch {torch.__version__} could not compile the "
-                        f"loss pass ({_first_line(exc)}). Seen with torch 2.11 on CUDA (an H200, 2026-12-07: "
+                        f"loss pass ({f'{type(cause).__name__}: {first_line(cause)}'[:200]}). Seen with torch 2.11 on CUDA (an H200, 2026-12-07: "
                         "inductor's 'Argument item of Node clamp does not belong to this Graph'). Train without "
                         "--compile-criterion; the model's --compile is not affected."
                     ) from exc
