@@ -322,9 +322,8 @@ class TensorRTModel:
         """The runner seam: ``images [B, 3, H, W]`` -> the deploy tuple ``(scores, labels, boxes, masks)``."""
         _check_images(images, self.resolution, self.path)
         run = self._run_graph if self.cuda_graph else self._run
-        return _run_chunked(
-            images.to(self.device, torch.float32), self.max_batch, lambda c: run(c.contiguous()), self.min_batch
-        )
+        # row slices of a contiguous batch are contiguous, as the engine's bindings need
+        return _run_chunked(images.to(self.device, torch.float32).contiguous(), self.max_batch, run, self.min_batch)
 
     def _bind(self, chunk: torch.Tensor) -> list[torch.Tensor]:
         """Set the input shape and every tensor address; returns freshly allocated outputs."""
