@@ -51,6 +51,7 @@ import time
 
 import torch
 import torch._functorch.config  # the activation memory budget (--memory-budget)
+import torch._inductor.config  # --emulate-casts
 
 
 def _targets(batch: int, classes: int, res: int, device, seed: int = 0) -> list[dict]:
@@ -327,6 +328,7 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
         "batch": batch,
         "amp": args.amp,
         "activation_memory_budget": torch._functorch.config.activation_memory_budget,
+        "emulate_precision_casts": bool(args.emulate_casts),
         "modes": {},
     }
     sides: list[Side] = []
@@ -657,6 +659,12 @@ def main() -> None:
         help="compiled modes: torch._functorch.config.activation_memory_budget (1.0 = keep every activation "
         "the partitioner would; lower values recompute the cheapest ones in the backward)",
     )
+    ap.add_argument(
+        "--emulate-casts",
+        action="store_true",
+        help="compiled modes: torch._inductor.config.emulate_precision_casts (round low-precision intermediates "
+        "of fused kernels as eager does, so compiled bf16 losses track eager bf16's more closely)",
+    )
     ap.add_argument("--val-images", type=int, default=100)
     ap.add_argument("--train-images", type=int, help="loop mode: only the first N training images")
     ap.add_argument("--warmup", type=int, default=20, help="loop mode: steps left out of the timing")
@@ -690,10 +698,13 @@ def main() -> None:
         # The min-cut partitioner's knob (torch >= 2.4): keep at most this share of the activations it would
         # save for the backward of a compiled graph, recomputing the cheapest (by estimated flops) instead.
         torch._functorch.config.activation_memory_budget = args.memory_budget
+    if args.emulate_casts:
+        torch._inductor.config.emulate_precision_casts = True
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(
         f"{name}, torch {torch.__version__}, {args.classes} classes, modes {','.join(args.modes)}, "
-        f"activation memory budget {torch._functorch.config.activation_memory_budget}",
+        f"activation memory budget {torch._functorch.config.activation_memory_budget}, "
+        f"emulate precision casts {args.emulate_casts}",
         flush=True,
     )
     rows = []
