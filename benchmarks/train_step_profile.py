@@ -365,6 +365,9 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
             side_criterion = build_criterion(
                 args.classes, v.group_detr, segmentation=v.is_segmentation, compile_losses=True
             ).to(device)
+            # the compiled pass is the layer-batched one, which the criterion takes by default on CUDA only (until
+            # 2026-12-08 this mode on the CPU ran the per-layer eager criterion: nothing was compiled)
+            side_criterion.batch_layers = True
         side = Side(mode, model, side_criterion, None, forward, opt, ema, amp, clip, graphs=graphs)
         if mode == "checkpointing":
             side.before_ckpt = lambda m=model: m.set_grad_checkpointing(True)

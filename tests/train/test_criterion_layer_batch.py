@@ -232,6 +232,28 @@ def test_compiled_batched_pass_equals_eager_without_recompiling():
     _check_compiled_pass_equals_eager("aot_eager", torch.device("cpu"), rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_pass_takes_the_loss_constants_as_constants():
+    """The focal alpha and gamma (Python floats) are traced as constants, not as graph inputs read back with
+    ``.item()``: torch 2.11's inductor failed on such a value inside the IA-BCE autograd.Function (on CUDA, and on
+    CPU once the pass is batched; torch 2.15 compiles it), so the pass specialises floats."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    inputs = []
+
+    def recording_backend(graph_module, example_inputs):
+        inputs.extend(node.name for node in graph_module.graph.nodes if node.op == "placeholder")
+        return aot_eager(graph_module, example_inputs)
+
+    torch._dynamo.reset()
+    outputs, targets = _case((3, 1, 7), seed=20)
+    crit = build_criterion(K, GROUPS, compile_losses=recording_backend)
+    crit.batch_layers = True
+    crit.total_loss(crit(_clone_with_grad(outputs), targets)).backward()
+    assert inputs, "nothing was compiled"
+    assert not [name for name in inputs if "focal" in name], inputs
+    torch._dynamo.reset()
+
+
 class _TablePoints:
     """Loss points sliced from one fixed table: a compiled pass draws with inductor's generator, so the points
     would differ from eager's if drawn inside the step."""

@@ -44,8 +44,22 @@ class CriterionCompileError(RuntimeError):
 @functools.cache
 def _compiled_layer_losses(backend: str | Callable):
     """:func:`batched_layer_losses` through ``torch.compile`` with dynamic shapes: one wrapper per backend, shared
-    by every criterion (Dynamo keeps the compiled graphs per wrapper, so a new criterion does not compile again)."""
-    return torch.compile(batched_layer_losses, dynamic=True, backend=backend)
+    by every criterion (Dynamo keeps the compiled graphs per wrapper, so a new criterion does not compile again).
+
+    Python floats (the criterion's focal alpha and gamma) are traced as constants, not as symbolic inputs: with
+    ``dynamic=True`` Dynamo otherwise passes each as a 0-d tensor read back with ``.item()``, and torch 2.11's
+    inductor failed on that value used inside the IA-BCE ``autograd.Function`` ("Argument 'item' of Node
+    'clamp_5' does not belong to this Graph"; reproduced on CPU, 2026-12-08; torch 2.15 compiles it). They are
+    fixed per criterion, so a constant costs no recompilation.
+    """
+    compiled = torch.compile(batched_layer_losses, dynamic=True, backend=backend)
+
+    @functools.wraps(batched_layer_losses)
+    def run(*args, **kwargs):
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 class SetCriterion(nn.Module):
@@ -170,8 +184,7 @@ class SetCriterion(nn.Module):
                     cause = getattr(exc, "inner_exception", exc)  # what the backend raised, without torch's prefix
                     raise CriterionCompileError(
                         f"compile_losses / --compile-criterion: torch {torch.__version__} could not compile the "
-                        f"loss pass ({f'{type(cause).__name__}: {first_line(cause)}'[:200]}). Seen with torch 2.11 on CUDA (an H200, 2026-12-07: "
-                        "inductor's 'Argument item of Node clamp does not belong to this Graph'). Train without "
+                        f"loss pass ({f'{type(cause).__name__}: {first_line(cause)}'[:200]}). Train without "
                         "--compile-criterion; the model's --compile is not affected."
                     ) from exc
                 per_layer = {name: value.unbind(0) for name, value in stacked.items()}  # [L] -> L scalars
