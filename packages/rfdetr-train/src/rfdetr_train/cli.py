@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const=True,
         help="torch.compile the loss pass after matching (fuses its several hundred small GPU launches; one "
-        "graph for every batch; experimental: inductor failed to compile it with torch 2.11 on an H200, a clear "
-        "error at the first step; not yet timed on a GPU)",
+        "graph for every batch; experimental: compiled on CPU, not yet run on a GPU since a torch 2.11 fix; a "
+        "failure to compile is a clear error at the first step)",
     )
     o.add_argument(
         "--grad-checkpointing",
