@@ -21,7 +21,10 @@ backbone activation checkpointing); ``compile-graphs-checkpointing`` (CUDA graph
 in; it must be the only mode of its call, since the flag is part of what the compiled graph assumes);
 ``compile-graphs-losses`` (``compile-graphs`` with the criterion's batched loss pass compiled too,
 ``SetCriterion(compile_losses=True)``; its own criterion, the same weights and matcher settings).
-``--memory-budget B`` sets the compiled graphs' activation memory budget (recompute instead of save).
+``--memory-budget B`` sets the compiled graphs' activation memory budget (recompute instead of save);
+``--emulate-casts`` sets inductor's ``emulate_precision_casts`` (fused kernels round low-precision intermediates as
+eager does), to see how much of a compiled mode's probe-loss distance to eager bf16 is fused rounding (on CPU,
+seg-nano batch 2, 2026-12-08: 7.5e-4 without, 7.2e-4 with, at different random weights: no clear effect).
 ``--phases`` adds the per-phase milliseconds of each mode's step (a synchronisation at every phase boundary, so
 the phases of the CUDA-graph mode include the GPU time each waits for); ``--syncs`` (CUDA) counts the host
 synchronisations of one step per mode by source line. On CUDA every side also takes one step with
