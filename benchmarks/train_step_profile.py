@@ -24,7 +24,7 @@ in; it must be the only mode of its call, since the flag is part of what the com
 ``--memory-budget B`` sets the compiled graphs' activation memory budget (recompute instead of save);
 ``--emulate-casts`` sets inductor's ``emulate_precision_casts`` (fused kernels round low-precision intermediates as
 eager does), to see how much of a compiled mode's probe-loss distance to eager bf16 is fused rounding (on CPU,
-seg-nano batch 2, 2026-12-08: 7.5e-4 without, 7.2e-4 with, at different random weights: no clear effect).
+seg-nano batch 2, 2026-12-08: 7.5e-4 without, 7.2e-4 with, on different random images: no clear effect).
 ``--phases`` adds the per-phase milliseconds of each mode's step (a synchronisation at every phase boundary, so
 the phases of the CUDA-graph mode include the GPU time each waits for); ``--syncs`` (CUDA) counts the host
 synchronisations of one step per mode by source line. On CUDA every side also takes one step with
@@ -323,7 +323,9 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
             param_groups(model, settings, num_layers=max(v.out_feature_indexes) + 1), device
         )
 
-    images = torch.randn(batch, 3, res, res, device=device)
+    # seeded, so calls (and processes) see the same batch: until 2026-12-08 the images were drawn from the global
+    # generator before any seed, and probe losses of two processes differed by their images
+    images = torch.randn(batch, 3, res, res, generator=torch.Generator().manual_seed(0)).to(device)
     targets = _targets(batch, args.classes, res, device)
     row: dict = {
         "variant": variant_name,
