@@ -9,7 +9,8 @@ not the run, and its exit code (-11 for SIGSEGV) says which step it was:
 For each case (dynamic batch as ``optimize`` builds it, then a static batch of 1), in this order:
 ``compile`` (export + package, no load, plus the eager reference outputs for batch 1 and 3), ``load`` (a fresh
 process: load the package, run it, compare with the reference, time the load and a call), ``compile+load``
-(the same process that compiled loads it, as ``optimize`` did). Every child runs under ``faulthandler``; the
+(the same process that compiled loads it, as ``optimize`` did); on CUDA every load also captures the package's call
+in a CUDA graph and replays it, as ``optimize`` does next. Every child runs under ``faulthandler``; the
 summary prints each step's exit code and the load/compare lines. Needs CUDA and ``RFDETR_AOTI_CUDA=1``.
 
 The comparison is meaningful in ``--dtype fp32`` only: on random weights bf16 picks other two-stage proposals than
@@ -93,6 +94,15 @@ def _load(args) -> None:
             for o, r in zip(out, saved["reference"][b], strict=True)
         ]
         print(f"batch {b}: {ms:.2f} ms per call, max abs diff / max abs reference per output {diffs}", flush=True)
+        if DEVICE == "cuda":  # what optimize() does next: the package's call captured in a CUDA graph
+            print(f"batch {b}: capturing the call in a CUDA graph", flush=True)
+            static, graph = x.clone(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = fn(static)
+            graph.replay()
+            _sync()
+            worst = max(float((c.float() - o.float()).abs().max()) for c, o in zip(captured, out, strict=True))
+            print(f"batch {b}: replayed, max abs difference to the direct call {worst}", flush=True)
 
 
 def _sync() -> None:
