@@ -197,15 +197,19 @@ def test_fp16_fast_path_matches_eager_float32_with_a_smaller_margin(models, fast
     _check_against_eager(eager, fast_fp16, batch, MARGIN[torch.float16])
 
 
-def test_compiled_fast_path_matches_eager_float32(models, checkpoint):
+@pytest.mark.parametrize("compile_arg", [True, "max-autotune"])
+def test_compiled_fast_path_matches_eager_float32(models, checkpoint, compile_arg):
     """``optimize(compile=True)``: the network through inductor, the selection eager, one captured graph
-    (inductor failed to compile the selection on CUDA, torch 2.11, 2026-12-07: this is that path)."""
+    (inductor failed to compile the selection on CUDA, torch 2.11, 2026-12-07: this is that path);
+    ``"max-autotune"``: the same with inductor's autotuned matrix multiplies."""
     from rfdetr_core import RFDETR
 
     eager, _ = models
     fast = RFDETR.from_checkpoint(checkpoint, variant=VARIANT, device="cuda")
-    report = fast.optimize(batch_sizes=(1, 3), dtype=torch.bfloat16, compile=True)
-    assert report["compiled"] and set(report["capture_seconds"]) == {1, 3}
+    report = fast.optimize(batch_sizes=(1, 3), dtype=torch.bfloat16, compile=compile_arg)
+    print(f"optimize(compile={compile_arg!r}):", round(report["seconds"], 1), "s", report["capture_seconds"])
+    assert report["compiled"] == compile_arg and set(report["capture_seconds"]) == {1, 3}
+    assert fast.fast_path is fast._graphed and fast.fast_path.compiled
     for batch in (1, 3):
         _check_against_eager(eager, fast, batch, MARGIN[torch.bfloat16])
 
@@ -268,3 +272,6 @@ def test_optimize_needs_cuda_device(checkpoint):
     cpu = RFDETR.from_checkpoint(checkpoint, variant=VARIANT, device="cpu")
     with pytest.raises(ValueError, match="CUDA"):
         cpu.optimize()
+    with pytest.raises(ValueError, match="compile must be one of"):  # arguments are checked first
+        cpu.optimize(compile="reduce-overhead")
+    assert cpu.fast_path is None

@@ -225,6 +225,16 @@ def test_fast_path_branch_returns_eager_detections(checkpoint):
         model.predict(images, num_select=k + 1)
 
 
+def test_optimize_checks_its_arguments_before_the_device(rfdetr):
+    """A wrong ``compile`` value is named as such on any machine; a right one on the CPU asks for CUDA."""
+    with pytest.raises(ValueError, match=r"compile must be one of \(True, False, 'max-autotune', 'aoti'\)"):
+        rfdetr.optimize(compile="reduce-overhead")
+    for compile_arg in (True, False, "max-autotune", "aoti"):
+        with pytest.raises(ValueError, match="optimize\\(\\) needs a CUDA device"):
+            rfdetr.optimize(compile=compile_arg)
+    assert rfdetr.fast_path is None
+
+
 def test_random_init_warns_and_uses_coco_layout():
     with pytest.warns(UserWarning, match="untrained"):
         m = RFDETR(VARIANT, resolution=RES)

@@ -9,7 +9,9 @@ batch larger than every graph runs as several replays. All graphs share one memo
 Outputs are cloned out of the graph's static buffers before they are returned, so a result stays valid
 after the next call (the clone is a device-to-device copy of a few MB).
 
-``torch.compile`` (``compile=True``) fuses the elementwise work inside the graph. Its artefacts go to the
+``torch.compile`` (``compile=True``) fuses the elementwise work inside the graph; ``compile="max-autotune"``
+also lets inductor pick among its own Triton matrix-multiply kernels (with bias and activation fused into them)
+and cuBLAS per shape, by timing them once (minutes on a cold machine; the choices are cached). Its artefacts go to the
 inductor cache (``TORCHINDUCTOR_CACHE_DIR``; :func:`compile_cache_dir` points it at
 ``$RFDETR_HOME/compile`` unless already set), so a second process compiles from cache; :class:`CacheReport`
 records whether it did (a second process on an H200 was no faster, 2026-12-03, cause unknown).
@@ -30,6 +32,10 @@ import torch
 from rfdetr_core.paths import rfdetr_home
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+# GraphedModule's ``compile`` values -> torch.compile's ``mode``. Never a mode with inductor's own CUDA graphs
+# ("reduce-overhead", "max-autotune"): this module captures the graph itself.
+COMPILE_MODES = {True: None, "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def compile_cache_dir() -> Path:
@@ -161,7 +167,9 @@ class GraphedModule:
         image_size: ``(H, W)`` of the input.
         batch_sizes: batch sizes to capture (at least one).
         dtype: input dtype of the module (inputs are cast into the static buffer on copy).
-        compile: wrap the module in ``torch.compile`` (static shapes, one compile per batch size) first.
+        compile: wrap the module in ``torch.compile`` (static shapes, one compile per batch size) first:
+            ``True`` (inductor's default mode) or ``"max-autotune"`` (autotuned matrix multiplies; see the module
+            docstring); ``False``: capture it as it is.
         warmup: eager (or compiling) runs before each capture.
         then: run on the module's outputs (unpacked when a tuple) inside the same graph, never compiled:
             ``RFDETR.optimize`` passes the graph-safe selection here, which inductor (torch 2.11) failed to
@@ -180,11 +188,13 @@ class GraphedModule:
         image_size: tuple[int, int],
         batch_sizes: Sequence[int] = (1, 8),
         dtype: torch.dtype = torch.bfloat16,
-        compile: bool = False,
+        compile: bool | str = False,
         warmup: int = 3,
         then: Callable[..., Any] | None = None,
         device: torch.device | str | None = None,
     ) -> None:
+        if compile is not False and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be False, True or 'max-autotune', got {compile!r}")
         sizes = sorted({int(b) for b in batch_sizes})
         if not sizes or sizes[0] < 1:
             raise ValueError(f"batch_sizes must be positive integers, got {tuple(batch_sizes)}")
@@ -198,10 +208,10 @@ class GraphedModule:
         self.device = device
         self.dtype = dtype
         self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.compiled = bool(compile)
-        if compile:
+        self.compiled = compile is not False
+        if compile is not False:
             compile_cache_dir()
-            fn = torch.compile(module, dynamic=False)
+            fn = torch.compile(module, dynamic=False, mode=COMPILE_MODES[compile])
         else:
             fn = module
         if then is not None:
@@ -225,7 +235,7 @@ class GraphedModule:
                 self.capture_seconds[batch] = time.perf_counter() - start
 
         self.cache: CacheReport | None = None
-        if compile:
+        if self.compiled:
             _, self.cache = CacheReport.watch(capture_all)
         else:
             capture_all()

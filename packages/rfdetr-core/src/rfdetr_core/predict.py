@@ -42,6 +42,7 @@ from rfdetr_core.postprocess import finish_detections
 from rfdetr_core.preprocess import preprocess
 
 MASK_FORMATS = ("auto", "bool", "rle")
+OPTIMIZE_COMPILE = (True, False, "max-autotune", "aoti")  # optimize()'s compile values (its docstring)
 TORCH_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 
 
@@ -170,7 +171,10 @@ class RFDETR:
             batch_sizes: batch sizes to capture a graph for.
             dtype: the network's dtype (``torch.bfloat16``, ``torch.float16`` or ``torch.float32``).
             compile: ``True``: ``torch.compile`` the network before capturing (Dynamo traces it in every process;
-                the inductor cache only spares code generation). ``"aoti"``: an AOTInductor package of the
+                the inductor cache only spares code generation). ``"max-autotune"``: the same with inductor's
+                max-autotune (its Triton matrix multiplies with fused bias and activation, or cuBLAS, chosen per
+                shape by timing them: minutes on a cold machine, cached for later processes; experimental, not
+                yet timed on a GPU). ``"aoti"``: an AOTInductor package of the
                 network (:func:`rfdetr_core.aot_package.cached_package`, dynamic batch) compiled once into
                 ``$RFDETR_HOME/compile/aoti`` and loaded by later processes without tracing. ``False``: capture
                 the eager network.
@@ -178,7 +182,7 @@ class RFDETR:
                 ``predict``'s default); ``predict(num_select=N)`` on the fast path needs ``N <=`` this.
 
         Returns:
-            ``{"seconds": total, "capture_seconds": {batch: s}, "compiled": bool, "dtype": str,
+            ``{"seconds": total, "capture_seconds": {batch: s}, "compiled": the compile argument, "dtype": str,
             "num_select": K, "compile_cache": hits, misses and bypass reasons of torch's compile caches (None
             without compile; :class:`rfdetr_core.cuda_graphs.CacheReport`), "package": with ``"aoti"``, the
             package's path, whether it was found (``hit``) and its export / compile / load seconds}``.
@@ -187,15 +191,15 @@ class RFDETR:
             raise ValueError(
                 f"optimize() works on the torch runner; this model runs on {self.runner.backend}."
             )
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+        if compile not in OPTIMIZE_COMPILE:
+            raise ValueError(f"compile must be one of {OPTIMIZE_COMPILE}, got {compile!r}")
         if self.device.type != "cuda":
             raise ValueError(
                 f"optimize() needs a CUDA device (the model is on {self.device}); the eager path is the "
                 "CPU path."
             )
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
-        if compile not in (True, False, "aoti"):
-            raise ValueError(f"compile must be True, False or 'aoti', got {compile!r}")
         from rfdetr_core.cuda_graphs import GraphedModule
         from rfdetr_core.deploy import DeployModel
 
@@ -226,7 +230,7 @@ class RFDETR:
             self.resolution,
             batch_sizes,
             dtype=dtype,
-            compile=compile is True,
+            compile=False if compile in (False, "aoti") else compile,
             then=module.select,
             device=self.device,
         )
@@ -235,7 +239,7 @@ class RFDETR:
         return {
             "seconds": seconds,
             "capture_seconds": dict(self._graphed.capture_seconds),
-            "compiled": compile if compile == "aoti" else bool(compile),
+            "compiled": compile,
             "dtype": str(dtype).removeprefix("torch."),
             "num_select": module.num_select,
             "compile_cache": self._graphed.cache.to_dict() if self._graphed.cache is not None else None,
@@ -279,6 +283,14 @@ class RFDETR:
         """
         loaded = load_model(variant, num_classes, path)
         return cls._from_loaded(loaded, device, dtype, resolution)
+
+    @property
+    def fast_path(self):
+        """The GPU fast path after :meth:`optimize` (a :class:`~rfdetr_core.cuda_graphs.GraphedModule`), else
+        ``None``. Called on a normalised ``[B, 3, H, W]`` batch at :attr:`resolution`, it returns the graph's
+        float32 selection ``(scores [B, K], labels [B, K], boxes [B, K, 4] normalised xyxy, masks [B, K, h, w]
+        logits)`` as fresh tensors: ``predict`` minus pre- and post-processing (model-only timing)."""
+        return self._graphed
 
     @property
     def class_names(self) -> list[str]:
