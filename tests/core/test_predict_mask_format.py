@@ -51,7 +51,12 @@ def test_batched_preprocess_equals_float_conversion_one_image_at_a_time(tiny):
 
 
 @pytest.mark.parametrize("threshold", [None, 0.3])
-def test_whole_batch_postprocess_equals_per_image(threshold):
+@pytest.mark.parametrize(
+    "sizes",
+    [[(30, 41), (17, 23), (30, 41)], [(30, 41)] * 3],  # two source sizes, not adjacent; one (no regrouping)
+    ids=["two_sizes", "one_size"],
+)
+def test_whole_batch_postprocess_equals_per_image(threshold, sizes):
     from rfdetr_core.postprocess import postprocess
 
     g = torch.Generator().manual_seed(7)
@@ -61,7 +66,6 @@ def test_whole_batch_postprocess_equals_per_image(threshold):
         "pred_boxes": torch.rand(b, q, 4, generator=g),
         "pred_masks": torch.randn(b, q, 8, 10, generator=g),
     }
-    sizes = [(30, 41), (17, 23), (30, 41)]  # two source sizes, not adjacent
     valid = torch.tensor([True, False, True, True, True])
     args = dict(num_select=20, threshold=threshold, valid_slots=valid)
     per_image = postprocess(outputs, sizes, batched=False, **args)

@@ -283,7 +283,9 @@ def _as_size_tensor(source_sizes, batch: int, device) -> tuple[torch.Tensor, lis
             f"source_sizes must hold {batch} (height, width) pairs, got shape {tuple(sizes.shape)}"
         )
     size_list = [(int(h), int(w)) for h, w in sizes.round().long().tolist()]
-    return sizes.to(device), size_list
+    # non-blocking: a blocking host-to-device copy waits for the stream, i.e. for the network still running
+    # on it, before the host half's first kernels can be queued (the host tensor is staged by the copy call)
+    return sizes.to(device, non_blocking=True), size_list
 
 
 def finish_detections(
@@ -424,10 +426,14 @@ def _finish_batch(
     for i, size in enumerate(size_list):
         by_size.setdefault(size, []).append(i)
     for size, images in by_size.items():
-        members = torch.from_numpy(
-            np.concatenate([np.arange(starts[i], starts[i + 1]) for i in images]).astype(np.int64)
-        ).to(device, non_blocking=True)
-        up = upsample_masks(logits.index_select(0, members), size, chunk_elements)  # [m, H, W] bool
+        if len(by_size) == 1:
+            members_logits = logits  # one source size: every kept row, already in order
+        else:
+            members = torch.from_numpy(
+                np.concatenate([np.arange(starts[i], starts[i + 1]) for i in images]).astype(np.int64)
+            ).to(device, non_blocking=True)
+            members_logits = logits.index_select(0, members)
+        up = upsample_masks(members_logits, size, chunk_elements)  # [m, H, W] bool
         if mask_format == "rle":
             from rfdetr_core.mask_rle import encode_masks
 
