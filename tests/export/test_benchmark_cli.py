@@ -55,3 +55,29 @@ def test_benchmark_bad_input_is_one_line(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "missing.onnx: no such file" in err
     code, _, err = _bench(capsys, tmp_path / "x.onnx", "--backend", "onnxruntime", "--image-size", "big")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--image-size" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_benchmark_on_cuda_without_a_gpu_says_so(export, capsys):
+    done = export("seg-tiny", "--dynamic-batch")
+    code, _, err = _bench(capsys, done.checkpoint, "--backend", "compile", "--device", "cuda", "--iters", "1")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no CUDA device" in err and "--device cpu" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_mode", ["default", "max-autotune"])
+def test_compile_backend_on_cuda_is_the_fast_path(export, tmp_path, capsys, compile_mode):
+    """``--backend compile --device cuda`` times core's fast path (``RFDETR.optimize``: bf16 network, CUDA graph
+    for the batch size) and reports its setup; the end-to-end path returns RLE masks on the host."""
+    done = export("seg-tiny", "--dynamic-batch")
+    out = tmp_path / "bench.json"
+    code, stdout, err = _bench(capsys, done.checkpoint, "--backend", "compile", "--device", "cuda", "--batch-size",
+                               "3", "--iters", "2", "--warmup", "1", "--compile-mode", compile_mode, "--json", out)  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    fast = result["fast_path"]
+    assert fast["dtype"] == "bfloat16" and fast["batch_sizes"] == [3] and fast["setup_seconds"] > 0
+    assert fast["compiled"] == (True if compile_mode == "default" else compile_mode)
+    assert "CUDA fast path: bfloat16" in stdout
+    assert result["model_only"]["iters"] == 2
