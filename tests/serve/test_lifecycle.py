@@ -62,6 +62,15 @@ def test_model_that_cannot_load_ends_the_command(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_fast_path_on_the_cpu_ends_the_command_with_what_to_do(checkpoint):
+    proc = subprocess.run([sys.executable, "-m", "rfdetr_serve", str(checkpoint), "--port", "0", "--device", "cpu",
+                           "--optimize", "graphs"], capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rfdetr-serve: cannot serve") and "--optimize graphs needs a PyTorch model on a CUDA" in last
+    assert "--optimize off" in last and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
     (["--threshold", "1.5"], "--threshold must be in [0, 1], got 1.5"),

@@ -85,7 +85,7 @@ def test_model_card(server):
     assert card["variant"] == "seg-tiny" and card["resolution"] == list(RES)
     assert card["classes"] == [{"category_id": 10, "name": "ten"}, {"category_id": 20, "name": "twenty"},
                                {"category_id": 30, "name": "thirty"}]
-    assert card["backend"] == "pytorch" and card["device"] == "cpu"
+    assert card["backend"] == "pytorch" and card["device"] == "cpu" and card["fast_path"] is None
     assert {"rfdetr_serve", "rfdetr_core", "torch"} <= set(card["versions"])
     assert card["limits"]["max_upload_bytes"] == 2**20 and card["limits"]["max_pixels"] == 1_500_000
     assert card["batching"] == {"max_batch": 8, "max_wait_ms": 20.0, "max_queue": 256}

@@ -102,6 +102,7 @@ def create_app(settings: ServeSettings, served: ServedModel | None = None) -> Fa
 
                 torch.set_num_threads(int(threads))
             model = served or ServedModel(load_rfdetr(settings.model, settings.device), settings.model)
+            model.optimize(settings.optimize, settings.max_batch)
             if settings.warm_up:
                 model.warm_up(settings.max_batch)
             metrics = state.metrics
@@ -116,7 +117,8 @@ def create_app(settings: ServeSettings, served: ServedModel | None = None) -> Fa
             state.model, state.batcher = model, batcher
             state.ready.set()
             log.info(json.dumps({"event": "ready", "model": model.name, "backend": model.backend,
-                                 "device": str(model.rfdetr.device), "pid": os.getpid()}))
+                                 "device": str(model.rfdetr.device), "fast_path": model.fast_path,
+                                 "pid": os.getpid()}))
         except Exception as exc:  # reported on /readyz and /healthz, and the process stops
             state.load_error = f"{type(exc).__name__}: {exc}"
             log.error(json.dumps({"event": "load_failed", "model": settings.model, "error": state.load_error}))

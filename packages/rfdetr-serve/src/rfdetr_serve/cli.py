@@ -5,6 +5,7 @@
     rfdetr-serve seg-nano                                  # official weights, http://127.0.0.1:8000
     rfdetr-serve runs/train/checkpoints/best.safetensors --host 0.0.0.0 --port 8080 --api-key "$KEY"
     rfdetr-serve model.onnx --workers 2 --max-batch 8 --max-wait-ms 5
+    rfdetr-serve seg-medium --device cuda --optimize compile   # the compiled GPU fast path
 
 It binds to 127.0.0.1 unless ``--host`` says otherwise. ``--workers N`` runs N processes (each loads the
 model; torch threads are split between them). SIGTERM (or Ctrl-C) drains the requests in flight, then exits.
@@ -21,7 +22,7 @@ import tempfile
 from collections.abc import Sequence
 
 from rfdetr_serve.limits import Limits
-from rfdetr_serve.settings import API_KEY_ENV, SETTINGS_ENV, ServeSettings
+from rfdetr_serve.settings import API_KEY_ENV, OPTIMIZE_MODES, SETTINGS_ENV, ServeSettings
 
 # Seconds uvicorn waits for in-flight requests after SIGTERM before closing them.
 GRACEFUL_SHUTDOWN_S = 30
@@ -51,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     p.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
+    p.add_argument(
+        "--optimize", choices=OPTIMIZE_MODES, default=d.optimize,
+        help="GPU fast path of a PyTorch model on CUDA (bf16 network, float32 selection, CUDA graphs): auto "
+             "(default: graphs on CUDA, nothing on the CPU), graphs (ready in seconds), compile (torch.compile "
+             "first: faster, about a minute to start), max-autotune (compile with autotuned matrix multiplies: "
+             "minutes to start), off (eager float32)",
+    )
     p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"images per model call (default {d.max_batch})")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help=f"longest wait for a batch to fill (default {d.max_wait_ms:g} ms)")
@@ -75,7 +83,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(
         model=args.model, device=args.device, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, threshold=args.threshold, api_key=api_key, limits=limits,
-        log_level=args.log_level,
+        log_level=args.log_level, optimize=args.optimize,
     )
 
 

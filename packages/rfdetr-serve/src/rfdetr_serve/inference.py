@@ -17,6 +17,22 @@ from pathlib import Path
 from typing import Any
 
 EXPORTED_SUFFIXES = (".onnx", ".engine", ".pt2")
+# --optimize mode -> RFDETR.optimize's compile argument
+_OPTIMIZE_COMPILE = {"auto": False, "graphs": False, "compile": True, "max-autotune": "max-autotune"}
+
+
+def graph_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes to capture CUDA graphs for when batches hold 1 to ``max_batch`` images: the powers of two
+    below ``max_batch`` and ``max_batch`` itself (a batch runs padded to the next one, so at most half a
+    batch of padding); e.g. 8 -> (1, 2, 4, 8), 6 -> (1, 2, 4, 6)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    sizes = {max_batch}
+    size = 1
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
 
 
 @dataclass
@@ -60,6 +76,40 @@ class ServedModel:
     def __init__(self, rfdetr, source: str):
         self.rfdetr = rfdetr
         self.source = source
+        self.fast_path: dict[str, Any] | None = None  # optimize()'s summary once on the GPU fast path
+
+    def optimize(self, mode: str, max_batch: int) -> dict[str, Any] | None:
+        """Put the model on core's GPU fast path (``RFDETR.optimize``: bf16 network, float32 selection, CUDA
+        graphs) as ``--optimize mode`` asks; returns :attr:`fast_path` (``None`` when it stays eager).
+
+        ``auto`` uses CUDA graphs when the model is a PyTorch one on CUDA and does nothing otherwise;
+        ``graphs``, ``compile`` and ``max-autotune`` insist (a ``ValueError`` says why they cannot apply);
+        ``off`` keeps the eager float32 model. Graphs are captured for :func:`graph_batch_sizes` of
+        ``max_batch``; the compiled modes compile once per batch size, so they capture 1 and ``max_batch`` only.
+        """
+        r = self.rfdetr
+        eligible = getattr(r, "model", None) is not None and r.device.type == "cuda"
+        if mode == "off" or (mode == "auto" and not eligible):
+            return None
+        if mode not in _OPTIMIZE_COMPILE:
+            raise ValueError(f"unknown --optimize mode {mode!r}")
+        if not eligible:
+            raise ValueError(
+                f"--optimize {mode} needs a PyTorch model on a CUDA device; this one runs on {self.backend} "
+                f"on {r.device}. Serve it with --device cuda, or use --optimize off."
+            )
+        import torch
+
+        compile_arg = _OPTIMIZE_COMPILE[mode]
+        sizes = graph_batch_sizes(max_batch) if compile_arg is False else tuple(sorted({1, max_batch}))
+        report = r.optimize(batch_sizes=sizes, dtype=torch.bfloat16, compile=compile_arg)
+        self.fast_path = {
+            "mode": "graphs" if compile_arg is False else mode,
+            "dtype": report["dtype"],
+            "batch_sizes": list(sizes),
+            "setup_seconds": round(float(report["seconds"]), 3),
+        }
+        return self.fast_path
 
     @property
     def name(self) -> str:
@@ -101,7 +151,8 @@ class ServedModel:
 
     def card(self) -> dict[str, Any]:
         """What ``GET /model`` reports about the model (the limits and batching are added by the app):
-        name, variant, resolution ``[H, W]``, backend, device, classes, the full model card
+        name, variant, resolution ``[H, W]``, backend, device, the GPU fast path (``None`` when eager), classes,
+        the full model card
         (``ModelCard.to_metadata()``: queries, preprocessing, class map, ...), the file's export facts for
         exported files, and the versions of what runs it."""
         from importlib.metadata import PackageNotFoundError, version
@@ -130,6 +181,7 @@ class ServedModel:
             "resolution": list(self.resolution),
             "backend": self.backend,
             "device": str(r.device),
+            "fast_path": self.fast_path,
             "classes": [{"category_id": int(c), "name": n}
                         for c, n in zip(r.class_map.category_ids, r.class_map.names)],
             "num_select": int(getattr(runner, "num_select", None) or r.card.default_num_select),

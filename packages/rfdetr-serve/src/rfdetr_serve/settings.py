@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from rfdetr_serve.limits import Limits
 
 SETTINGS_ENV = "RFDETR_SERVE_SETTINGS"
+# --optimize: core's GPU fast path for PyTorch models on CUDA (rfdetr_serve.inference.ServedModel.optimize)
+OPTIMIZE_MODES = ("auto", "off", "graphs", "compile", "max-autotune")
 API_KEY_ENV = "RFDETR_SERVE_API_KEY"
 
 
@@ -24,6 +26,8 @@ class ServeSettings:
     ``max_batch`` images per model call, ``max_wait_ms`` the longest the first image of a batch waits for
     others, ``max_queue`` images waiting before new ones get 503; ``threshold`` the default score threshold;
     ``api_key`` (``None`` = open) protects every endpoint but ``/healthz``, ``/readyz``, the page and the docs.
+    ``optimize`` picks the GPU fast path (one of :data:`OPTIMIZE_MODES`; ``auto``: bf16 CUDA graphs for a
+    PyTorch model on CUDA, nothing otherwise).
     """
 
     model: str
@@ -36,6 +40,7 @@ class ServeSettings:
     limits: Limits = field(default_factory=Limits)
     warm_up: bool = True
     log_level: str = "info"
+    optimize: str = "auto"
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -48,6 +53,8 @@ class ServeSettings:
             raise ValueError(f"--threshold must be in [0, 1], got {self.threshold}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("The API key is empty; give a non-empty --api-key (or leave it out for no key).")
+        if self.optimize not in OPTIMIZE_MODES:
+            raise ValueError(f"--optimize must be one of {', '.join(OPTIMIZE_MODES)}, got {self.optimize!r}")
         if self.limits.max_upload_bytes < 1 or self.limits.max_pixels < 1:
             raise ValueError("--max-upload-mb and --max-pixels must be positive")
 

@@ -1,0 +1,72 @@
+"""``rfdetr-serve --optimize``: core's GPU fast path (``RFDETR.optimize``) for a PyTorch model on CUDA.
+
+On the CPU: ``auto`` leaves the model eager, an explicit mode says why it cannot apply, bad values are refused at
+the command line, and the graph batch sizes cover every batch the batcher can form. On the GPU: a served batch
+equals ``predict`` of a model optimised the same way, and ``GET /model`` reports the fast path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from serve_support import image_array
+
+from rfdetr_serve.cli import build_parser, settings_from_args
+from rfdetr_serve.inference import ImageJob, ServedModel, graph_batch_sizes
+from rfdetr_serve.settings import ServeSettings
+
+
+@pytest.mark.parametrize(
+    "max_batch, sizes", [(1, (1,)), (2, (1, 2)), (6, (1, 2, 4, 6)), (8, (1, 2, 4, 8)), (9, (1, 2, 4, 8, 9))]
+)
+def test_graph_batch_sizes_cover_every_batch_with_at_most_half_padding(max_batch, sizes):
+    assert graph_batch_sizes(max_batch) == sizes
+    for batch in range(1, max_batch + 1):
+        graph = min(s for s in sizes if s >= batch)
+        assert graph < 2 * batch or graph == 1
+
+
+def test_auto_and_off_leave_a_cpu_model_eager(local_model):
+    served = ServedModel(local_model, "test")
+    assert served.optimize("auto", 8) is None and served.optimize("off", 8) is None
+    assert served.fast_path is None and served.card()["fast_path"] is None
+    assert local_model.fast_path is None
+
+
+@pytest.mark.parametrize("mode", ["graphs", "compile", "max-autotune"])
+def test_an_explicit_mode_on_the_cpu_says_what_to_do(local_model, mode):
+    served = ServedModel(local_model, "test")
+    with pytest.raises(ValueError, match=f"--optimize {mode} needs a PyTorch model on a CUDA device") as info:
+        served.optimize(mode, 8)
+    assert "--optimize off" in str(info.value) and "--device cuda" in str(info.value)
+    assert served.fast_path is None and local_model.fast_path is None
+
+
+def test_the_flag_reaches_the_settings_and_bad_values_are_refused(capsys):
+    args = build_parser().parse_args(["seg-nano", "--optimize", "compile"])
+    assert settings_from_args(args).optimize == "compile"
+    assert settings_from_args(build_parser().parse_args(["seg-nano"])).optimize == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["seg-nano", "--optimize", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--optimize must be one of"):
+        ServeSettings(model="m", optimize="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["auto", "compile"])
+def test_served_batches_on_the_fast_path_equal_predict_of_the_same_model(checkpoint, mode):
+    from rfdetr_core import RFDETR
+
+    served = ServedModel(RFDETR.from_checkpoint(checkpoint, device="cuda"), "test")
+    summary = served.optimize(mode, 4)
+    assert summary["mode"] == ("graphs" if mode == "auto" else mode) and summary["dtype"] == "bfloat16"
+    assert summary["batch_sizes"] == ([1, 2, 4] if mode == "auto" else [1, 4])
+    assert served.card()["fast_path"] == summary
+    images = [image_array(90 + 10 * i, 120, seed=i) for i in range(3)]  # a batch of 3: the graph of 4, padded
+    got = served.run_batch([ImageJob(im, 0.0) for im in images])
+    want = served.rfdetr.predict(images, threshold=0.0)
+    for det, ref in zip(got, want, strict=True):
+        np.testing.assert_array_equal(det.boxes, ref.boxes)
+        np.testing.assert_array_equal(det.scores, ref.scores)
+        assert [r["counts"] for r in det.rles] == [r["counts"] for r in ref.rles]
