@@ -30,7 +30,10 @@ Run on the GPU machine (upstream's wheels installed, see docs/benchmarks.md):
 inductor code generation, both sides) overlap, then every process waits until all have compiled and they take
 turns for the timed part (a lock file), so no timing runs beside another process's work. Compile and capture
 seconds are then measured with the other variants compiling beside them (upper bounds of a lone start).
-``--profile`` adds a ``torch.profiler`` table of our fastest end-to-end path (typical load) per batch size.
+``--profile`` adds a ``torch.profiler`` table of our fastest end-to-end path (typical load) per batch size;
+``--profile-model`` tables of the model-only paths (our fastest graph and upstream's best), with the number of
+device kernels per call. ``--autotune`` adds our fast path after ``optimize(compile="max-autotune")``
+(``ours_fast_autotune``: inductor's autotuned matrix multiplies; its cold start is reported like the others).
 """
 
 from __future__ import annotations
@@ -180,7 +183,9 @@ def timing_slot(sync_dir: Path | None, peers: int, name: str, wait_for: Path | N
 
 
 def profile_table(fn, calls: int = 20, rows: int = 25) -> str:
-    """``torch.profiler`` table (CPU and CUDA self time) of ``calls`` calls of ``fn``, after one warm call."""
+    """``torch.profiler`` table (CPU and CUDA self time) of ``calls`` calls of ``fn``, after one warm call,
+    headed by the device events (kernels, copies, memsets) per call and their summed time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -189,9 +194,12 @@ def profile_table(fn, calls: int = 20, rows: int = 25) -> str:
         for _ in range(calls):
             fn()
         _sync()
+    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy_us = sum(e.time_range.elapsed_us() for e in device)  # a device event's own span
     avg = prof.key_averages()
     return (
-        f"{calls} calls\n"
+        f"{calls} calls; device events per call {len(device) / calls:.1f}, device busy per call "
+        f"{busy_us / calls / 1000:.3f} ms\n"
         + avg.table(sort_by="self_cpu_time_total", row_limit=rows)
         + "\n"
         + avg.table(sort_by="self_cuda_time_total", row_limit=rows)
@@ -216,6 +224,7 @@ def bench_variant(variant: str, args, rows: list, report: dict) -> None:
     ours = RFDETR.from_checkpoint(ckpt, device=dev)
     fast = RFDETR.from_checkpoint(ckpt, device=dev) if gpu else None
     fast_compiled = RFDETR.from_checkpoint(ckpt, device=dev) if args.compile_ours and gpu else None
+    fast_autotune = RFDETR.from_checkpoint(ckpt, device=dev) if args.autotune and gpu else None
     info = report.setdefault(variant, {"resolution": resolution})
 
     start = time.perf_counter()
@@ -225,6 +234,8 @@ def bench_variant(variant: str, args, rows: list, report: dict) -> None:
         info["optimize_compiled"] = fast_compiled.optimize(batch_sizes=(1, 8), compile=True)
         if args.second_process and variant == "seg-medium":
             info["second_process_compiled"] = second_process_start(ckpt, (1, 8), True)
+    if fast_autotune is not None:
+        info["optimize_autotune"] = fast_autotune.optimize(batch_sizes=(1, 8), compile="max-autotune")
     if args.aoti and gpu:
         # the AOTInductor cold start: package compiled here (first process), loaded by a second process
         aoti = RFDETR.from_checkpoint(ckpt, device=dev)
@@ -248,7 +259,8 @@ def bench_variant(variant: str, args, rows: list, report: dict) -> None:
 
     with timing_slot(args.sync_dir, args.peers, variant, args.wait_for):
         _time_variant(
-            variant, args, rows, info, ours, fast, fast_compiled, up, up_module, up_best, resolution, dev
+            variant, args, rows, info, ours, fast, fast_compiled, up, up_module, up_best, resolution, dev,
+            fast_autotune,
         )
     up_best.clear()
     if gpu:
@@ -256,7 +268,8 @@ def bench_variant(variant: str, args, rows: list, report: dict) -> None:
 
 
 def _time_variant(
-    variant, args, rows, info, ours, fast, fast_compiled, up, up_module, up_best, resolution, dev
+    variant, args, rows, info, ours, fast, fast_compiled, up, up_module, up_best, resolution, dev,
+    fast_autotune=None,
 ):
     """The timed part of :func:`bench_variant` (inside the timing slot)."""
     for bs in args.batches:
@@ -291,6 +304,8 @@ def _time_variant(
                 methods[f"e2e/{load}/ours_fast_predict"] = our_predict(fast, thr)
             if fast_compiled is not None:
                 methods[f"e2e/{load}/ours_fast_compiled_predict"] = our_predict(fast_compiled, thr)
+            if fast_autotune is not None:
+                methods[f"e2e/{load}/ours_fast_autotune_predict"] = our_predict(fast_autotune, thr)
 
         def fwd(module, inp):
             def run():
@@ -309,9 +324,11 @@ def _time_variant(
             methods["model/upstream_best"] = fwd(up_best[bs], xb)
         methods["model/ours_eager"] = fwd(ours.model, x)
         if fast is not None:
-            methods["model/ours_fast"] = fwd(fast._graphed, x)
+            methods["model/ours_fast"] = fwd(fast.fast_path, x)
         if fast_compiled is not None:
-            methods["model/ours_fast_compiled"] = fwd(fast_compiled._graphed, x)
+            methods["model/ours_fast_compiled"] = fwd(fast_compiled.fast_path, x)
+        if fast_autotune is not None:
+            methods["model/ours_fast_autotune"] = fwd(fast_autotune.fast_path, x)
 
         counts = {}
         for load, thr in loads.items():
@@ -336,6 +353,14 @@ def _time_variant(
             path = args.json.with_name(f"{args.json.stem}_profile_{variant}_b{bs}.txt")
             path.write_text(table)
             print(f"  profile written to {path}", flush=True)
+        if args.profile_model and args.json:
+            ours_model = [m for m in ("model/ours_fast_autotune", "model/ours_fast_compiled", "model/ours_fast")
+                          if m in methods]  # fmt: skip
+            for name in ours_model[:1] + (["model/upstream_best"] if "model/upstream_best" in methods else []):
+                table = profile_table(methods[name])
+                path = args.json.with_name(f"{args.json.stem}_profile_{name.replace('/', '_')}_{variant}_b{bs}.txt")
+                path.write_text(table)
+                print(f"  {name}: {table.splitlines()[0]} ({path.name})", flush=True)
 
 
 def _stages(model, imgs, threshold: float) -> dict:
@@ -349,7 +374,7 @@ def _stages(model, imgs, threshold: float) -> dict:
         return preprocess(list(imgs), model.resolution, model.preprocess_config, device=model.device)
 
     def net():
-        return model._graphed(x)  # the graph ends in the float32 selection: (scores, labels, boxes, masks)
+        return model.fast_path(x)  # the graph ends in the float32 selection: (scores, labels, boxes, masks)
 
     picked = net()
 
@@ -380,9 +405,10 @@ def ratio_table(report: dict) -> list[str]:
                 return r.get(k, {}).get("median_ms", float("nan"))
 
             best = med("model/upstream_best")
-            ffwd = _best(med("model/ours_fast"), med("model/ours_fast_compiled"))
-            e2e_t = _best(med("e2e/typical/ours_fast_predict"), med("e2e/typical/ours_fast_compiled_predict"))
-            e2e_a = _best(med("e2e/all/ours_fast_predict"), med("e2e/all/ours_fast_compiled_predict"))
+            kinds = ("fast", "fast_compiled", "fast_autotune")
+            ffwd = _best(*(med(f"model/ours_{k}") for k in kinds))
+            e2e_t = _best(*(med(f"e2e/typical/ours_{k}_predict") for k in kinds))
+            e2e_a = _best(*(med(f"e2e/all/ours_{k}_predict") for k in kinds))
             lines.append(
                 f"| {variant} | {bs} | {best:.3f} | {ffwd:.3f} | {ffwd / best:.2f}x | {e2e_t:.3f} | "
                 f"{e2e_t / best:.2f}x | {e2e_a:.3f} | {med('e2e/typical/upstream_predict'):.3f} | "
@@ -408,6 +434,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--parallel", action="store_true", help="one process per variant (see the docstring)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of our fastest e2e path")
+    parser.add_argument(
+        "--profile-model", action="store_true", help="torch.profiler tables of the model-only paths (ours, upstream)"
+    )
+    parser.add_argument("--autotune", action="store_true", help='also optimize(compile="max-autotune")')
     parser.add_argument("--wait-for", type=Path, default=None, help="time only once this file exists")
     parser.add_argument("--sync-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--peers", type=int, default=1, help=argparse.SUPPRESS)
