@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from serve_support import image_array
 
 from rfdetr_serve.cli import build_parser, settings_from_args
@@ -29,7 +30,7 @@ def test_graph_batch_sizes_cover_every_batch_with_at_most_half_padding(max_batch
 def test_auto_and_off_leave_a_cpu_model_eager(local_model):
     served = ServedModel(local_model, "test")
     assert served.optimize("auto", 8) is None and served.optimize("off", 8) is None
-    assert served.fast_path is None and served.card()["fast_path"] is None
+    assert served.fast_path is None and served.card()["fast_path"] is None and served.card()["fast_path_error"] is None
     assert local_model.fast_path is None
 
 
@@ -40,6 +41,27 @@ def test_an_explicit_mode_on_the_cpu_says_what_to_do(local_model, mode):
         served.optimize(mode, 8)
     assert "--optimize off" in str(info.value) and "--device cuda" in str(info.value)
     assert served.fast_path is None and local_model.fast_path is None
+
+
+class _FailingCudaModel:
+    """What ``ServedModel.optimize`` reads of an RFDETR on CUDA, with a capture that fails."""
+
+    model = object()
+    device = torch.device("cuda")
+    runner = None
+
+    def optimize(self, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+
+
+def test_auto_stays_eager_and_says_so_when_the_capture_fails(caplog):
+    served = ServedModel(_FailingCudaModel(), "test")
+    with caplog.at_level("WARNING", logger="rfdetr_serve"):
+        assert served.optimize("auto", 4) is None
+    assert served.fast_path is None and served.fast_path_error == "RuntimeError: CUDA error: out of memory"
+    assert '"event": "fast_path_failed"' in caplog.text and "--optimize off" in caplog.text
+    with pytest.raises(RuntimeError, match="out of memory"):  # an explicit mode stops the server instead
+        ServedModel(_FailingCudaModel(), "test").optimize("graphs", 4)
 
 
 def test_the_flag_reaches_the_settings_and_bad_values_are_refused(capsys):

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import logging
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("rfdetr_serve")
 
 EXPORTED_SUFFIXES = (".onnx", ".engine", ".pt2")
 # --optimize mode -> RFDETR.optimize's compile argument
@@ -77,14 +81,16 @@ class ServedModel:
         self.rfdetr = rfdetr
         self.source = source
         self.fast_path: dict[str, Any] | None = None  # optimize()'s summary once on the GPU fast path
+        self.fast_path_error: str | None = None  # why --optimize auto stayed eager on CUDA
 
     def optimize(self, mode: str, max_batch: int) -> dict[str, Any] | None:
         """Put the model on core's GPU fast path (``RFDETR.optimize``: bf16 network, float32 selection, CUDA
         graphs) as ``--optimize mode`` asks; returns :attr:`fast_path` (``None`` when it stays eager).
 
-        ``auto`` uses CUDA graphs when the model is a PyTorch one on CUDA and does nothing otherwise;
-        ``graphs``, ``compile`` and ``max-autotune`` insist (a ``ValueError`` says why they cannot apply);
-        ``off`` keeps the eager float32 model. Graphs are captured for :func:`graph_batch_sizes` of
+        ``auto`` uses CUDA graphs when the model is a PyTorch one on CUDA and does nothing otherwise; if the
+        capture fails there it logs the error, keeps serving the eager float32 model and reports the error in
+        :meth:`card` (``fast_path_error``). ``graphs``, ``compile`` and ``max-autotune`` insist: a ``ValueError``
+        says why they cannot apply, and a failure stops the server. ``off`` keeps the eager float32 model. Graphs are captured for :func:`graph_batch_sizes` of
         ``max_batch``; the compiled modes compile once per batch size, so they capture 1 and ``max_batch`` only.
         """
         r = self.rfdetr
@@ -102,7 +108,15 @@ class ServedModel:
 
         compile_arg = _OPTIMIZE_COMPILE[mode]
         sizes = graph_batch_sizes(max_batch) if compile_arg is False else tuple(sorted({1, max_batch}))
-        report = r.optimize(batch_sizes=sizes, dtype=torch.bfloat16, compile=compile_arg)
+        try:
+            report = r.optimize(batch_sizes=sizes, dtype=torch.bfloat16, compile=compile_arg)
+        except Exception as exc:
+            if mode != "auto":
+                raise
+            self.fast_path_error = f"{type(exc).__name__}: {exc}"
+            log.warning(json.dumps({"event": "fast_path_failed", "error": self.fast_path_error,
+                                    "serving": "eager float32", "hint": "--optimize off skips the attempt"}))
+            return None
         self.fast_path = {
             "mode": "graphs" if compile_arg is False else mode,
             "dtype": report["dtype"],
@@ -182,6 +196,7 @@ class ServedModel:
             "backend": self.backend,
             "device": str(r.device),
             "fast_path": self.fast_path,
+            "fast_path_error": self.fast_path_error,
             "classes": [{"category_id": int(c), "name": n}
                         for c, n in zip(r.class_map.category_ids, r.class_map.names)],
             "num_select": int(getattr(runner, "num_select", None) or r.card.default_num_select),
