@@ -197,7 +197,7 @@ def test_fp16_fast_path_matches_eager_float32_with_a_smaller_margin(models, fast
     _check_against_eager(eager, fast_fp16, batch, MARGIN[torch.float16])
 
 
-@pytest.mark.parametrize("compile_arg", [True, "max-autotune"])
+@pytest.mark.parametrize("compile_arg", [True, pytest.param("max-autotune", marks=pytest.mark.slow)])
 def test_compiled_fast_path_matches_eager_float32(models, checkpoint, compile_arg):
     """``optimize(compile=True)``: the network through inductor, the selection eager, one captured graph
     (inductor failed to compile the selection on CUDA, torch 2.11, 2026-12-07: this is that path);

@@ -66,7 +66,7 @@ def test_benchmark_on_cuda_without_a_gpu_says_so(export, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile_mode", ["default", "max-autotune"])
+@pytest.mark.parametrize("compile_mode", ["default", pytest.param("max-autotune", marks=pytest.mark.slow)])
 def test_compile_backend_on_cuda_is_the_fast_path(export, tmp_path, capsys, compile_mode):
     """``--backend compile --device cuda`` times core's fast path (``RFDETR.optimize``: bf16 network, CUDA graph
     for the batch size) and reports its setup; the end-to-end path returns RLE masks on the host."""

@@ -76,7 +76,7 @@ def test_the_flag_reaches_the_settings_and_bad_values_are_refused(capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["auto", "compile"])
+@pytest.mark.parametrize("mode", ["auto", pytest.param("compile", marks=pytest.mark.slow)])
 def test_served_batches_on_the_fast_path_equal_predict_of_the_same_model(checkpoint, mode):
     from rfdetr_core import RFDETR
 
