@@ -136,6 +136,29 @@ def upstream_checkpoint(up_model: torch.nn.Module, name: str, resolution: int, n
     torch.save(ckpt, path)
 
 
+# Where a compile's seconds go (torch's own phase timers, summed over the graphs compiled since the last call):
+# Dynamo's bytecode tracing, AOTAutograd, inductor (code generation, or loading it from the cache), kernel builds.
+COMPILE_PHASES = (
+    "_compile.compile_inner",
+    "bytecode_tracing",
+    "create_aot_dispatcher_function",
+    "compile_fx_inner",
+    "async_compile.wait",
+    "PyCodeCache.load_by_key_path",
+)
+
+
+def compile_phase_seconds(reset: bool = True) -> dict[str, float]:
+    """torch's compile-time metrics of the compiles since the last reset (``COMPILE_PHASES`` and the rest), in s."""
+    from torch._dynamo import utils
+
+    headers, values = utils.compile_times(repr="csv", aggregate=True)
+    phases = {k: round(float(v), 3) for k, v in zip(headers, values)}
+    if reset:
+        utils.compilation_time_metrics.clear()
+    return phases
+
+
 def second_process_start(ckpt: Path, batch_sizes, compile: bool | str) -> dict:
     """Optimise the same weights in a fresh process (compile cache warm) and return its report."""
     code = (
@@ -147,6 +170,9 @@ def second_process_start(ckpt: Path, batch_sizes, compile: bool | str) -> dict:
         "t1 = time.perf_counter()\n"
         f"rep = m.optimize(batch_sizes={tuple(batch_sizes)!r}, compile={compile!r})\n"
         "rep['load_seconds'] = t1 - t0\n"
+        "from torch._dynamo import utils\n"
+        "h, v = utils.compile_times(repr='csv', aggregate=True)\n"
+        "rep['compile_phases'] = {k: round(float(x), 3) for k, x in zip(h, v)}\n"
         "print('REPORT' + json.dumps(rep))\n"
     )
     t0 = time.perf_counter()
@@ -230,12 +256,16 @@ def bench_variant(variant: str, args, rows: list, report: dict) -> None:
     start = time.perf_counter()
     if fast is not None:
         info["optimize"] = fast.optimize(batch_sizes=(1, 8), compile=False)
+    if gpu:
+        compile_phase_seconds()  # start the phase timers from zero
     if fast_compiled is not None:
         info["optimize_compiled"] = fast_compiled.optimize(batch_sizes=(1, 8), compile=True)
+        info["optimize_compiled"]["compile_phases"] = compile_phase_seconds()
         if args.second_process and variant == "seg-medium":
             info["second_process_compiled"] = second_process_start(ckpt, (1, 8), True)
     if fast_autotune is not None:
         info["optimize_autotune"] = fast_autotune.optimize(batch_sizes=(1, 8), compile="max-autotune")
+        info["optimize_autotune"]["compile_phases"] = compile_phase_seconds()
     if args.aoti and gpu:
         # the AOTInductor cold start: package compiled here (first process), loaded by a second process
         aoti = RFDETR.from_checkpoint(ckpt, device=dev)
@@ -244,6 +274,13 @@ def bench_variant(variant: str, args, rows: list, report: dict) -> None:
         if args.second_process:
             info["second_process_aoti"] = second_process_start(ckpt, (1, 8), "aoti")
     print(f"{variant}: our optimize() took {time.perf_counter() - start:.1f} s", flush=True)
+    for key in ("optimize_compiled", "optimize_autotune", "second_process_compiled"):
+        phases = info.get(key, {}).get("compile_phases")
+        if phases:
+            print(f"  {key} phases (s): " + ", ".join(f"{k} {phases[k]}" for k in COMPILE_PHASES if k in phases))
+            cache = info[key].get("compile_cache")
+            if cache:
+                print(f"  {key} compile cache: {json.dumps(cache)}", flush=True)
 
     # upstream's best forward-only path, one compiled module per batch size (its API compiles for one size)
     up_best: dict[int, object] = {}
