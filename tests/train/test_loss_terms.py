@@ -44,3 +44,28 @@ def test_recompute_gives_autograds_values_and_gradients_in_float32():
         assert torch.equal(results[0][0], results[1][0])  # the forward is the same code
         torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
         assert torch.isfinite(results[1][1]).all()
+
+
+def test_bf16_logits_are_kept_as_bf16_and_get_float32s_gradient_rounded_once():
+    """Under autocast the layers' logits are bf16: the closed form keeps them as they are (half a float32 copy)
+    and returns the float32 gradient rounded to bf16, as autograd through a float32 copy does."""
+    logits, cells, src, tgt = _case(torch.float32, scale=3.0)
+    half = logits.to(torch.bfloat16)
+    want_terms, want = _value_and_grad_through_float32(half, cells, src, tgt)
+    got_terms, got = _value_and_grad(half, cells, src, tgt, recompute=True)
+    assert got.dtype == torch.bfloat16 and got_terms.dtype == torch.float32
+    assert torch.equal(got_terms, want_terms)  # computed in float32 from the same values
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-6)  # one bf16 rounding apart at most
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ia_bce_terms(half.clone().requires_grad_(True), cells, src, tgt, 0.25, 2.0, recompute=True)
+    big = [t for t in saved if t.numel() == half.numel()]
+    assert [t.dtype for t in big] == [torch.bfloat16]  # the logits alone, and no float32 copy of them
+
+
+def _value_and_grad_through_float32(logits, cells, src, tgt):
+    """Autograd's gradient through a float32 copy of ``logits`` (the path before bf16 logits were kept)."""
+    x = logits.clone().requires_grad_(True)
+    terms = ia_bce_terms(x.float(), cells, src, tgt, 0.25, 2.0, recompute=False)
+    (terms * torch.linspace(0.5, 1.5, terms.numel(), dtype=terms.dtype).view_as(terms)).sum().backward()
+    return terms.detach(), x.grad

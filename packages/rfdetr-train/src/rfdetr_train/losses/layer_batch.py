@@ -138,7 +138,9 @@ def batched_layer_losses(
         batch: the packed targets; matches: one :class:`LayerMatches` per layer; num_boxes: the normaliser.
     """
     num_layers, num_pairs = len(layers), matches[0].num_pairs
-    logits = _stack(layers, "pred_logits")  # [L, B, GQ, K]
+    # in the layers' own dtype (bf16 under autocast; float32 if any layer is): the class loss computes in float32
+    # and keeps these for its backward pass, half the bytes of a float32 stack
+    logits = torch.stack([out["pred_logits"] for out in layers])  # [L, B, GQ, K]
     boxes = _stack(layers, "pred_boxes")  # [L, B, GQ, 4]
     layer = torch.arange(num_layers, device=logits.device).repeat_interleave(num_pairs)  # [L*M]
     b = torch.cat([m.batch_idx for m in matches])  # [L*M]

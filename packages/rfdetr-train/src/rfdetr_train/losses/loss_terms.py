@@ -31,19 +31,28 @@ def ia_bce_terms(
     ``p^gamma`` (not detached, as upstream).
 
     Args:
-        logits: ``[..., K]`` float32 class logits (e.g. ``[B, GQ, K]`` or ``[L, B, GQ, K]``).
+        logits: ``[..., K]`` class logits (e.g. ``[B, GQ, K]`` or ``[L, B, GQ, K]``); the terms are computed in
+            float32 (float64 stays float64) whatever their dtype (with ``recompute``, bf16 logits are kept as bf16 for the backward pass).
         cells: one ``[M]`` int64 index tensor per dimension of ``logits`` (the last one holds the labels); each
             cell at most once.
         src_xyxy: ``[M, 4]`` detached predicted boxes of the matched pairs; tgt_xyxy: ``[M, 4]`` targets.
-        recompute: keep only the logits (and ``t``) for the backward pass and compute the gradient there in
-            closed form, instead of autograd's five or six intermediates of the logits' size (at seg-medium,
-            batch 8, seven layers: 38 MiB each, held from the criterion to the backward pass, when the step's
-            memory peaks). Same values; gradients equal up to float32 rounding (test against autograd's).
+        recompute: keep only the logits (in their own dtype), ``t`` and the matched cells' probabilities for the
+            backward pass and compute the gradient there in closed form, one slice of the first dimension at a
+            time, instead of autograd's five or six intermediates of the logits' size (at seg-medium, batch 8,
+            six layers: 38 MiB each in float32, held from the criterion to the backward pass, when the step's
+            memory peaks). Same values; gradients equal up to float32 rounding (test against autograd's), returned
+            in the logits' dtype.
     """
     if recompute:
         return _IaBceTerms.apply(logits, cells, src_xyxy, tgt_xyxy, alpha, gamma)
+    logits = _at_least_float32(logits)
     prob = logits.sigmoid()
     return _ia_bce(logits, prob, cells, _ia_targets(prob, cells, src_xyxy, tgt_xyxy, alpha), gamma)
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32, or as it is when already float32 or float64 (no copy then)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _ia_targets(prob: Tensor, cells: tuple[Tensor, ...], src_xyxy: Tensor, tgt_xyxy: Tensor, alpha: float) -> Tensor:
@@ -65,29 +74,38 @@ class _IaBceTerms(torch.autograd.Function):
     With ``p = sigmoid(x)`` and ``softplus(x) = -log(1 - p)``: a negative cell's term is ``p^g softplus(x)``, whose
     derivative is ``p^g (g (1 - p) softplus(x) + p)``; a matched cell's is ``(1 - t) x - log p`` (``t`` and
     ``1 - t`` detached), whose derivative is ``p - t``.
+
+    The backward pass runs at its start, when the step's memory peaks, so it holds little: the saved logits in
+    their own dtype (bf16 under autocast: half the float32 copy), the gradient in that dtype, and float32
+    temporaries of one slice of the first dimension (one layer of ``[L, B, GQ, K]``) at a time.
     """
 
     @staticmethod
     def forward(ctx, logits, cells, src_xyxy, tgt_xyxy, alpha, gamma):  # type: ignore[override]
-        prob = logits.sigmoid()
+        x = _at_least_float32(logits)
+        prob = x.sigmoid()
         t = _ia_targets(prob, cells, src_xyxy, tgt_xyxy, alpha)
-        ctx.save_for_backward(logits, t, *cells)
+        # p at the matched cells as the whole-tensor sigmoid gave it, for the matched cells' gradient p - t
+        ctx.save_for_backward(logits, t, prob[cells], *cells)
         ctx.gamma = gamma
-        return _ia_bce(logits, prob, cells, t, gamma)
+        return _ia_bce(x, prob, cells, t, gamma)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        logits, t, *cells = ctx.saved_tensors
+        logits, t, matched_prob, *cells = ctx.saved_tensors
         cells = tuple(cells)
-        prob = logits.sigmoid()
-        matched = prob[cells] - t  # [M]
-        # Two tensors of the logits' size and in-place arithmetic: this runs at the start of the backward pass,
-        # when the step's memory peaks. slope = softplus(x) (1 - p) g + p, then times p^g.
-        slope = F.softplus(logits)
-        slope.addcmul_(slope, prob, value=-1.0).mul_(ctx.gamma).add_(prob).mul_(prob.pow_(ctx.gamma))
-        slope.index_put_(cells, matched)
-        return slope.mul_(grad), None, None, None, None, None
+        grad_logits = torch.empty_like(logits)
+        for i in range(logits.shape[0]):
+            x = _at_least_float32(logits[i])
+            prob = x.sigmoid()
+            # slope = softplus(x) (1 - p) g + p, then times p^g (in place: two float32 slices live at a time)
+            slope = F.softplus(x)
+            del x
+            slope.addcmul_(slope, prob, value=-1.0).mul_(ctx.gamma).add_(prob).mul_(prob.pow_(ctx.gamma))
+            grad_logits[i] = slope.mul_(grad[i])  # cast to the logits' dtype on the copy
+        grad_logits[cells] = ((matched_prob - t) * grad[cells]).to(grad_logits.dtype)
+        return grad_logits, None, None, None, None, None
 
 
 def point_mask_terms(point_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
