@@ -1,5 +1,6 @@
-"""``sample_biased_products`` (the layer-batched mask loss's sampling, which keeps the products rather than the
-float32 maps for backward) against ``sample_points`` of the float32 maps through autograd."""
+"""``sample_biased_products`` (the layer-batched mask loss's sampling of dense masks, which keeps the products
+rather than the float32 maps for backward) and ``layer_batch._QueryMapPoints`` (the same for lazy mask entries,
+keeping neither) against ``sample_points`` of the float32 maps through autograd."""
 
 from __future__ import annotations
 
@@ -33,3 +34,43 @@ def test_biased_products_sample_like_sample_points(dtype):
     assert got_dx.dtype == dtype
     torch.testing.assert_close(got_dx, want_dx, rtol=0, atol=0)
     torch.testing.assert_close(got_db, want_db, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_map_points_equal_autograd_through_the_products_and_keep_no_products(dtype):
+    """The lazy entries' sampling (``layer_batch._QueryMapPoints``) recomputes the ``[M, h*w]`` products in its
+    backward pass instead of keeping them: the same values and gradients as autograd through ``bmm``, the row
+    gather and ``sample_points``, bit for bit."""
+    from rfdetr_train.losses.layer_batch import _QueryMapPoints, _pad_slots, _query_products
+
+    g = torch.Generator().manual_seed(1)
+    counts = [3, 1, 4]  # pairs per image
+    bsz, c, h, w, p = len(counts), 6, 7, 9, 30
+    batch_idx = torch.repeat_interleave(torch.arange(bsz), torch.tensor(counts))
+    m = int(batch_idx.numel())
+    query = torch.randn(m, c, generator=g).to(dtype)
+    spatial = torch.randn(bsz, c, h * w, generator=g).to(dtype)
+    bias = torch.randn(m, generator=g)
+    coords = torch.rand(m, p, 2, generator=g) * 1.2 - 0.1
+    weights = torch.randn(m, p, generator=g)
+    slots, maxn = _pad_slots(batch_idx, counts)
+    results = []
+    for lean in (False, True):
+        q, s, b = (t.clone().requires_grad_(True) for t in (query, spatial, bias))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            if lean:
+                with torch.no_grad():
+                    maps = (_query_products(q, s, slots, maxn)[0].float() + b[:, None]).view(m, 1, h, w)
+                out = _QueryMapPoints.apply(q, s, b, maps, coords, slots, maxn)
+            else:
+                products = _query_products(q, s, slots, maxn)[0]
+                out = sample_points((products.float() + b[:, None]).view(m, 1, h, w), coords)[:, 0]
+        (out * weights).sum().backward()
+        results.append((out.detach(), q.grad, s.grad, b.grad, saved))
+    want, got = results
+    for a, b in zip(got[:4], want[:4], strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert (m, 1, h, w) in want[4]  # autograd keeps the float32 maps for grid_sample's backward
+    assert (m, 1, h, w) not in got[4] and (m, h * w) not in got[4]  # the Function keeps neither maps nor products
+    assert (bsz, c, h * w) in got[4]  # but the spatial map (alive anyway: a model output)

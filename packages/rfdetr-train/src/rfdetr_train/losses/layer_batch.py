@@ -11,17 +11,18 @@ layer order, so it draws the same random numbers as the per-layer pass.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from rfdetr_train.losses import mask_entries
 from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, matched_generalized_box_iou
 from rfdetr_train.losses.loss_terms import ia_bce_terms, point_mask_terms
-from rfdetr_train.losses.point_sampling import loss_num_points, sample_biased_products
+from rfdetr_train.losses.point_sampling import loss_num_points, sample_biased_products, sample_points
 from rfdetr_train.losses.targets import LayerMatches, TargetBatch
 
 
@@ -60,34 +61,92 @@ def _pad_slots(batch_idx: Tensor, counts: Sequence[int]) -> tuple[Tensor, int]:
     return batch_idx * maxn + (position - first), maxn
 
 
-def _layer_mask_products(
-    layers: Sequence[dict[str, Any]], matches: Sequence[LayerMatches]
-) -> Iterator[tuple[Tensor, Tensor, int, int]]:
-    """Mask logits of each layer's matched queries, one layer at a time: yields ``[M, h*w]`` products (the logits
-    before their bias, in the features' dtype), ``[M]`` float32 biases, ``h`` and ``w``.
+def _query_products(query: Tensor, spatial: Tensor, slots: Tensor, maxn: int) -> tuple[Tensor, Tensor]:
+    """Each matched query's dot product with its own image's map: ``query [M, C]``, ``spatial [B, C, h*w]`` ->
+    ``(products [M, h*w], q_pad [B, maxn, C])``, one batched product over the ``B`` maps with each image's pairs
+    padded to ``maxn`` (``slots [M]``: each pair's row of ``[B*maxn]``, from :func:`_pad_slots`)."""
+    bsz, channels, _ = spatial.shape
+    q_pad = query.new_zeros(bsz * maxn, channels).index_copy(0, slots, query).view(bsz, maxn, channels)
+    padded = torch.bmm(q_pad, spatial)  # [B, maxn, h*w]
+    return padded.view(bsz * maxn, -1)[slots], q_pad
 
-    Lazy entries: each layer's products run in its spatial map's own dtype (bf16 under autocast, as upstream's
-    criterion inside autocast) on the map itself, so no stacked or float32 copy of the ``[B, C, h, w]`` maps
-    is kept for the backward pass (at seg-medium, batch 8: 6 maps of 91 MiB each in float32).
+
+class _QueryMapPoints(torch.autograd.Function):
+    """``sample_points`` of the float32 maps ``products + bias`` of lazy mask entries, keeping neither the products
+    ``[M, h*w]`` nor the maps for the backward pass: the products are recomputed there from the queries and the
+    spatial map, which stays alive anyway (seg-medium, batch 8: 6 layers x ~20 MiB of bf16 products no longer held
+    from the criterion to the backward pass, when the step's memory peaks). The backward pass runs the kernels
+    autograd would run through ``bmm``, the row gather and ``grid_sample``, on the same values.
+
+    ``forward(query [M, C], spatial [B, C, h*w], bias [M] float32, maps [M, 1, h, w] float32 (no grad: already
+    built for the point sampler), coords [M, P, 2], slots [M], maxn) -> [M, P]`` float32.
     """
-    masks = [out["pred_masks"] for out in layers]
-    if isinstance(masks[0], Tensor):
-        height, width = masks[0].shape[-2:]
-        for m, match in zip(masks, matches, strict=True):
-            products = m[match.batch_idx, match.query_idx].flatten(1)  # [B, GQ, h, w] -> [M, h*w]
-            yield products, products.new_zeros(products.shape[0], dtype=torch.float32), height, width
-        return
-    bsz, channels, height, width = masks[0]["spatial_features"].shape
-    # Each pair's logits are its query's dot product with its own image's map: per layer one batched product
-    # over the B maps, with each image's pairs padded to the largest image's count.
-    slots, maxn = _pad_slots(matches[0].batch_idx, matches[0].counts)  # [M] rows of [B*maxn]
-    for m, match in zip(masks, matches, strict=True):
-        spatial = m["spatial_features"]  # [B, C, h, w]
+
+    @staticmethod
+    def forward(ctx, query, spatial, bias, maps, coords, slots, maxn):  # type: ignore[override]
+        ctx.save_for_backward(query, spatial, bias, coords, slots)
+        ctx.maxn = maxn
+        ctx.size = maps.shape[-2:]
+        return sample_points(maps, coords)[:, 0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        query, spatial, bias, coords, slots = ctx.saved_tensors
+        height, width = ctx.size
+        products, q_pad = _query_products(query, spatial, slots, ctx.maxn)
+        maps = (products.float() + bias[:, None]).view(-1, 1, height, width)
+        grid = (2.0 * coords - 1.0).unsqueeze(2)  # as sample_points: bilinear, border padding, align_corners False
+        grad_maps, _ = torch.ops.aten.grid_sampler_2d_backward(
+            grad[:, None, :, None], maps, grid, 0, 1, False, [True, False]
+        )
+        del maps, products
+        grad_maps = grad_maps.view(-1, height * width)  # [M, h*w] float32
+        grad_bias = grad_maps.sum(1) if ctx.needs_input_grad[2] else None
+        # the row gather's and bmm's backward: [M, h*w] -> padded [B, maxn, h*w] -> the two factors
+        bsz = spatial.shape[0]
+        grad_padded = grad_maps.new_zeros(bsz * ctx.maxn, height * width, dtype=spatial.dtype)
+        grad_padded = grad_padded.index_copy(0, slots, grad_maps.to(spatial.dtype)).view(bsz, ctx.maxn, -1)
+        del grad_maps
+        grad_query = grad_spatial = None
+        if ctx.needs_input_grad[0]:
+            grad_query = grad_padded.bmm(spatial.transpose(1, 2)).view(bsz * ctx.maxn, -1).index_select(0, slots)
+        if ctx.needs_input_grad[1]:
+            grad_spatial = q_pad.transpose(1, 2).bmm(grad_padded)
+        return grad_query, grad_spatial, grad_bias, None, None, None, None
+
+
+def _matched_layer_point_logits(
+    criterion: Any, out: dict[str, Any], match: LayerMatches, pad: tuple[Tensor, int] | None
+) -> tuple[Tensor, Tensor]:
+    """One layer's matched mask logits at its loss points: ``(point logits [M, P] float32, points [M, P, 2])``.
+
+    The point sampler draws on no-grad float32 logits ``[M, h, w]`` that exist only for this layer. Lazy entries
+    (``pad``: :func:`_pad_slots` of the batch) go through :class:`_QueryMapPoints`; each product runs in its
+    spatial map's own dtype (bf16 under autocast, as upstream's criterion inside autocast) on the map itself, so
+    no float32 copy of the ``[B, C, h, w]`` maps is kept (at seg-medium, batch 8: 91 MiB per layer). Dense mask
+    tensors gather the matched rows and sample them with :func:`sample_biased_products`.
+    """
+    m = out["pred_masks"]
+    if isinstance(m, Tensor):
+        height, width = m.shape[-2:]
+        products = m[match.batch_idx, match.query_idx].flatten(1)  # [B, GQ, h, w] -> [M, h*w]
+        bias = products.new_zeros(products.shape[0], dtype=torch.float32)
+    else:
+        height, width = m["spatial_features"].shape[-2:]
+        spatial = m["spatial_features"].flatten(2)  # [B, C, h*w] (a view)
         query = m["query_features"][match.batch_idx, match.query_idx].to(spatial.dtype)  # [M, C]
         bias = mask_entries.query_bias(m)[match.batch_idx, match.query_idx].float()  # [M]
-        q_pad = query.new_zeros(bsz * maxn, channels).index_copy(0, slots, query)
-        padded = torch.bmm(q_pad.view(bsz, maxn, channels), spatial.flatten(2))  # [B, maxn, h*w]
-        yield padded.view(-1, height * width)[slots], bias, height, width
+    num_points = loss_num_points(height, width, criterion.mask_point_sample_ratio)
+    with torch.no_grad():
+        if not isinstance(m, Tensor):
+            products = _query_products(query, spatial, *pad)[0]
+        logits = (products.float() + bias[:, None]).view(-1, 1, height, width)
+        points = criterion.point_sampler(logits, num_points).float()  # [M, P, 2]
+    if isinstance(m, Tensor):
+        return sample_biased_products(products, bias, logits, points), points
+    del products
+    return _QueryMapPoints.apply(query, spatial, bias, logits, points, *pad), points
 
 
 def _matched_point_logits(
@@ -101,22 +160,21 @@ def _matched_point_logits(
     float32 (layer after layer; the ground truth in {0, 1}). ``objects [L*M]``: each pair's object in the
     concatenated targets, layer after layer.
 
-    One layer at a time: a layer's ``[M, h, w]`` float32 logits exist only while its points are drawn and
-    sampled, and the sampling keeps the layer's products (bf16 under autocast) for the backward pass instead of
-    the float32 logits (:func:`~rfdetr_train.losses.point_sampling.sample_biased_products`). All this runs
-    while every activation of the forward is alive, when the step's memory peaks. The point sampler is called once per layer, in layer order, as in the
-    per-layer pass. The ground truth of all layers' points is looked up at once afterwards (one set of ~18
-    launches instead of one per layer; the points kept until then are ``[L*M, P, 2]`` float32, 30 MB at
-    seg-medium, batch 8).
+    One layer at a time (:func:`_matched_layer_point_logits`): a layer's ``[M, h, w]`` float32 logits exist
+    only while its points are drawn and sampled, and the sampling keeps neither them nor (lazy entries) the
+    products for the backward pass. All this runs while every activation of the forward is alive, when the
+    step's memory peaks. The point sampler is called once per layer, in layer order, as in the per-layer pass.
+    The ground truth of all layers' points is looked up at once afterwards (one set of ~18 launches instead of
+    one per layer; the points kept until then are ``[L*M, P, 2]`` float32, 30 MB at seg-medium, batch 8).
     """
+    pad = None
+    if not isinstance(layers[0]["pred_masks"], Tensor):
+        pad = _pad_slots(matches[0].batch_idx, matches[0].counts)  # the same rows in every layer
     point_logits, points = [], []
-    for products, bias, height, width in _layer_mask_products(layers, matches):
-        num_points = loss_num_points(height, width, criterion.mask_point_sample_ratio)
-        with torch.no_grad():
-            logits = (products.float() + bias[:, None]).view(-1, 1, height, width)
-            points.append(criterion.point_sampler(logits, num_points).float())  # [M, P, 2]
-        point_logits.append(sample_biased_products(products, bias, logits, points[-1]))  # [M, P]
-        del logits
+    for out, match in zip(layers, matches, strict=True):
+        sampled, drawn = _matched_layer_point_logits(criterion, out, match, pad)
+        point_logits.append(sampled)  # [M, P]
+        points.append(drawn)
     with torch.no_grad():
         labels = batch.sample_masks(objects, torch.cat(points))  # [L*M, P]
     return torch.cat(point_logits), labels
