@@ -116,37 +116,44 @@ class _QueryMapPoints(torch.autograd.Function):
         return grad_query, grad_spatial, grad_bias, None, None, None, None
 
 
-def _matched_layer_point_logits(
-    criterion: Any, out: dict[str, Any], match: LayerMatches, pad: tuple[Tensor, int] | None
-) -> tuple[Tensor, Tensor]:
-    """One layer's matched mask logits at its loss points: ``(point logits [M, P] float32, points [M, P, 2])``.
-
-    The point sampler draws on no-grad float32 logits ``[M, h, w]`` that exist only for this layer. Lazy entries
-    (``pad``: :func:`_pad_slots` of the batch) go through :class:`_QueryMapPoints`; each product runs in its
-    spatial map's own dtype (bf16 under autocast, as upstream's criterion inside autocast) on the map itself, so
-    no float32 copy of the ``[B, C, h, w]`` maps is kept (at seg-medium, batch 8: 91 MiB per layer). Dense mask
-    tensors gather the matched rows and sample them with :func:`sample_biased_products`.
-    """
-    m = out["pred_masks"]
-    if isinstance(m, Tensor):
-        height, width = m.shape[-2:]
-        products = m[match.batch_idx, match.query_idx].flatten(1)  # [B, GQ, h, w] -> [M, h*w]
-        bias = products.new_zeros(products.shape[0], dtype=torch.float32)
-    else:
-        height, width = m["spatial_features"].shape[-2:]
-        spatial = m["spatial_features"].flatten(2)  # [B, C, h*w] (a view)
-        query = m["query_features"][match.batch_idx, match.query_idx].to(spatial.dtype)  # [M, C]
-        bias = mask_entries.query_bias(m)[match.batch_idx, match.query_idx].float()  # [M]
-    num_points = loss_num_points(height, width, criterion.mask_point_sample_ratio)
+def _draw_points(criterion: Any, products: Tensor, bias: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """No grad: the float32 mask logits ``products [M, h*w] + bias [M]`` as maps ``[M, 1, h, w]`` and the loss
+    points the criterion's sampler draws on them ``[M, P, 2]`` (the maps exist for this layer only)."""
     with torch.no_grad():
-        if not isinstance(m, Tensor):
-            products = _query_products(query, spatial, *pad)[0]
-        logits = (products.float() + bias[:, None]).view(-1, 1, height, width)
-        points = criterion.point_sampler(logits, num_points).float()  # [M, P, 2]
-    if isinstance(m, Tensor):
-        return sample_biased_products(products, bias, logits, points), points
+        maps = (products.float() + bias[:, None]).view(-1, 1, height, width)
+        num_points = loss_num_points(height, width, criterion.mask_point_sample_ratio)
+        return maps, criterion.point_sampler(maps, num_points).float()
+
+
+def _dense_point_logits(criterion: Any, masks: Tensor, match: LayerMatches) -> tuple[Tensor, Tensor]:
+    """Dense mask logits ``[B, GQ, h, w]``: the matched rows at their loss points, ``([M, P] float32, [M, P, 2])``,
+    keeping the gathered rows (not float32 maps) for the backward pass (:func:`sample_biased_products`)."""
+    height, width = masks.shape[-2:]
+    products = masks[match.batch_idx, match.query_idx].flatten(1)  # [M, h*w]
+    bias = products.new_zeros(products.shape[0], dtype=torch.float32)
+    maps, points = _draw_points(criterion, products, bias, height, width)
+    return sample_biased_products(products, bias, maps, points), points
+
+
+def _lazy_point_logits(
+    criterion: Any, entry: dict[str, Tensor], match: LayerMatches, pad: tuple[Tensor, int]
+) -> tuple[Tensor, Tensor]:
+    """Lazy mask entries: the matched queries' mask logits at their loss points, ``([M, P] float32, [M, P, 2])``.
+
+    Each product runs in the spatial map's own dtype (bf16 under autocast, as upstream's criterion inside autocast)
+    on the map itself, so no float32 copy of the ``[B, C, h, w]`` map is made (at seg-medium, batch 8: 91 MiB per
+    layer), and :class:`_QueryMapPoints` keeps neither the products nor the maps for the backward pass.
+    ``pad``: :func:`_pad_slots` of the batch.
+    """
+    height, width = entry["spatial_features"].shape[-2:]
+    spatial = entry["spatial_features"].flatten(2)  # [B, C, h*w] (a view)
+    query = entry["query_features"][match.batch_idx, match.query_idx].to(spatial.dtype)  # [M, C]
+    bias = mask_entries.query_bias(entry)[match.batch_idx, match.query_idx].float()  # [M]
+    with torch.no_grad():
+        products = _query_products(query, spatial, *pad)[0]
+    maps, points = _draw_points(criterion, products, bias, height, width)
     del products
-    return _QueryMapPoints.apply(query, spatial, bias, logits, points, *pad), points
+    return _QueryMapPoints.apply(query, spatial, bias, maps, points, *pad), points
 
 
 def _matched_point_logits(
@@ -160,19 +167,21 @@ def _matched_point_logits(
     float32 (layer after layer; the ground truth in {0, 1}). ``objects [L*M]``: each pair's object in the
     concatenated targets, layer after layer.
 
-    One layer at a time (:func:`_matched_layer_point_logits`): a layer's ``[M, h, w]`` float32 logits exist
-    only while its points are drawn and sampled, and the sampling keeps neither them nor (lazy entries) the
-    products for the backward pass. All this runs while every activation of the forward is alive, when the
+    One layer at a time (:func:`_lazy_point_logits`, :func:`_dense_point_logits`): a layer's ``[M, h, w]``
+    float32 logits exist only while its points are drawn and sampled, and the sampling keeps neither them nor
+    (lazy entries) the products for the backward pass. All this runs while every activation of the forward is alive, when the
     step's memory peaks. The point sampler is called once per layer, in layer order, as in the per-layer pass.
     The ground truth of all layers' points is looked up at once afterwards (one set of ~18 launches instead of
     one per layer; the points kept until then are ``[L*M, P, 2]`` float32, 30 MB at seg-medium, batch 8).
     """
-    pad = None
-    if not isinstance(layers[0]["pred_masks"], Tensor):
-        pad = _pad_slots(matches[0].batch_idx, matches[0].counts)  # the same rows in every layer
+    pad = _pad_slots(matches[0].batch_idx, matches[0].counts)  # lazy entries: the same rows in every layer
     point_logits, points = [], []
     for out, match in zip(layers, matches, strict=True):
-        sampled, drawn = _matched_layer_point_logits(criterion, out, match, pad)
+        masks = out["pred_masks"]
+        if isinstance(masks, Tensor):
+            sampled, drawn = _dense_point_logits(criterion, masks, match)
+        else:
+            sampled, drawn = _lazy_point_logits(criterion, masks, match, pad)
         point_logits.append(sampled)  # [M, P]
         points.append(drawn)
     with torch.no_grad():
