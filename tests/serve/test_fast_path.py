@@ -27,6 +27,13 @@ def test_graph_batch_sizes_cover_every_batch_with_at_most_half_padding(max_batch
         assert graph < 2 * batch or graph == 1
 
 
+def test_every_mode_but_off_maps_to_an_optimize_call():
+    from rfdetr_serve.inference import _OPTIMIZE_COMPILE
+    from rfdetr_serve.settings import OPTIMIZE_MODES
+
+    assert set(_OPTIMIZE_COMPILE) == set(OPTIMIZE_MODES) - {"off"}
+
+
 def test_auto_and_off_leave_a_cpu_model_eager(local_model):
     served = ServedModel(local_model, "test")
     assert served.optimize("auto", 8) is None and served.optimize("off", 8) is None

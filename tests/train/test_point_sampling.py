@@ -41,7 +41,7 @@ def test_query_map_points_equal_autograd_through_the_products_and_keep_no_produc
     """The lazy entries' sampling (``layer_batch._QueryMapPoints``) recomputes the ``[M, h*w]`` products in its
     backward pass instead of keeping them: the same values and gradients as autograd through ``bmm``, the row
     gather and ``sample_points``, bit for bit."""
-    from rfdetr_train.losses.layer_batch import _QueryMapPoints, _pad_slots, _query_products
+    from rfdetr_train.losses.layer_batch import _pad_slots, _query_products, _QueryMapPoints
 
     g = torch.Generator().manual_seed(1)
     counts = [3, 1, 4]  # pairs per image
@@ -57,8 +57,13 @@ def test_query_map_points_equal_autograd_through_the_products_and_keep_no_produc
     results = []
     for lean in (False, True):
         q, s, b = (t.clone().requires_grad_(True) for t in (query, spatial, bias))
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        saved: list[tuple] = []
+
+        def pack(t, saved=saved):
+            saved.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             if lean:
                 with torch.no_grad():
                     maps = (_query_products(q, s, slots, maxn)[0].float() + b[:, None]).view(m, 1, h, w)

@@ -21,7 +21,7 @@ from typing import Any
 log = logging.getLogger("rfdetr_serve")
 
 EXPORTED_SUFFIXES = (".onnx", ".engine", ".pt2")
-# --optimize mode -> RFDETR.optimize's compile argument
+# --optimize mode (settings.OPTIMIZE_MODES but "off") -> RFDETR.optimize's compile argument
 _OPTIMIZE_COMPILE = {"auto": False, "graphs": False, "compile": True, "max-autotune": "max-autotune"}
 
 
@@ -90,8 +90,9 @@ class ServedModel:
         ``auto`` uses CUDA graphs when the model is a PyTorch one on CUDA and does nothing otherwise; if the
         capture fails there it logs the error, keeps serving the eager float32 model and reports the error in
         :meth:`card` (``fast_path_error``). ``graphs``, ``compile`` and ``max-autotune`` insist: a ``ValueError``
-        says why they cannot apply, and a failure stops the server. ``off`` keeps the eager float32 model. Graphs are captured for :func:`graph_batch_sizes` of
-        ``max_batch``; the compiled modes compile once per batch size, so they capture 1 and ``max_batch`` only.
+        says why they cannot apply, and a failure stops the server. ``off`` keeps the eager float32 model.
+        Graphs are captured for :func:`graph_batch_sizes` of ``max_batch``; the compiled modes compile once per
+        batch size, so they capture 1 and ``max_batch`` only.
         """
         r = self.rfdetr
         eligible = getattr(r, "model", None) is not None and r.device.type == "cuda"
