@@ -7,7 +7,8 @@
 # 2. starts benchmarks/gpu_inference_vs_upstream.py --parallel (one process per variant) in the background:
 #    its compile phases overlap the GPU test suite, and its timed part waits until the tests are done
 #    (--wait-for), so no timing runs beside the tests;
-# 3. runs the GPU test suite (pytest -m gpu; TESTS=paths for a part of it) and writes the done marker.
+# 3. runs the GPU test suite (pytest -m gpu; TESTS=paths for a part of it, MARKS="gpu and not slow" to leave out
+#    the slow ones) and writes the done marker.
 #
 # Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (WHL=path) and $OUT. Writes under $OUT: gpu.txt (card, driver, clocks),
 # gpu_tests.log, bench.log (the parent's merged table), gpu_inference.json, and results.tgz with the children's
@@ -34,7 +35,7 @@ python3 benchmarks/gpu_inference_vs_upstream.py --parallel --wait-for "$done_mar
     "$@" > "$out/bench.log" 2>&1 &
 bench=$!
 # written straight under $OUT, so a call cut at its time limit still brings the log back
-python3 -m pytest -m gpu ${TESTS:-tests/} -q -rfEP -p no:cacheprovider > "$out/gpu_tests.log" 2>&1
+python3 -m pytest -m "${MARKS:-gpu}" ${TESTS:-tests/} -q -rfEP -p no:cacheprovider > "$out/gpu_tests.log" 2>&1
 echo "pytest exit $?" >> "$out/gpu_tests.log"
 touch "$done_marker"
 wait "$bench"
