@@ -25,7 +25,10 @@ in; it must be the only mode of its call, since the flag is part of what the com
 ``--emulate-casts`` sets inductor's ``emulate_precision_casts`` (fused kernels round low-precision intermediates as
 eager does), to see how much of a compiled mode's probe-loss distance to eager bf16 is fused rounding (on CPU,
 seg-nano batch 2, 2026-12-08: 7.5e-4 without, 7.2e-4 with, on different random images: no clear effect).
-``--phases`` adds the per-phase milliseconds of each mode's step (a synchronisation at every phase boundary, so
+``--memory-trace`` (CUDA) takes one more step per side with the allocator's history recorded and prints, by
+allocating source line, the blocks allocated during the step that were alive when the step's allocations peaked
+(what a lower peak has to remove; graph pools and persistent memory are not in it). ``--phases`` adds the
+per-phase milliseconds of each mode's step (a synchronisation at every phase boundary, so
 the phases of the CUDA-graph mode include the GPU time each waits for); ``--syncs`` (CUDA) counts the host
 synchronisations of one step per mode by source line. On CUDA every side also takes one step with
 the allocator's peak taken per phase (``phase_peak_gib``: forward, criterion, backward, optimizer, ema), which
@@ -272,6 +275,59 @@ def _probe(side: Side, images, targets, initial: dict, sync) -> dict:
     return {"loss": float(loss.detach()), "grad_norm": float(grad_norm)}
 
 
+def _site(frames: list[dict]) -> str:
+    """Where an allocation was made: the innermost frame in rfdetr code (ours or upstream's), else the innermost
+    Python frame, as ``file:line function``."""
+    python = [f for f in frames if str(f.get("filename", "")).endswith(".py")]
+    for frame in python:
+        name = str(frame["filename"])
+        if "rfdetr" in name:
+            return f"{name.rsplit('/', 2)[-2]}/{name.rsplit('/', 1)[-1]}:{frame['line']} {frame['name']}"
+    if python:
+        return f"{python[0]['filename'].rsplit('/', 1)[-1]}:{python[0]['line']} {python[0]['name']}"
+    return "?"
+
+
+def peak_live_blocks(trace: list[dict], top: int = 15) -> dict:
+    """Replay a CUDA allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``: ``alloc`` and
+    ``free_requested``/``free_completed`` events with an address, a size and the allocating frames) and return the
+    moment the bytes allocated during the trace peaked: ``{"peak_mib": bytes alive then that were allocated during
+    the trace, "sites": [[MiB, site, blocks], ...] (largest first, ``top`` of them)}``. Blocks allocated before the
+    trace began (weights, optimiser state, graph pools) are not in it; replays of CUDA graphs allocate nothing."""
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for event in trace:
+        action, addr = event.get("action"), event.get("addr")
+        if action == "alloc":
+            live[addr] = (int(event["size"]), _site(event.get("frames", [])))
+            total += int(event["size"])
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif action in ("free_requested", "free_completed") and addr in live:
+            total -= live.pop(addr)[0]
+    by_site: dict[str, list[int]] = {}
+    for size, site in at_peak.values():
+        entry = by_site.setdefault(site, [0, 0])
+        entry[0] += size
+        entry[1] += 1
+    ranked = sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"peak_mib": peak / 2**20, "sites": [[v[0] / 2**20, k, v[1]] for k, v in ranked]}
+
+
+def _traced_step(side: Side, images, targets) -> dict:
+    """One step of ``side`` with the CUDA allocator's history recorded: :func:`peak_live_blocks` of it."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=500_000, context="alloc", stacks="python")
+    try:
+        side.step(images, targets)
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return peak_live_blocks(snapshot["device_traces"][torch.cuda.current_device()])
+
+
 def _allocated(cuda: bool) -> int:
     return torch.cuda.memory_allocated() if cuda else 0
 
@@ -483,6 +539,12 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
             entry[side.name] = {k: (v + extra) / 2**30 for k, v in peaks.items()}
             print(f"  {side.name} peak by phase (GiB): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in entry[side.name].items()), flush=True)
+        for side in sides if args.memory_trace else ():
+            traced = _traced_step(side, images, targets)
+            row.setdefault("peak_live_blocks", {})[side.name] = traced
+            print(f"  {side.name}: {traced['peak_mib']:.0f} MiB allocated during the step were alive at its peak:")
+            for mib, site, blocks in traced["sites"]:
+                print(f"      {mib:8.1f} MiB  {blocks:4d} blocks  {site}", flush=True)
     up_ips = None
     for side in sides:
         t = sorted(side.times)[len(side.times) // 2]
@@ -648,6 +710,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=6)
     ap.add_argument("--profile", action="store_true", help="operator calls per step of every side")
     ap.add_argument("--phases", action="store_true", help="per-phase milliseconds of each mode's step")
+    ap.add_argument(
+        "--memory-trace",
+        action="store_true",
+        help="CUDA: one more step per side with the allocator's history recorded; prints what was alive at its peak",
+    )
     ap.add_argument(
         "--syncs", action="store_true", help="CUDA: host synchronisations of one step per mode, by source line"
     )
