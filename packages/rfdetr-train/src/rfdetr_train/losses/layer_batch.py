@@ -22,7 +22,12 @@ from torch.autograd.function import once_differentiable
 from rfdetr_train.losses import mask_entries
 from rfdetr_train.losses.box_ops import box_cxcywh_to_xyxy, matched_generalized_box_iou
 from rfdetr_train.losses.loss_terms import ia_bce_terms, point_mask_terms
-from rfdetr_train.losses.point_sampling import loss_num_points, sample_biased_products, sample_points
+from rfdetr_train.losses.point_sampling import (
+    biased_maps,
+    loss_num_points,
+    sample_biased_products,
+    sample_points,
+)
 from rfdetr_train.losses.targets import LayerMatches, TargetBatch
 
 
@@ -95,19 +100,23 @@ class _QueryMapPoints(torch.autograd.Function):
         query, spatial, bias, coords, slots = ctx.saved_tensors
         height, width = ctx.size
         products, q_pad = _query_products(query, spatial, slots, ctx.maxn)
-        maps = (products.float() + bias[:, None]).view(-1, 1, height, width)
+        maps = biased_maps(products, bias, height, width)
+        del products
         grid = (2.0 * coords - 1.0).unsqueeze(2)  # as sample_points: bilinear, border padding, align_corners False
         grad_maps, _ = torch.ops.aten.grid_sampler_2d_backward(
             grad[:, None, :, None], maps, grid, 0, 1, False, [True, False]
         )
-        del maps, products
+        del maps
         grad_maps = grad_maps.view(-1, height * width)  # [M, h*w] float32
         grad_bias = grad_maps.sum(1) if ctx.needs_input_grad[2] else None
+        grad_products = grad_maps.to(spatial.dtype)
+        del grad_maps  # (this backward runs while the step's memory peaks: each float32 copy is freed early)
         # the row gather's and bmm's backward: [M, h*w] -> padded [B, maxn, h*w] -> the two factors
         bsz = spatial.shape[0]
-        grad_padded = grad_maps.new_zeros(bsz * ctx.maxn, height * width, dtype=spatial.dtype)
-        grad_padded = grad_padded.index_copy(0, slots, grad_maps.to(spatial.dtype)).view(bsz, ctx.maxn, -1)
-        del grad_maps
+        grad_padded = grad_products.new_zeros(bsz * ctx.maxn, height * width)
+        grad_padded.index_copy_(0, slots, grad_products)
+        del grad_products
+        grad_padded = grad_padded.view(bsz, ctx.maxn, -1)
         grad_query = grad_spatial = None
         if ctx.needs_input_grad[0]:
             grad_query = grad_padded.bmm(spatial.transpose(1, 2)).view(bsz * ctx.maxn, -1).index_select(0, slots)
@@ -120,7 +129,7 @@ def _draw_points(criterion: Any, products: Tensor, bias: Tensor, height: int, wi
     """No grad: the float32 mask logits ``products [M, h*w] + bias [M]`` as maps ``[M, 1, h, w]`` and the loss
     points the criterion's sampler draws on them ``[M, P, 2]`` (the maps exist for this layer only)."""
     with torch.no_grad():
-        maps = (products.float() + bias[:, None]).view(-1, 1, height, width)
+        maps = biased_maps(products, bias, height, width)
         num_points = loss_num_points(height, width, criterion.mask_point_sample_ratio)
         return maps, criterion.point_sampler(maps, num_points).float()
 

@@ -40,6 +40,20 @@ def sample_points(maps: Tensor, coords: Tensor) -> Tensor:
     return sampled.squeeze(3)  # [N, C, P, 1] -> [N, C, P]
 
 
+def biased_maps(products: Tensor, bias: Tensor, height: int, width: int) -> Tensor:
+    """``products.float() + bias`` as maps: ``[M, h*w]``, ``[M]`` -> ``[M, 1, h, w]``.
+
+    Low-precision products (bf16 under autocast) are added in place into their float32 copy, so no second float32
+    copy exists even for a moment (these run while a training step's memory peaks); float32 products, which
+    ``.float()`` does not copy, are added out of place. The same values either way.
+    """
+    if products.dtype in (torch.bfloat16, torch.float16) and bias.dtype == torch.float32:
+        maps = products.float().add_(bias[:, None])
+    else:
+        maps = products.float() + bias[:, None]
+    return maps.view(-1, 1, height, width)
+
+
 def sample_biased_products(products: Tensor, bias: Tensor, maps: Tensor, coords: Tensor) -> Tensor:
     """:func:`sample_points` of the float32 maps ``products + bias``, keeping the products for the backward pass
     in their own dtype rather than the float32 maps.
@@ -74,7 +88,7 @@ class _SampleBiasedProducts(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         products, bias, coords = ctx.saved_tensors
         height, width = ctx.size
-        maps = (products.float() + bias[:, None]).view(-1, 1, height, width)
+        maps = biased_maps(products, bias, height, width)
         grid = (2.0 * coords - 1.0).unsqueeze(2)  # as sample_points: bilinear, border padding, align_corners False
         grad_maps, _ = torch.ops.aten.grid_sampler_2d_backward(
             grad[:, None, :, None], maps, grid, 0, 1, False, [True, False]
