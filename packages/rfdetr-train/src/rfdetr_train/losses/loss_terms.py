@@ -31,8 +31,9 @@ def ia_bce_terms(
     ``p^gamma`` (not detached, as upstream).
 
     Args:
-        logits: ``[..., K]`` class logits (e.g. ``[B, GQ, K]`` or ``[L, B, GQ, K]``); the terms are computed in
-            float32 (float64 stays float64) whatever their dtype (with ``recompute``, bf16 logits are kept as bf16 for the backward pass).
+        logits: ``[..., K]`` class logits (e.g. ``[B, GQ, K]`` or ``[L, B, GQ, K]``) of any float dtype; the terms
+            are computed in float32 (float64 stays float64), and with ``recompute`` bf16 logits stay bf16 for the
+            backward pass.
         cells: one ``[M]`` int64 index tensor per dimension of ``logits`` (the last one holds the labels); each
             cell at most once.
         src_xyxy: ``[M, 4]`` detached predicted boxes of the matched pairs; tgt_xyxy: ``[M, 4]`` targets.
@@ -75,8 +76,8 @@ class _IaBceTerms(torch.autograd.Function):
     derivative is ``p^g (g (1 - p) softplus(x) + p)``; a matched cell's is ``(1 - t) x - log p`` (``t`` and
     ``1 - t`` detached), whose derivative is ``p - t``.
 
-    The backward pass runs at its start, when the step's memory peaks, so it holds little: the saved logits in
-    their own dtype (bf16 under autocast: half the float32 copy), the gradient in that dtype, and float32
+    This backward runs early in the step's backward pass, while its memory peaks, so it holds little: the saved
+    logits in their own dtype (bf16 under autocast: half the float32 copy), the gradient in that dtype, and float32
     temporaries of one slice of the first dimension (one layer of ``[L, B, GQ, K]``) at a time.
     """
 
