@@ -13,8 +13,8 @@ Backends: ``torch`` (core's ``DeployModel``, eager), ``compile`` (on the CPU the
 file), ``tensorrt`` (an ``.engine``) and ``aoti`` (a ``.pt2``). ``--compile-mode max-autotune`` lets inductor
 time its own matrix-multiply kernels against cuBLAS (slower to start). Each timing is ``--iters`` calls after
 ``--warmup`` calls, synchronising CUDA after each; the table gives median and p90 per call and images/s at the
-median, ``setup`` the seconds the backend took to get ready (load, compile, capture), and ``--json`` writes the
-same numbers.
+median (with the CUDA fast path also the seconds it took to get ready: load, compile, capture), and ``--json``
+writes the same numbers.
 """
 
 from __future__ import annotations
