@@ -71,6 +71,41 @@ def test_auto_stays_eager_and_says_so_when_the_capture_fails(caplog):
         ServedModel(_FailingCudaModel(), "test").optimize("graphs", 4)
 
 
+class _RecordingCudaModel:
+    """An RFDETR on CUDA as far as ``ServedModel.optimize`` can tell, recording the ``optimize`` calls and
+    answering ``predict`` with a real CPU model (the graphs themselves need a GPU: the GPU test below)."""
+
+    device = torch.device("cuda")
+    runner = None
+
+    def __init__(self, inner):
+        self.inner, self.model, self.calls = inner, inner.model, []
+
+    def optimize(self, **kwargs):
+        self.calls.append(kwargs)
+        return {"seconds": 1.23456, "dtype": "bfloat16", "capture_seconds": {b: 0.1 for b in kwargs["batch_sizes"]}}
+
+    def __getattr__(self, name):  # predict, variant, resolution, card, class_map: the CPU model's
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize(
+    ("mode", "compile_arg", "sizes"),
+    [("auto", False, (1, 2, 4, 6)), ("graphs", False, (1, 2, 4, 6)), ("compile", True, (1, 6)),
+     ("max-autotune", "max-autotune", (1, 6))],
+)
+def test_each_mode_asks_optimize_for_its_graphs_and_the_card_reports_them(local_model, mode, compile_arg, sizes):
+    model = _RecordingCudaModel(local_model)
+    served = ServedModel(model, "test")
+    summary = served.optimize(mode, 6)
+    assert model.calls == [{"batch_sizes": sizes, "dtype": torch.bfloat16, "compile": compile_arg}]
+    assert summary == {"mode": "graphs" if compile_arg is False else mode, "dtype": "bfloat16",
+                       "batch_sizes": list(sizes), "setup_seconds": 1.235}
+    card = served.card()
+    assert card["fast_path"] == summary and card["fast_path_error"] is None and card["device"] == "cuda"
+    assert len(served.run_batch([ImageJob(image_array(40, 60, seed=1), 0.0)])) == 1  # predict still answers
+
+
 def test_the_flag_reaches_the_settings_and_bad_values_are_refused(capsys):
     args = build_parser().parse_args(["seg-nano", "--optimize", "compile"])
     assert settings_from_args(args).optimize == "compile"
