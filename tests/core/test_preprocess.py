@@ -143,13 +143,29 @@ def test_file_object_decodes_like_its_path(tmp_path):
         load_image(io.BytesIO(b"not an image"))
 
 
-def test_pil_fast_path_warns_nothing():
-    """A PIL image's read-only array goes through the uint8 fast path without torch's not-writable warning (once per
-    process in torch, so checked in a fresh interpreter with every warning an error)."""
-    code = (
-        "import numpy as np; from PIL import Image; from rfdetr_core.preprocess import preprocess;"
-        "img = Image.fromarray(np.zeros((20, 30, 3), np.uint8));"
-        "x, sizes = preprocess(img, (16, 16)); assert sizes == [(20, 30)], sizes"
+@pytest.mark.parametrize("source", ["pil", "read-only numpy"])
+def test_uint8_fast_path_warns_nothing(source):
+    """A PIL image or a read-only uint8 array goes through the uint8 fast path without torch's not-writable warning.
+    torch gives that warning once per process, so each case runs in a fresh interpreter that records warnings
+    (``-W error`` does not turn this one into an exception: it would pass either way)."""
+    make = (
+        "img = Image.fromarray(np.zeros((20, 30, 3), np.uint8))"
+        if source == "pil"
+        else "img = np.zeros((20, 30, 3), np.uint8); img.setflags(write=False)"
     )
-    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    code = "\n".join(
+        [
+            "import warnings, numpy as np",
+            "from PIL import Image",
+            "from rfdetr_core.preprocess import preprocess",
+            make,
+            "with warnings.catch_warnings(record=True) as caught:",
+            "    warnings.simplefilter('always')",
+            "    x, sizes = preprocess([img], (16, 16), device='cpu')",
+            "assert sizes == [(20, 30)], sizes",
+            "print([str(w.message) for w in caught if 'not writable' in str(w.message)])",
+        ]
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

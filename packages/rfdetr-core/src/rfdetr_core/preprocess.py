@@ -313,7 +313,12 @@ def _device_ready(item: Any, min_size: tuple[int, int]) -> tuple[torch.Tensor, t
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if arr.shape[2] in (1, 3, 4):
-            t = torch.from_numpy(np.ascontiguousarray(arr[:, :, :3])).permute(2, 0, 1)  # HWC -> CHW view
+            hwc = np.ascontiguousarray(arr[:, :, :3])
+            if not hwc.flags.writeable:
+                # read-only arrays (np.asarray of a PIL image is one) make torch warn, although nothing writes to
+                # them here; a copy costs little next to decoding the image
+                hwc = hwc.copy()
+            t = torch.from_numpy(hwc).permute(2, 0, 1)  # HWC -> CHW view
             t = t.expand(3, -1, -1) if t.shape[0] == 1 else t
             return t, source_size or (int(t.shape[1]), int(t.shape[2]))
     t = _to_tensor(item)
