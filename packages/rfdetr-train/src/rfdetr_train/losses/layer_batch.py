@@ -27,6 +27,7 @@ from rfdetr_train.losses.point_sampling import (
     loss_num_points,
     sample_biased_products,
     sample_points,
+    sample_points_backward,
 )
 from rfdetr_train.losses.targets import LayerMatches, TargetBatch
 
@@ -102,12 +103,8 @@ class _QueryMapPoints(torch.autograd.Function):
         products, q_pad = _query_products(query, spatial, slots, ctx.maxn)
         maps = biased_maps(products, bias, height, width)
         del products
-        grid = (2.0 * coords - 1.0).unsqueeze(2)  # as sample_points: bilinear, border padding, align_corners False
-        grad_maps, _ = torch.ops.aten.grid_sampler_2d_backward(
-            grad[:, None, :, None], maps, grid, 0, 1, False, [True, False]
-        )
+        grad_maps = sample_points_backward(grad, maps, coords)  # [M, h*w] float32
         del maps
-        grad_maps = grad_maps.view(-1, height * width)  # [M, h*w] float32
         grad_bias = grad_maps.sum(1) if ctx.needs_input_grad[2] else None
         grad_products = grad_maps.to(spatial.dtype)
         del grad_maps  # (this backward runs while the step's memory peaks: each float32 copy is freed early)

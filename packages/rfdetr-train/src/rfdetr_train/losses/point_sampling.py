@@ -35,9 +35,24 @@ def sample_points(maps: Tensor, coords: Tensor) -> Tensor:
     Returns:
         ``[N, C, P]``.
     """
-    grid = (2.0 * coords - 1.0).unsqueeze(2)  # [N, P, 1, 2] in grid_sample's [-1, 1]
-    sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    sampled = F.grid_sample(maps, _grid(coords), mode="bilinear", padding_mode="border", align_corners=False)
     return sampled.squeeze(3)  # [N, C, P, 1] -> [N, C, P]
+
+
+def _grid(coords: Tensor) -> Tensor:
+    """``[N, P, 2]`` points in ``[0, 1]`` -> ``[N, P, 1, 2]`` in grid_sample's ``[-1, 1]``."""
+    return (2.0 * coords - 1.0).unsqueeze(2)
+
+
+def sample_points_backward(grad: Tensor, maps: Tensor, coords: Tensor) -> Tensor:
+    """The gradient of one-channel :func:`sample_points` with respect to its maps, by the kernel autograd runs
+    (the same interpolation, border padding and ``align_corners``): ``grad [N, P]``, ``maps [N, 1, h, w]``,
+    ``coords [N, P, 2]`` -> ``[N, h*w]``, in the maps' dtype. The maps are read, not kept."""
+    bilinear, border = 0, 1  # grid_sampler's enum values of mode="bilinear" and padding_mode="border"
+    grad_maps, _ = torch.ops.aten.grid_sampler_2d_backward(
+        grad[:, None, :, None], maps, _grid(coords), bilinear, border, False, [True, False]
+    )
+    return grad_maps.view(grad_maps.shape[0], -1)
 
 
 def biased_maps(products: Tensor, bias: Tensor, height: int, width: int) -> Tensor:
@@ -88,13 +103,7 @@ class _SampleBiasedProducts(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         products, bias, coords = ctx.saved_tensors
         height, width = ctx.size
-        maps = biased_maps(products, bias, height, width)
-        grid = (2.0 * coords - 1.0).unsqueeze(2)  # as sample_points: bilinear, border padding, align_corners False
-        grad_maps, _ = torch.ops.aten.grid_sampler_2d_backward(
-            grad[:, None, :, None], maps, grid, 0, 1, False, [True, False]
-        )
-        del maps  # rebuilt for the kernel only; the gradients below need it no more
-        grad_maps = grad_maps.view(-1, height * width)
+        grad_maps = sample_points_backward(grad, biased_maps(products, bias, height, width), coords)  # [M, h*w]
         grad_products = grad_maps.to(products.dtype) if ctx.needs_input_grad[0] else None
         grad_bias = grad_maps.sum(1) if ctx.needs_input_grad[1] else None
         return grad_products, grad_bias, None, None
