@@ -97,3 +97,11 @@ def test_batched_preprocess_reads_paths_and_file_objects_like_load_image(tmp_pat
     ref = resize_normalize(load_image(path)[0], (64, 96))
     torch.testing.assert_close(x, torch.cat([ref, ref]), rtol=0, atol=1e-6)
     assert sizes == [(30, 40), (30, 40)]
+
+
+def test_default_mask_format_is_rle_on_cuda_devices_only():
+    """The one rule behind ``predict(mask_format="auto")`` and rfdetr-export's benchmark."""
+    from rfdetr_core.postprocess import default_mask_format
+
+    assert [default_mask_format(d) for d in ("cuda", "cuda:1", torch.device("cuda", 0))] == ["rle"] * 3
+    assert [default_mask_format(d) for d in ("cpu", torch.device("cpu"))] == ["bool"] * 2

@@ -48,6 +48,7 @@ _LAZY = {
     "resize_normalize": "rfdetr_core.preprocess",
     "to_float_rgb": "rfdetr_core.preprocess",
     "select_detections": "rfdetr_core.postprocess",
+    "default_mask_format": "rfdetr_core.postprocess",
     "finish_detections": "rfdetr_core.postprocess",
     "upsample_masks": "rfdetr_core.postprocess",
     "encode_masks": "rfdetr_core.mask_rle",

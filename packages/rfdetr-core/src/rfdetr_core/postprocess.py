@@ -288,6 +288,12 @@ def _as_size_tensor(source_sizes, batch: int, device) -> tuple[torch.Tensor, lis
     return sizes.to(device, non_blocking=True), size_list
 
 
+def default_mask_format(device: torch.device | str) -> str:
+    """The mask format the host half returns by default for outputs on ``device``: ``"rle"`` on CUDA (dense
+    full-size bool masks cost more to copy to the host than to encode there), ``"bool"`` elsewhere."""
+    return "rle" if torch.device(device).type == "cuda" else "bool"
+
+
 def finish_detections(
     scores: torch.Tensor,
     labels: torch.Tensor,

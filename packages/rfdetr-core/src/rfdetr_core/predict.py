@@ -38,7 +38,7 @@ import torch
 from rfdetr_core.detections import Detections
 from rfdetr_core.errors import ImageError
 from rfdetr_core.factory import LoadedModel, load_model
-from rfdetr_core.postprocess import finish_detections
+from rfdetr_core.postprocess import default_mask_format, finish_detections
 from rfdetr_core.preprocess import preprocess
 
 MASK_FORMATS = ("auto", "bool", "rle")
@@ -344,16 +344,17 @@ class RFDETR:
             )
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
-        rle = mask_format == "rle" or (mask_format == "auto" and self.device.type == "cuda")
+        if mask_format == "auto":
+            mask_format = default_mask_format(self.device)
         n_select = int(num_select) if num_select is not None else int(self.card.num_queries)
         results: list[Detections] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            results.extend(self._predict_batch(chunk, float(threshold), n_select, rle))
+            results.extend(self._predict_batch(chunk, float(threshold), n_select, mask_format))
         return results[0] if single else results
 
     def _predict_batch(
-        self, items: Sequence[Any], threshold: float, num_select: int, rle: bool = False
+        self, items: Sequence[Any], threshold: float, num_select: int, mask_format: str = "bool"
     ) -> list[Detections]:
         x, sizes = preprocess(items, self.resolution, self.preprocess_config, device=self.device)
         if self._graphed is not None:
@@ -376,7 +377,7 @@ class RFDETR:
             masks,
             sizes,
             threshold=threshold,
-            mask_format="rle" if rle else "bool",
+            mask_format=mask_format,
             host=True,
         )
         return [self._to_detections(res, size, item) for res, size, item in zip(per_image, sizes, items)]

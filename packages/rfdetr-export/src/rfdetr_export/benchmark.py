@@ -195,15 +195,14 @@ def _summary(times: Sequence[float], batch: int) -> dict:
 def end_to_end(runner, images: list, threshold: float) -> list[dict]:
     """Decoded images -> per-image detections on the host at the source size (bool masks on the CPU, RLE on
     CUDA): the path ``predict`` takes."""
-    from rfdetr_core.postprocess import finish_detections
+    from rfdetr_core.postprocess import default_mask_format, finish_detections
     from rfdetr_core.preprocess import preprocess
 
     x, sizes = preprocess(images, runner.card.resolution, runner.card.preprocess, device=runner.device)
     outputs = runner(x)
     masks = outputs[3] if len(outputs) > 3 else None
-    mask_format = "rle" if torch.device(runner.device).type == "cuda" else "bool"
     return finish_detections(
-        outputs[0], outputs[1], outputs[2], masks, sizes, threshold=threshold, mask_format=mask_format, host=True
+        *outputs[:3], masks, sizes, threshold=threshold, mask_format=default_mask_format(runner.device), host=True
     )
 
 
