@@ -11,11 +11,15 @@ For every (variant, batch) it warms each of our modes and upstream up (compiling
 seconds and graph count reported), then times interleaved blocks of whole steps (forward, criterion, backward,
 clipping, the same fused AdamW and EMA for both sides) and prints the median images/s of each mode and its
 ratio to upstream. Peak memory of a side = its own persistent memory (weights, optimiser state, EMA copy) + the
-transient peak of its steps + for CUDA-graph modes the whole of the graph pools it made (a replay writes into
-its pool without asking the caching allocator, so ``max_memory_allocated`` sees only the pool's allocated
+transient peak of its steps + for CUDA-graph modes the whole of the graph pools it replays into (a replay writes
+into its pool without asking the caching allocator, so ``max_memory_allocated`` sees only the pool's allocated
 blocks: the rest, ``reserved - allocated`` of those pools, is added; until 2026-12-04 it was not, and the
 compile-graphs peaks recorded before then are too low), so the models living side by side in one process do
-not count against each other. Modes: ``eager``; ``compile`` (``torch.compile`` of the model forward);
+not count against each other. torch's CUDA-graph trees keep one pool per device for every compiled function, so
+a second CUDA-graph mode in the same call replays into the first one's pool: its peak then counts that whole
+shared pool (an upper bound, sized by the larger of the two; ``graph_pool_shared_with`` in the JSON) and only a
+mode run alone gives its own. Until 2026-12-08 the second mode counted no pool at all (its peak was far too low:
+seg-medium ``compile-graphs-losses`` 1.23 GiB on the H100 that morning). Modes: ``eager``; ``compile`` (``torch.compile`` of the model forward);
 ``compile-graphs`` (the same with CUDA graphs, ``mode="reduce-overhead"``); ``checkpointing`` (eager with
 backbone activation checkpointing); ``compile-graphs-checkpointing`` (CUDA graphs with checkpointing compiled
 in; it must be the only mode of its call, since the flag is part of what the compiled graph assumes);
@@ -128,7 +132,7 @@ class Side:
         self.before_ckpt = None  # callables run around the step (checkpointing mode)
         self.after_ckpt = None
         self.persistent = 0  # bytes this side holds between steps
-        self.pools: set = set()  # ids of the CUDA-graph memory pools this side made
+        self.pools: set = set()  # ids of the CUDA-graph memory pools this side replays into
         self.times: list[float] = []
         self.peaks: list[float] = []
 
@@ -461,7 +465,9 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
             for _ in range(args.warmup_steps):
                 side.step(images, targets)
             sync()
-            side.pools |= _pool_ids() - pools
+            # its own new pools, and for a CUDA-graph mode every pool alive now: the graph trees' per-device pool
+            # that an earlier CUDA-graph mode made is the one this mode replays into as well
+            side.pools |= _pool_ids() if side.graphs else _pool_ids() - pools
         except Exception as exc:  # a mode that fails is reported, the others still run
             row["modes"][mode] = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(
@@ -477,6 +483,9 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
             "graphs_compiled": _graph_count() - graphs_before + probe_graphs.get(mode, 0),
             "graph_pool_unallocated_gib": _pool_unallocated(side) / 2**30,  # counted in its peak
         }
+        shared = [other.name for other in sides if other.pools & side.pools]
+        if shared:  # its peak counts the whole shared pool: an upper bound (module docstring)
+            row["modes"][mode]["graph_pool_shared_with"] = shared
         sides.append(side)
 
     if args.phases:  # every mode of ours that warmed up: where its step's time goes
@@ -624,6 +633,9 @@ def _print_row(row: dict) -> None:
             f"{m['graphs_compiled']} graphs" + (
                 f" (pools: {m['graph_pool_unallocated_gib']:.2f} GiB beyond the allocator's count, in the peak)"
                 if m.get("graph_pool_unallocated_gib") else ""
+            ) + (
+                f"; graph pool shared with {', '.join(m['graph_pool_shared_with'])}: the peak is an upper bound"
+                if m.get("graph_pool_shared_with") else ""
             ),
             flush=True,
         )
