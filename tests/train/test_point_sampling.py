@@ -79,3 +79,37 @@ def test_query_map_points_equal_autograd_through_the_products_and_keep_no_produc
     assert (m, 1, h, w) in want[4]  # autograd keeps the float32 maps for grid_sample's backward
     assert (m, 1, h, w) not in got[4] and (m, h * w) not in got[4]  # the Function keeps neither maps nor products
     assert (bsz, c, h * w) in got[4]  # but the spatial map (alive anyway: a model output)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_map_points_gives_the_spatial_gradient_in_the_maps_layout(dtype):
+    """The mask head's maps are channels-last; a compiled model's backward copies a gradient of another layout
+    into its output's layout (one ``[B, C, h, w]`` copy per layer at the step's memory peak). The Function's
+    gradient of a channels-last map comes in that layout (and a contiguous map's stays contiguous), with autograd's
+    values."""
+    from rfdetr_train.losses.layer_batch import _pad_slots, _query_products, _QueryMapPoints
+
+    g = torch.Generator().manual_seed(2)
+    counts = [2, 3]
+    bsz, c, h, w, p = len(counts), 5, 6, 4, 20
+    batch_idx = torch.repeat_interleave(torch.arange(bsz), torch.tensor(counts))
+    m = int(batch_idx.numel())
+    query = torch.randn(m, c, generator=g).to(dtype)
+    bias = torch.randn(m, generator=g)
+    coords = torch.rand(m, p, 2, generator=g)
+    weights = torch.randn(m, p, generator=g)
+    slots, maxn = _pad_slots(batch_idx, counts)
+    maps_nchw = torch.randn(bsz, c, h, w, generator=g).to(dtype)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        spatial = maps_nchw.contiguous(memory_format=layout).requires_grad_(True)
+        flat = spatial.flatten(2)  # [B, C, h*w], a view in both layouts
+        q = query.clone().requires_grad_(True)
+        with torch.no_grad():
+            maps = (_query_products(q, flat, slots, maxn)[0].float() + bias[:, None]).view(m, 1, h, w)
+        out = _QueryMapPoints.apply(q, flat, bias, maps, coords, slots, maxn)
+        (got,) = torch.autograd.grad((out * weights).sum(), [flat])
+        assert got.stride() == flat.stride(), (layout, got.stride(), flat.stride())
+        products = _query_products(q, flat, slots, maxn)[0]
+        ref = sample_points((products.float() + bias[:, None]).view(m, 1, h, w), coords)[:, 0]
+        (want,) = torch.autograd.grad((ref * weights).sum(), [flat])
+        torch.testing.assert_close(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)

@@ -118,8 +118,22 @@ class _QueryMapPoints(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_query = grad_padded.bmm(spatial.transpose(1, 2)).view(bsz * ctx.maxn, -1).index_select(0, slots)
         if ctx.needs_input_grad[1]:
-            grad_spatial = q_pad.transpose(1, 2).bmm(grad_padded)
+            grad_spatial = _in_layout_of(spatial, q_pad.transpose(1, 2), grad_padded)
         return grad_query, grad_spatial, grad_bias, None, None, None, None
+
+
+def _in_layout_of(spatial: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``left [B, C, n] @ right [B, n, hw] -> [B, C, hw]`` with the strides of ``spatial [B, C, hw]``.
+
+    The mask head's maps are channels-last (``spatial`` then has strides ``(hw*C, 1, C)``). A compiled model's
+    backward graph copies an incoming gradient into the layout its forward output had
+    (``coerce_to_expected_memory_format``): with a contiguous gradient that is one more ``[B, C, h, w]`` copy per
+    layer while the step's memory peaks (seg-medium, batch 8, H100 2026-12-08: 6 x 45.6 MiB). Computed as
+    ``(right^T @ left^T)^T`` the product is born in that layout; same sums, one product each way.
+    """
+    if spatial.dim() == 3 and spatial.stride(1) == 1 and spatial.transpose(1, 2).is_contiguous():
+        return right.transpose(1, 2).bmm(left.transpose(1, 2)).transpose(1, 2)
+    return left.bmm(right)
 
 
 def _draw_points(criterion: Any, products: Tensor, bias: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
