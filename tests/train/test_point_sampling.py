@@ -113,3 +113,52 @@ def test_query_map_points_gives_the_spatial_gradient_in_the_maps_layout(dtype):
         ref = sample_points((products.float() + bias[:, None]).view(m, 1, h, w), coords)[:, 0]
         (want,) = torch.autograd.grad((ref * weights).sum(), [flat])
         torch.testing.assert_close(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
+def test_a_compiled_mask_head_takes_the_spatial_gradients_without_copying_them(monkeypatch):
+    """The mechanism behind the strides test above, end to end on CPU: a compiled mask head whose maps come out
+    channels-last (as inductor lays them out on CUDA; here channels-last input features) and the lazy mask loss's
+    backward. AOTAutograd copies every incoming gradient whose layout differs from its output's
+    (``coerce_to_expected_memory_format``, counted here); with the gradient in the map's layout it copies none.
+    ``aot_eager`` runs AOTAutograd's runtime wrappers as inductor does, without code generation."""
+    torch._dynamo.reset()
+    from torch._functorch._aot_autograd import runtime_wrappers
+
+    from rfdetr_core.models.mask_head import MaskHead
+    from rfdetr_train.losses.layer_batch import _pad_slots, _query_products, _QueryMapPoints
+
+    if not hasattr(runtime_wrappers, "coerce_to_expected_memory_format"):
+        pytest.skip("this torch has no coerce_to_expected_memory_format to count")
+    copies = []
+    coerce = runtime_wrappers.coerce_to_expected_memory_format
+
+    def counting(x, memory_format):
+        out = coerce(x, memory_format)
+        if out is not x:
+            copies.append(tuple(x.shape))
+        return out
+
+    monkeypatch.setattr(runtime_wrappers, "coerce_to_expected_memory_format", counting)
+    g = torch.Generator().manual_seed(3)
+    head = MaskHead(16, 2)
+    head.fold_in_training = True
+    features = torch.randn(2, 16, 6, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    hs = [torch.randn(2, 5, 16, generator=g) for _ in range(2)]
+    layers, _ = torch.compile(head.lazy, backend="aot_eager")(features.requires_grad_(True), hs, None, (48, 64))
+    batch_idx, query_idx = torch.tensor([0, 0, 1]), torch.tensor([1, 3, 0])
+    slots, maxn = _pad_slots(batch_idx, [2, 1])
+    total = 0
+    for entry in layers:
+        spatial = entry["spatial_features"]
+        assert spatial.is_contiguous(memory_format=torch.channels_last)
+        flat = spatial.flatten(2)
+        query = entry["query_features"][batch_idx, query_idx]
+        bias = entry["bias"][batch_idx, query_idx].float()
+        with torch.no_grad():
+            maps = (_query_products(query, flat, slots, maxn)[0].float() + bias[:, None]).view(3, 1, 12, 16)
+        coords = torch.rand(3, 10, 2, generator=g)
+        total = total + _QueryMapPoints.apply(query, flat, bias, maps, coords, slots, maxn).sum()
+    total.backward()
+    torch._dynamo.reset()
+    assert features.grad is not None
+    assert copies == []
