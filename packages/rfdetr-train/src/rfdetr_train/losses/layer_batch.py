@@ -125,8 +125,8 @@ class _QueryMapPoints(torch.autograd.Function):
 def _in_layout_of(spatial: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """``left [B, C, n] @ right [B, n, hw] -> [B, C, hw]`` with the strides of ``spatial [B, C, hw]``.
 
-    A compiled model's maps can come out channels-last (``spatial`` then has strides ``(hw*C, 1, C)``; the trace
-    below says inductor lays them out so on CUDA), and its backward graph copies an incoming gradient into the
+    A compiled model's maps can come out channels-last (``spatial`` then has strides ``(hw*C, 1, C)``: inductor lays
+    them out so on CUDA, by the H100 trace cited next), and its backward graph copies an incoming gradient into the
     layout its forward output had (``coerce_to_expected_memory_format``): with a contiguous gradient, one more
     ``[B, C, h, w]`` copy per layer while the step's memory peaks (seg-medium, batch 8, H100 2026-12-08: 6 x 45.6
     MiB alive at the peak). Computed as ``(right^T @ left^T)^T`` the product is born in the map's layout; same
