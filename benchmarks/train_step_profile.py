@@ -16,9 +16,9 @@ into its pool without asking the caching allocator, so ``max_memory_allocated`` 
 blocks: the rest, ``reserved - allocated`` of those pools, is added; until 2026-12-04 it was not, and the
 compile-graphs peaks recorded before then are too low), so the models living side by side in one process do
 not count against each other. torch's CUDA-graph trees keep one pool per device for every compiled function, so
-a second CUDA-graph mode in the same call replays into the first one's pool: its peak then counts that whole
-shared pool (an upper bound, sized by the larger of the two; ``graph_pool_shared_with`` in the JSON) and only a
-mode run alone gives its own. Until 2026-12-08 the second mode counted no pool at all (its peak was far too low:
+a second CUDA-graph mode in the same call replays into the first one's pool: the peak of each then counts that
+whole shared pool (an upper bound, grown to what either needed; ``graph_pool_shared_with`` in the JSON), and only
+a mode run alone gives its own. Until 2026-12-08 the second mode counted no pool at all (its peak was far too low:
 seg-medium ``compile-graphs-losses`` 1.23 GiB on the H100 that morning). Modes: ``eager``; ``compile`` (``torch.compile`` of the model forward);
 ``compile-graphs`` (the same with CUDA graphs, ``mode="reduce-overhead"``); ``checkpointing`` (eager with
 backbone activation checkpointing); ``compile-graphs-checkpointing`` (CUDA graphs with checkpointing compiled
@@ -483,10 +483,11 @@ def measure(variant_name: str, batch: int, args, device) -> dict:
             "graphs_compiled": _graph_count() - graphs_before + probe_graphs.get(mode, 0),
             "graph_pool_unallocated_gib": _pool_unallocated(side) / 2**30,  # counted in its peak
         }
-        shared = [other.name for other in sides if other.pools & side.pools]
-        if shared:  # its peak counts the whole shared pool: an upper bound (module docstring)
-            row["modes"][mode]["graph_pool_shared_with"] = shared
         sides.append(side)
+    for side in sides:  # after every warm-up: a shared pool holds what each of its modes needed
+        shared = [other.name for other in sides if other is not side and other.pools & side.pools]
+        if shared:  # its peak counts the whole shared pool: an upper bound (module docstring)
+            row["modes"][side.name]["graph_pool_shared_with"] = shared
 
     if args.phases:  # every mode of ours that warmed up: where its step's time goes
         row["phases_ms"] = {}

@@ -83,8 +83,9 @@ def test_query_map_points_equal_autograd_through_the_products_and_keep_no_produc
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_query_map_points_gives_the_spatial_gradient_in_the_maps_layout(dtype):
-    """The mask head's maps are channels-last; a compiled model's backward copies a gradient of another layout
-    into its output's layout (one ``[B, C, h, w]`` copy per layer at the step's memory peak). The Function's
+    """A compiled mask head's maps can be channels-last (inductor's layout on CUDA), and a compiled model's backward
+    copies a gradient of another layout into its output's layout (one ``[B, C, h, w]`` copy per layer at the
+    step's memory peak). The Function's
     gradient of a channels-last map comes in that layout (and a contiguous map's stays contiguous), with autograd's
     values."""
     from rfdetr_train.losses.layer_batch import _pad_slots, _query_products, _QueryMapPoints
