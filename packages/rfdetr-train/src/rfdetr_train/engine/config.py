@@ -56,7 +56,7 @@ class TrainConfig(ConfigSection):
     # activation_memory_budget; None = torch's default, 1.0): lower recomputes the cheapest in the backward
     activation_memory_budget: float | None = Field(default=None, gt=0.0, le=1.0)
     # torch.compile the criterion's batched loss pass (dynamic shapes: one graph for every pair count); CUDA,
-    # independent of `compile`; experimental: not yet run on a GPU since the torch 2.11 fix (docs/training.md)
+    # independent of `compile`; experimental: Triton crashed on a small float32 case on an H100 (docs/training.md)
     compile_criterion: bool = False
     grad_checkpointing: bool = False  # recompute backbone blocks in backward: less memory, ~1 more forward
 
